@@ -1,0 +1,3 @@
+"""mfv: multimodal function vectors in frozen large multimodal models."""
+
+__version__ = "0.1.0"

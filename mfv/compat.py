@@ -1,0 +1,33 @@
+"""Import-time compatibility fixes for the pinned dependency set.
+
+PyPI only ships CUDA builds of torchvision. Against the CPU build of torch, its
+``_meta_registrations`` and ``_autograd_registrations`` modules register kernels for
+C++ operators (``torchvision::nms``) that the CUDA-less wheel cannot load, so the
+import fails. mfv never uses those operators (open_clip only needs transforms and a
+few pure-Python ops), so the two modules are replaced by empty stubs *only* when the
+plain import fails. Call :func:`ensure_torchvision` before importing open_clip.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+
+_STUBBED_MODULES = ("torchvision._meta_registrations", "torchvision._autograd_registrations")
+
+
+def ensure_torchvision() -> None:
+    """Make ``import torchvision`` work on CPU-only torch; a no-op where it already does."""
+    if "torchvision" in sys.modules:
+        return
+    try:
+        import torchvision  # noqa: F401
+
+        return
+    except RuntimeError:
+        # A half-imported package leaves entries behind; drop them before retrying.
+        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+            del sys.modules[name]
+    for name in _STUBBED_MODULES:
+        sys.modules[name] = types.ModuleType(name)
+    import torchvision  # noqa: F401

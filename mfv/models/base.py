@@ -1,0 +1,185 @@
+"""The backbone adapter contract: everything the method needs from a multimodal LM.
+
+The method (AIE, function vectors, fine-tuning) is written once against
+:class:`BackboneAdapter`. Each model family implements it in one file and registers
+itself in :mod:`mfv.models` (see README, "Adding a backbone").
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from PIL import Image
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Example:
+    """One (image, question, answer) item: a demonstration or, without answer, a query.
+
+    Attributes:
+        image: The scene image.
+        question: The text after ``Q:`` (the anchor object's name).
+        answer: The text after ``A:``; ``None`` for the query.
+    """
+
+    image: Image.Image | torch.Tensor
+    question: str
+    answer: str | None = None
+
+
+@dataclass
+class Prompt:
+    """A prompt in the backbone's own format: text plus the images it references, in order."""
+
+    text: str
+    images: list[Any]
+
+
+@dataclass
+class PromptBatch:
+    """Tokenised, left-padded prompts with their preprocessed images.
+
+    Left padding puts every prompt's last token at position ``-1``, which is where
+    interventions and scoring happen.
+
+    Attributes:
+        input_ids: ``(B, S)`` token ids.
+        attention_mask: ``(B, S)``, 1 for real tokens.
+        pixel_values: backbone-specific image tensor.
+        extra: other backbone-specific tensors (e.g. image grids).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    pixel_values: torch.Tensor
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def to(self, device: torch.device | str) -> "PromptBatch":
+        """Moves every tensor to ``device`` (images keep their dtype until the forward)."""
+        return PromptBatch(
+            input_ids=self.input_ids.to(device),
+            attention_mask=self.attention_mask.to(device),
+            pixel_values=self.pixel_values.to(device),
+            extra={k: v.to(device) for k, v in self.extra.items()},
+        )
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+
+@dataclass
+class PrefixState:
+    """What a prompt batch leaves behind for cheap re-runs of its last position.
+
+    Produced by :meth:`BackboneAdapter.prefill`; consumed by
+    :meth:`BackboneAdapter.forward_last`. Keys and values of every earlier position do
+    not depend on the last token (causal attention), so the last position can be
+    recomputed under interventions without touching the rest of the prompt.
+    """
+
+    data: dict[str, Any]
+    batch_size: int
+
+
+class BackboneAdapter(ABC):
+    """Uniform view of one multimodal language model for the function-vector method.
+
+    Attributes:
+        model: The wrapped ``nn.Module`` (frozen by the method).
+        backbone_id: A stable name of the architecture/weights (stored with FVs).
+    """
+
+    model: nn.Module
+    backbone_id: str
+
+    # ----- shape -------------------------------------------------------------------
+    @property
+    @abstractmethod
+    def num_layers(self) -> int:
+        """Number of language-model decoder layers."""
+
+    @property
+    @abstractmethod
+    def num_heads(self) -> int:
+        """Attention (query) heads per layer."""
+
+    @property
+    @abstractmethod
+    def head_dim(self) -> int:
+        """Dimension of one head's output."""
+
+    @property
+    @abstractmethod
+    def hidden_size(self) -> int:
+        """Residual-stream width."""
+
+    def shape_signature(self) -> dict[str, int]:
+        """The shape facts an FV must match to be injected into this backbone."""
+        return {
+            "num_layers": self.num_layers,
+            "num_heads": self.num_heads,
+            "head_dim": self.head_dim,
+            "hidden_size": self.hidden_size,
+        }
+
+    # ----- sites -------------------------------------------------------------------
+    @abstractmethod
+    def head_site(self, layer: int) -> nn.Module:
+        """The attention output projection of ``layer``; its input is the heads' concatenation."""
+
+    @abstractmethod
+    def residual_site(self, layer: int) -> nn.Module:
+        """The module whose output is the residual stream after ``layer``."""
+
+    def output_projection(self, layer: int) -> torch.Tensor:
+        """``W_O`` of ``layer`` with shape ``(hidden_size, num_heads * head_dim)``."""
+        return self.head_site(layer).weight
+
+    # ----- prompts -----------------------------------------------------------------
+    @abstractmethod
+    def build_prompt(self, demonstrations: Sequence[Example], query: Example) -> Prompt:
+        """Renders demonstrations and a query in the model's own prompt format."""
+
+    @abstractmethod
+    def collate(self, prompts: Sequence[Prompt]) -> PromptBatch:
+        """Tokenises (left padding) and preprocesses the images of ``prompts``."""
+
+    @abstractmethod
+    def answer_token_id(self, prompt_text: str, answer: str) -> int:
+        """The first token of ``answer`` as the model would produce it after ``prompt_text``."""
+
+    # ----- forward -----------------------------------------------------------------
+    @abstractmethod
+    def forward(self, batch: PromptBatch) -> torch.Tensor:
+        """Last-position logits ``(B, vocab)`` of a batch (images encoded once)."""
+
+    @abstractmethod
+    def prefill(self, batch: PromptBatch) -> PrefixState:
+        """Runs every position but the last once and keeps what the last one needs."""
+
+    @abstractmethod
+    def forward_last(self, state: PrefixState, rows: torch.Tensor) -> torch.Tensor:
+        """Recomputes the last position for prompt rows ``rows`` (repeats allowed).
+
+        Interventions active around this call (head patches) apply to the recomputed
+        position. Returns last-position logits ``(len(rows), vocab)`` equal to
+        :meth:`forward` on the same rows.
+        """
+
+    # ----- conveniences ------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def freeze(self) -> None:
+        """Turns off gradients and dropout for every backbone weight."""
+        self.model.requires_grad_(False)
+        self.model.eval()

@@ -1,0 +1,214 @@
+"""The OpenFlamingo adapter and the intervention hooks on a tiny random model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mfv.errors import ConfigError, MissingWeightsError
+from mfv.hooks import HeadPatch, add_to_residual, head_output_contributions, patch_heads, record_heads
+from mfv.models import load_backbone
+from mfv.models.openflamingo import load_openflamingo, load_tiny_openflamingo, remap_checkpoint_keys
+
+from .conftest import random_patch_values
+
+
+def test_prompt_format_is_the_papers(tiny_adapter, prompts):
+    assert prompts[0].text == "<image>Q:dog. A:"
+    assert prompts[2].text == (
+        "<image>Q:apple. A:ball.<|endofchunk|>\n<image>Q:egg. A:fish.<|endofchunk|>\n<image>Q:hat. A:"
+    )
+    assert len(prompts[2].images) == 3
+
+
+def test_left_padded_batch_equals_rows_one_at_a_time(tiny_adapter, prompts):
+    batched = tiny_adapter.forward(tiny_adapter.collate(prompts))
+    for i, prompt in enumerate(prompts):
+        single = tiny_adapter.forward(tiny_adapter.collate([prompt]))
+        torch.testing.assert_close(batched[i], single[0], atol=1e-5, rtol=0)
+
+
+def test_images_change_the_output(tiny_adapter, prompts):
+    batch = tiny_adapter.collate([prompts[1]])
+    other = tiny_adapter.collate([prompts[1]])
+    other.pixel_values = torch.randn_like(other.pixel_values)
+    assert not torch.allclose(tiny_adapter.forward(batch), tiny_adapter.forward(other))
+
+
+def test_forward_last_reuses_the_prefix_exactly(tiny_adapter, prompts):
+    batch = tiny_adapter.collate(prompts)
+    full = tiny_adapter.forward(batch)
+    state = tiny_adapter.prefill(batch)
+    rows = torch.tensor([2, 0, 1, 1])
+    torch.testing.assert_close(tiny_adapter.forward_last(state, rows), full[rows], atol=1e-5, rtol=0)
+
+
+def test_answer_token_is_the_object_word(tiny_adapter, prompts):
+    token = tiny_adapter.answer_token_id(prompts[1].text, "fish")
+    assert token == tiny_adapter.tokenizer.convert_tokens_to_ids("fish")
+
+
+def test_per_head_decomposition_reproduces_the_projection(tiny_adapter, prompts):
+    batch = tiny_adapter.collate(prompts)
+    outputs = {}
+    site = tiny_adapter.head_site(1)
+    handle = site.register_forward_hook(lambda m, a, out: outputs.__setitem__("dense", out[:, -1].detach()))
+    try:
+        with record_heads(tiny_adapter) as recording:
+            tiny_adapter.forward(batch)
+    finally:
+        handle.remove()
+    contributions = head_output_contributions(tiny_adapter, 1, recording.by_layer[1])
+    reconstructed = contributions.sum(dim=1) + site.bias
+    torch.testing.assert_close(reconstructed, outputs["dense"], atol=1e-5, rtol=0)
+    assert recording.stacked().shape == (3, tiny_adapter.num_layers, tiny_adapter.num_heads, tiny_adapter.head_dim)
+
+
+def test_replacing_a_head_with_its_own_activation_changes_nothing(tiny_adapter, prompts):
+    batch = tiny_adapter.collate(prompts)
+    with record_heads(tiny_adapter) as recording:
+        clean = tiny_adapter.forward(batch)
+    own = recording.by_layer[1][torch.arange(3), torch.tensor([0, 2, 3])]
+    patch = HeadPatch(torch.arange(3), torch.ones(3, dtype=torch.long), torch.tensor([0, 2, 3]), own)
+    with patch_heads(tiny_adapter, patch):
+        patched = tiny_adapter.forward(batch)
+    torch.testing.assert_close(patched, clean, atol=1e-6, rtol=0)
+
+
+def test_patching_changes_the_logits(tiny_adapter, prompts):
+    batch = tiny_adapter.collate(prompts)
+    clean = tiny_adapter.forward(batch)
+    patch = HeadPatch(torch.tensor([0]), torch.tensor([0]), torch.tensor([1]), 10 * random_patch_values(tiny_adapter, 1))
+    with patch_heads(tiny_adapter, patch):
+        patched = tiny_adapter.forward(batch)
+    assert not torch.allclose(patched[0], clean[0], atol=1e-4)
+    torch.testing.assert_close(patched[1:], clean[1:], atol=1e-6, rtol=0)
+
+
+def test_rows_patching_different_heads_equal_rows_run_one_at_a_time(tiny_adapter, prompts):
+    batch = tiny_adapter.collate([prompts[2]] * 3)
+    values = random_patch_values(tiny_adapter, 4, seed=1)
+    rows = torch.tensor([0, 0, 1, 2])
+    layers = torch.tensor([0, 2, 1, 2])
+    heads = torch.tensor([1, 3, 0, 2])
+    with patch_heads(tiny_adapter, HeadPatch(rows, layers, heads, values)):
+        together = tiny_adapter.forward(batch)
+    single_batch = tiny_adapter.collate([prompts[2]])
+    for row in range(3):
+        mask = rows == row
+        patch = HeadPatch(torch.zeros(int(mask.sum()), dtype=torch.long), layers[mask], heads[mask], values[mask])
+        with patch_heads(tiny_adapter, patch):
+            alone = tiny_adapter.forward(single_batch)
+        torch.testing.assert_close(together[row], alone[0], atol=1e-5, rtol=0)
+
+
+def _all_position_logits(adapter, batch):
+    with adapter._conditioned(batch.pixel_values):
+        out = adapter.model.lang_encoder(**adapter._lm_kwargs(batch.input_ids, batch.attention_mask))
+    return out.logits
+
+
+def test_zero_vector_changes_nothing(tiny_adapter, prompts):
+    batch = tiny_adapter.collate(prompts)
+    clean = tiny_adapter.forward(batch)
+    with add_to_residual(tiny_adapter, 1, torch.zeros(tiny_adapter.hidden_size)):
+        torch.testing.assert_close(tiny_adapter.forward(batch), clean, atol=0, rtol=0)
+
+
+def test_vector_changes_only_the_last_position(tiny_adapter, prompts):
+    batch = tiny_adapter.collate(prompts)
+    clean = _all_position_logits(tiny_adapter, batch)
+    vector = torch.randn(tiny_adapter.hidden_size, generator=torch.Generator().manual_seed(3))
+    with add_to_residual(tiny_adapter, 1, vector):
+        steered = _all_position_logits(tiny_adapter, batch)
+    # Padding positions are never read; every real earlier position must be untouched.
+    real = batch.attention_mask[:, :-1].bool()
+    torch.testing.assert_close(steered[:, :-1][real], clean[:, :-1][real], atol=0, rtol=0)
+    assert (steered[:, -1] - clean[:, -1]).abs().max() > 1e-3
+
+
+def test_vector_is_not_added_at_generated_tokens(tiny_adapter, prompts):
+    batch = tiny_adapter.collate(prompts)
+    vector = torch.randn(tiny_adapter.hidden_size, generator=torch.Generator().manual_seed(4))
+    state_plain = tiny_adapter.prefill(batch)
+    rows = torch.arange(len(batch))
+    plain = tiny_adapter.forward_last(state_plain, rows)
+    with add_to_residual(tiny_adapter, 1, vector):
+        continued = tiny_adapter.forward_last(state_plain, rows)
+    torch.testing.assert_close(continued, plain, atol=0, rtol=0)
+
+
+def test_per_row_vectors(tiny_adapter, prompts):
+    batch = tiny_adapter.collate(prompts)
+    vectors = torch.randn(3, tiny_adapter.hidden_size, generator=torch.Generator().manual_seed(5))
+    with add_to_residual(tiny_adapter, 2, vectors):
+        together = tiny_adapter.forward(batch)
+    with add_to_residual(tiny_adapter, 2, vectors[1]):
+        alone = tiny_adapter.forward(tiny_adapter.collate([prompts[1]]))
+    torch.testing.assert_close(together[1], alone[0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("context", ["record", "patch", "add"])
+def test_no_hook_remains_after_an_exception(tiny_adapter, context):
+    def hook_count() -> int:
+        return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in tiny_adapter.model.modules())
+
+    before = hook_count()
+    managers = {
+        "record": lambda: record_heads(tiny_adapter),
+        "patch": lambda: patch_heads(
+            tiny_adapter,
+            HeadPatch(torch.tensor([0]), torch.tensor([1]), torch.tensor([0]), torch.zeros(1, tiny_adapter.head_dim)),
+        ),
+        "add": lambda: add_to_residual(tiny_adapter, 0, torch.zeros(tiny_adapter.hidden_size)),
+    }
+    with pytest.raises(RuntimeError, match="boom"):
+        with managers[context]():
+            assert hook_count() > before
+            raise RuntimeError("boom")
+    assert hook_count() == before
+
+
+def test_layer_out_of_range_is_a_clear_error(tiny_adapter):
+    with pytest.raises(ValueError, match="layers 0..2"):
+        with add_to_residual(tiny_adapter, 7, torch.zeros(tiny_adapter.hidden_size)):
+            pass
+
+
+def test_missing_checkpoint_names_the_file_and_the_fix(tmp_path):
+    missing = tmp_path / "nowhere" / "checkpoint.pt"
+    with pytest.raises(MissingWeightsError) as info:
+        load_openflamingo("openflamingo-4b", checkpoint_path=str(missing))
+    message = str(info.value)
+    assert str(missing) in message
+    assert "huggingface-cli download openflamingo/OpenFlamingo-4B-vitl-rpj3b checkpoint.pt" in message
+
+
+def test_release_absent_from_the_cache_is_a_clear_error(tmp_path):
+    with pytest.raises(MissingWeightsError, match="not in the Hugging Face cache"):
+        load_openflamingo("openflamingo-4b", cache_dir=str(tmp_path))
+
+
+def test_missing_tiny_model_names_the_file(tmp_path):
+    with pytest.raises(MissingWeightsError, match="config.json"):
+        load_tiny_openflamingo(tmp_path)
+
+
+def test_tiny_model_round_trip(tiny_adapter, prompts, tmp_path):
+    tiny_adapter.save(tmp_path / "m")
+    loaded = load_backbone("openflamingo-tiny", directory=str(tmp_path / "m"))
+    batch = tiny_adapter.collate(prompts)
+    torch.testing.assert_close(loaded.forward(loaded.collate(prompts)), tiny_adapter.forward(batch), atol=0, rtol=0)
+
+
+def test_checkpoint_key_drifts_are_remapped():
+    model_keys = {"lang_encoder.lm_head.weight", "perceiver.latents"}
+    state = {"module.lang_encoder.embed_out.weight": torch.zeros(1), "perceiver.latents": torch.ones(1)}
+    assert set(remap_checkpoint_keys(state, model_keys)) == model_keys
+
+
+def test_registry_rejects_unknown_names_and_options():
+    with pytest.raises(ConfigError, match="valid backbones"):
+        load_backbone("no-such-model")
+    with pytest.raises(ConfigError, match="valid options"):
+        load_backbone("openflamingo-tiny", directory="x", colour="red")
