@@ -1,0 +1,1 @@
+"""The method: causal mediation analysis (AIE), head selection and function vectors."""

@@ -1,0 +1,147 @@
+"""Function vectors: construction from heads, and safetensors files with provenance.
+
+FV(relation) = sum over selected heads (l, h) of W_O^l[:, slice(h)] @ mean_activation(l, h).
+No bias term (the published scripts add the projection bias once per head, a quirk).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from mfv.errors import IncompatibleVectorError
+from mfv.hooks import head_output_contributions
+from mfv.models.base import BackboneAdapter
+
+FORMAT_VERSION = "1"
+
+
+def build_function_vector(
+    adapter: BackboneAdapter, means: torch.Tensor, heads: Sequence[tuple[int, int]]
+) -> torch.Tensor:
+    """Sums the selected heads' mean outputs projected through ``W_O``.
+
+    Args:
+        means: ``(layers, heads, head_dim)`` mean activations of one relation.
+        heads: ``(layer, head)`` pairs.
+
+    Returns:
+        ``(hidden_size,)`` fp32 vector.
+    """
+    vector = torch.zeros(adapter.hidden_size, dtype=torch.float32)
+    for layer in sorted({l for l, _ in heads}):
+        chosen = [h for l, h in heads if l == layer]
+        with torch.no_grad():
+            contributions = head_output_contributions(adapter, layer, means[layer].to(adapter.device))
+        vector += contributions[chosen].sum(0).float().cpu()
+    return vector
+
+
+@dataclass
+class FunctionVectorSet:
+    """One FV per relation, with where it goes and where it came from.
+
+    Attributes:
+        vectors: relation -> ``(hidden_size,)``.
+        layer: Residual layer after which the FV is added.
+        heads: relation -> the heads summed (empty for learned-from-scratch FVs).
+        backbone_id: The backbone it belongs to.
+        shape: The backbone's shape signature.
+        metadata: Provenance (k, prompts used, data fingerprint, training...).
+    """
+
+    vectors: dict[str, torch.Tensor]
+    layer: int
+    heads: dict[str, list[tuple[int, int]]]
+    backbone_id: str
+    shape: dict[str, int]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def relations(self) -> list[str]:
+        return list(self.vectors)
+
+    def stacked(self, relations: Sequence[str] | None = None) -> torch.Tensor:
+        """``(len(relations), hidden)`` in the given order (default: stored order)."""
+        return torch.stack([self.vectors[r] for r in (relations or self.relations)])
+
+    def save(self, path: str | Path) -> Path:
+        """Writes a ``.safetensors`` file: one tensor per relation, provenance in metadata."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {f"fv.{r}": v.detach().float().contiguous().cpu() for r, v in self.vectors.items()}
+        meta = {
+            "format": FORMAT_VERSION,
+            "backbone_id": self.backbone_id,
+            "shape": json.dumps(self.shape),
+            "layer": str(self.layer),
+            "heads": json.dumps({r: [list(h) for h in hs] for r, hs in self.heads.items()}),
+            "relations": json.dumps(self.relations),
+            "metadata": json.dumps(self.metadata),
+        }
+        save_file(tensors, str(path), metadata=meta)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, adapter: BackboneAdapter | None = None) -> "FunctionVectorSet":
+        """Reads a file written by :meth:`save`; checks it fits ``adapter`` when given.
+
+        Raises:
+            FileNotFoundError: no such file.
+            IncompatibleVectorError: saved for another backbone, shape or an out-of-range layer.
+        """
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"function-vector file {path} not found")
+        with safe_open(str(path), "pt") as handle:
+            meta = handle.metadata() or {}
+            if "backbone_id" not in meta:
+                raise IncompatibleVectorError(f"{path}: not an mfv function-vector file (no backbone_id metadata)")
+            relations = json.loads(meta["relations"])
+            vectors = {r: handle.get_tensor(f"fv.{r}") for r in relations}
+        fvs = cls(
+            vectors=vectors,
+            layer=int(meta["layer"]),
+            heads={r: [tuple(h) for h in hs] for r, hs in json.loads(meta["heads"]).items()},
+            backbone_id=meta["backbone_id"],
+            shape=json.loads(meta["shape"]),
+            metadata=json.loads(meta.get("metadata", "{}")),
+        )
+        if adapter is not None:
+            fvs.check_compatible(adapter, path)
+        return fvs
+
+    def check_compatible(
+        self, adapter: BackboneAdapter, source: str | Path = "function vectors", allow_other_backbone: bool = False
+    ) -> None:
+        """Raises :class:`IncompatibleVectorError` unless these FVs fit ``adapter``.
+
+        Args:
+            allow_other_backbone: accept a different ``backbone_id`` of the same shape
+                (e.g. transferring base-model FVs to the instruct release).
+        """
+        if self.backbone_id != adapter.backbone_id and not allow_other_backbone:
+            raise IncompatibleVectorError(
+                f"{source}: field 'backbone_id' is {self.backbone_id!r} but the loaded backbone is "
+                f"{adapter.backbone_id!r}; extract FVs for this backbone (or pass allow_other_backbone=True "
+                f"to transfer them between releases of the same shape)"
+            )
+        expected = adapter.shape_signature()
+        if self.shape != expected:
+            differing = {k: (self.shape.get(k), v) for k, v in expected.items() if self.shape.get(k) != v}
+            raise IncompatibleVectorError(
+                f"{source}: saved for backbone {self.backbone_id!r} with shape {self.shape}, but the loaded backbone "
+                f"{adapter.backbone_id!r} differs in {differing} (saved, loaded); extract FVs for this backbone"
+            )
+        if not 0 <= self.layer < adapter.num_layers:
+            raise IncompatibleVectorError(
+                f"{source}: field 'layer' = {self.layer} is beyond the backbone's layers 0..{adapter.num_layers - 1}"
+            )

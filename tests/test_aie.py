@@ -1,0 +1,157 @@
+"""AIE, head selection and function vectors on a tiny random OpenFlamingo."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mfv.data.episodes import EpisodeSampler, encode_episodes, read_scenes
+from mfv.data.synthetic import generate_split
+from mfv.errors import IncompatibleVectorError
+from mfv.hooks import add_to_residual
+from mfv.method import extraction
+from mfv.method.aie import indirect_effects, mean_head_activations, positive_mass_share, top_heads
+from mfv.method.extraction import ExtractionSettings, extract_function_vectors
+from mfv.method.function_vector import FunctionVectorSet, build_function_vector
+from mfv.models.openflamingo import build_tiny_openflamingo
+
+from .conftest import tiny_config
+
+RELATIONS = ["above", "below", "left", "right"]
+
+
+@pytest.fixture(scope="module")
+def adapter():
+    from mfv.data.objects import all_object_names
+
+    return build_tiny_openflamingo(tiny_config(words=all_object_names(), num_layers=3, num_heads=4))
+
+
+@pytest.fixture(scope="module")
+def sampler(tmp_path_factory):
+    split = generate_split(tmp_path_factory.mktemp("eval"), "eval", 24, image_size=64, workers=1, progress=False)
+    return EpisodeSampler(read_scenes(split), RELATIONS, shots=2, seed=0)
+
+
+def _batch(adapter, sampler, mode, indices):
+    return encode_episodes(adapter, [sampler.episode(i, mode) for i in indices], RELATIONS)
+
+
+def test_fast_equals_reference(adapter, sampler):
+    clean = _batch(adapter, sampler, "clean", range(8))
+    # Scaled-up means give a random model effects well above float rounding.
+    means = 30 * mean_head_activations(adapter, [clean], 4, progress=False).means
+    corrupted = _batch(adapter, sampler, "corrupted", range(3))
+    fast = indirect_effects(adapter, corrupted, means, "fast", rows_per_pass=7)
+    reference = indirect_effects(adapter, corrupted, means, "reference")
+    assert fast.shape == (3, adapter.num_layers, adapter.num_heads)
+    assert fast.abs().max() > 1e-5  # patches have a measurable effect
+    torch.testing.assert_close(fast, reference, atol=1e-5, rtol=0)
+
+
+def test_patching_a_prompt_with_its_own_activation_has_no_effect(adapter, sampler):
+    batch = encode_episodes(adapter, [sampler.episode(5, "clean")], ["below"])
+    means = mean_head_activations(adapter, [batch], 1, progress=False)
+    assert means.seen == [1]
+    effects = indirect_effects(adapter, batch, means.means)
+    assert effects.abs().max() < 1e-6
+
+
+def test_means_keep_only_correct_prompts(adapter, sampler, monkeypatch):
+    batch = _batch(adapter, sampler, "clean", range(4))
+    # Make the model "answer" prompt 0 correctly only.
+    real_forward = adapter.forward
+
+    def forward(prompts):
+        logits = real_forward(prompts).clone()
+        logits[:, :] = 0
+        logits[0, batch.answer_ids[0]] = 1.0
+        return logits
+
+    monkeypatch.setattr(adapter, "forward", forward)
+    result = mean_head_activations(adapter, [batch], 4, progress=False)
+    assert result.kept == [1, 0, 0, 0] and result.seen == [1, 1, 1, 1]
+    assert result.fallback == [1, 2, 3]
+
+
+def test_function_vector_is_the_explicit_sum_of_head_projections(adapter):
+    means = torch.randn(adapter.num_layers, adapter.num_heads, adapter.head_dim, generator=torch.Generator().manual_seed(0))
+    heads = [(2, 1), (0, 3), (2, 0)]
+    explicit = torch.zeros(adapter.hidden_size)
+    for layer, head in heads:
+        weight = adapter.output_projection(layer)
+        columns = slice(head * adapter.head_dim, (head + 1) * adapter.head_dim)
+        explicit += weight[:, columns] @ means[layer, head]
+    torch.testing.assert_close(build_function_vector(adapter, means, heads), explicit, atol=1e-5, rtol=0)
+
+
+def test_top_heads_and_mass_share():
+    aie = torch.tensor([[0.1, 0.5], [-0.2, 0.3]])
+    assert top_heads(aie, 2) == [(0, 1), (1, 1)]
+    assert positive_mass_share(aie, 1) == pytest.approx(0.5 / 0.9)
+
+
+def _settings(**overrides):
+    fields = dict(relations=RELATIONS, shots=2, num_mean_prompts=8, num_aie_prompts=6, k=3, layer=1, batch_size=2)
+    fields.update(overrides)
+    return ExtractionSettings(**fields)
+
+
+def test_interrupted_extraction_resumes_to_identical_results(adapter, sampler, tmp_path, monkeypatch):
+    reference = extract_function_vectors(adapter, sampler, _settings(), tmp_path / "a", "data", progress=False)
+
+    calls = {"n": 0}
+    real = extraction.indirect_effects
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # killed in the middle of the AIE
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(extraction, "indirect_effects", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        extract_function_vectors(adapter, sampler, _settings(), tmp_path / "b", "data", progress=False)
+    saved = sorted(p.name for p in next((tmp_path / "b").iterdir()).iterdir() if p.suffix == ".pt")
+    assert "aie_0000000.pt" in saved and "aie_0000002.pt" not in saved
+
+    calls["n"] = -100  # no more failures; count the chunks actually recomputed
+    resumed = extract_function_vectors(adapter, sampler, _settings(), tmp_path / "b", "data", progress=False)
+    assert calls["n"] == -100 + 2  # chunks 2 and 4 only
+    torch.testing.assert_close(resumed.aie_pooled, reference.aie_pooled, atol=0, rtol=0)
+    for r in RELATIONS:
+        torch.testing.assert_close(resumed.fvs.vectors[r], reference.fvs.vectors[r], atol=0, rtol=0)
+
+
+def test_cache_is_reused_and_invalidated_by_any_setting(adapter, sampler, tmp_path):
+    first = extract_function_vectors(adapter, sampler, _settings(), tmp_path, "data", progress=False)
+    again = extract_function_vectors(adapter, sampler, _settings(), tmp_path, "data", progress=False)
+    assert again.cache_dir == first.cache_dir
+    folders = {first.cache_dir}
+    for change in (dict(k=4), dict(shots=1), dict(num_aie_prompts=4), dict(layer=2), dict(algorithm="reference")):
+        folders.add(extract_function_vectors(adapter, sampler, _settings(**change), tmp_path, "data", progress=False).cache_dir)
+    folders.add(extract_function_vectors(adapter, sampler, _settings(), tmp_path, "other-data", progress=False).cache_dir)
+    assert len(folders) == 7
+
+
+def test_fv_file_round_trip_and_wrong_backbone(adapter, sampler, tmp_path):
+    result = extract_function_vectors(adapter, sampler, _settings(), tmp_path, "data", progress=False)
+    path = result.fvs.save(tmp_path / "fv.safetensors")
+    loaded = FunctionVectorSet.load(path, adapter)
+    assert loaded.heads == result.fvs.heads and loaded.layer == 1
+    assert loaded.metadata["k"] == 3 and loaded.metadata["data_fingerprint"] == "data"
+    other = build_tiny_openflamingo(tiny_config(hidden_size=48, num_heads=4))
+    with pytest.raises(IncompatibleVectorError, match="hidden_size"):
+        FunctionVectorSet.load(path, other)
+    other.backbone_id = "someone-else"
+    with pytest.raises(IncompatibleVectorError, match="backbone_id"):
+        FunctionVectorSet.load(path, other)
+
+
+def test_fv_injection_changes_zero_shot_logits(adapter, sampler, tmp_path):
+    result = extract_function_vectors(adapter, sampler, _settings(), tmp_path, "data", progress=False)
+    batch = _batch(adapter, sampler, "zero_shot", range(4))
+    plain = adapter.forward(batch.prompts)
+    with add_to_residual(adapter, result.fvs.layer, result.fvs.stacked()[batch.relation_ids]):
+        steered = adapter.forward(batch.prompts)
+    assert (steered - plain).abs().max() > 1e-4
