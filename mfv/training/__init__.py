@@ -1,0 +1,1 @@
+"""Lightning glue: the FV module, callbacks and the training CLI."""

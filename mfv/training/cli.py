@@ -1,0 +1,93 @@
+"""``python train.py --config configs/X.yaml``: AIE at setup, FV fine-tuning, test, export.
+
+LightningCLI without subcommands (``run=False``); dotted overrides such as
+``--model.lr 0.001 --trainer.max_epochs 5`` work as usual. After fit, the best FVs are
+tested on the test split, exported as safetensors and ``metrics.json`` is written into
+the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.cli import LightningCLI
+
+from mfv.errors import MfvError
+from mfv.training.callbacks import AIEHeadSelection
+from mfv.training.module import FV_PARAMETER, FunctionVectorModule
+
+
+class FunctionVectorCLI(LightningCLI):
+    """LightningCLI with the checkpoint and AIE callbacks always present."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {"checkpoint.monitor": "val/acc", "checkpoint.mode": "max", "checkpoint.save_last": True,
+             "checkpoint.filename": "best-{epoch:02d}"}
+        )
+        parser.add_lightning_class_args(AIEHeadSelection, "aie")
+        parser.add_argument("--ckpt_path", type=str | None, default=None, help="resume this run from a checkpoint")
+        parser.link_arguments("model.relations", "data.init_args.relations")
+
+
+def main(args: Sequence[str] | None = None) -> dict:
+    """Runs the training job and returns the metrics written to ``metrics.json``."""
+    torch.set_float32_matmul_precision("high")
+    try:
+        cli = FunctionVectorCLI(
+            FunctionVectorModule,
+            L.LightningDataModule,
+            subclass_mode_data=True,
+            run=False,
+            args=args,
+            save_config_kwargs={"overwrite": True},
+            trainer_defaults={
+                "callbacks": [RichProgressBar(leave=True), LearningRateMonitor(logging_interval="step")],
+                "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                           "init_args": {"save_dir": "runs", "name": "train"}},
+                "log_every_n_steps": 5,
+            },
+        )
+    except MfvError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from exc
+    model: FunctionVectorModule = cli.model
+    datamodule = cli.datamodule
+    datamodule.attach(model.adapter)
+    trainer = cli.trainer
+    ckpt_path = cli.config.get("ckpt_path")
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+
+    checkpoint = next(c for c in trainer.callbacks if isinstance(c, ModelCheckpoint))
+    best = checkpoint.best_model_path or None
+    if best:
+        state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
+        with torch.no_grad():
+            model.function_vectors.copy_(state[FV_PARAMETER])
+    test = trainer.test(model, datamodule=datamodule, verbose=False)
+    run_dir = Path(trainer.log_dir or trainer.default_root_dir)
+    metrics: dict = {}
+    if trainer.is_global_zero:
+        exported = model.export()
+        model.export(run_dir / "function_vectors_finetuned.safetensors")
+        aie = next((c for c in trainer.callbacks if isinstance(c, AIEHeadSelection)), None)
+        metrics = {
+            "test": test[0] if test else {},
+            "best_val_acc": float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else None,
+            "best_checkpoint": best,
+            "exported_fv": str(exported),
+            "layer": model.layer,
+            "relations": model.relations,
+            "aie": aie.result.summary() if aie is not None and aie.result is not None else None,
+        }
+        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        print(json.dumps(metrics["test"], indent=2))
+        print(f"run directory: {run_dir}")
+    return metrics

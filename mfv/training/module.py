@@ -1,0 +1,190 @@
+"""The LightningModule: a frozen backbone whose only trainable parameters are FVs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import lightning as L
+import torch
+import torchmetrics
+from torch import nn
+
+from mfv.data.episodes import EncodedBatch
+from mfv.data.synthetic import validate_relations
+from mfv.errors import ConfigError
+from mfv.hooks import add_to_residual
+from mfv.method.function_vector import FunctionVectorSet
+from mfv.models import load_backbone
+from mfv.models.base import BackboneAdapter
+
+FV_PARAMETER = "function_vectors"
+
+
+class FunctionVectorModule(L.LightningModule):
+    """Fine-tunes one function vector per relation inside a frozen backbone.
+
+    The FV of a row's relation is added after ``layer`` at the last prompt position of a
+    zero-shot prompt; the loss is cross-entropy on the answer's first token.
+
+    Args:
+        backbone: Registered backbone name (see ``mfv.models.BACKBONES``).
+        backbone_options: Keyword options of that backbone's builder.
+        relations: Relations, one FV each.
+        layer: Injection layer (default: the middle layer).
+        init: ``extracted`` (set by the AIE callback or ``fv_path``), ``zeros`` or ``random``.
+        fv_path: An FV file to start from (overrides the callback).
+        lr: Adam learning rate.
+        weight_decay: Adam weight decay.
+        backbone_dtype: ``float32`` or ``bfloat16`` for the frozen weights; FVs stay fp32.
+        export_dir: Where the best FVs are exported as safetensors.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "openflamingo-tiny",
+        backbone_options: dict[str, Any] | None = None,
+        relations: Sequence[str] = ("above", "below", "left", "right"),
+        layer: int | None = None,
+        init: Literal["extracted", "zeros", "random"] = "extracted",
+        fv_path: str | None = None,
+        lr: float = 1e-2,
+        weight_decay: float = 0.0,
+        backbone_dtype: Literal["float32", "bfloat16"] = "float32",
+        export_dir: str = "checkpoints",
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if init not in ("extracted", "zeros", "random"):
+            raise ConfigError(f"init must be one of ['extracted', 'zeros', 'random'], got {init!r}")
+        if backbone_dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"backbone_dtype must be 'float32' or 'bfloat16', got {backbone_dtype!r}")
+        self.relations = validate_relations(list(relations))
+        self.adapter: BackboneAdapter = load_backbone(backbone, **(backbone_options or {}))
+        self.adapter.freeze()
+        # Registered as a submodule so Lightning moves it to the device; it is frozen
+        # and filtered out of every checkpoint.
+        self.backbone = self.adapter.model
+        if backbone_dtype == "bfloat16":
+            self.backbone.to(torch.bfloat16)
+        self.layer = self.adapter.num_layers // 2 if layer is None else layer
+        if not 0 <= self.layer < self.adapter.num_layers:
+            raise ConfigError(
+                f"model.layer = {self.layer} is out of range; valid layers: 0..{self.adapter.num_layers - 1}"
+            )
+        initial = torch.zeros(len(self.relations), self.adapter.hidden_size)
+        if init == "random":
+            initial.normal_(0, 0.02, generator=torch.Generator().manual_seed(0))
+        self.function_vectors = nn.Parameter(initial)  # always fp32
+        self.fv_initialized = init != "extracted"
+        self.source_heads: dict[str, list[tuple[int, int]]] = {}
+        if fv_path is not None:
+            self.set_function_vectors(FunctionVectorSet.load(fv_path, self.adapter))
+        self.strict_loading = False  # checkpoints hold only the FVs
+        self.val_accuracy = nn.ModuleDict({r: torchmetrics.MeanMetric() for r in self.relations})
+        self.test_accuracy = nn.ModuleDict({r: torchmetrics.MeanMetric() for r in self.relations})
+        self.val_mean = torchmetrics.MeanMetric()
+        self.test_mean = torchmetrics.MeanMetric()
+
+    # ----- FVs ---------------------------------------------------------------------
+    def set_function_vectors(self, fvs: FunctionVectorSet) -> None:
+        """Initialises the trainable FVs from an extracted set (same relations)."""
+        fvs.check_compatible(self.adapter)
+        missing = [r for r in self.relations if r not in fvs.vectors]
+        if missing:
+            raise ConfigError(f"the FV set has no vector for {missing}; it has {fvs.relations}")
+        with torch.no_grad():
+            self.function_vectors.copy_(fvs.stacked(self.relations))
+        if fvs.layer != self.layer:
+            raise ConfigError(f"the FVs were extracted for layer {fvs.layer} but model.layer = {self.layer}")
+        self.source_heads = {r: fvs.heads.get(r, []) for r in self.relations}
+        self.fv_initialized = True
+
+    def function_vector_set(self, kind: str = "finetuned") -> FunctionVectorSet:
+        """The current FVs as a saveable set."""
+        return FunctionVectorSet(
+            vectors={r: self.function_vectors[i].detach().float().cpu().clone() for i, r in enumerate(self.relations)},
+            layer=self.layer,
+            heads=self.source_heads or {r: [] for r in self.relations},
+            backbone_id=self.adapter.backbone_id,
+            shape=self.adapter.shape_signature(),
+            metadata={"kind": kind, "epoch": int(self.current_epoch) if self._trainer else None},
+        )
+
+    # ----- steps -------------------------------------------------------------------
+    def forward(self, batch: EncodedBatch, use_fv: bool = True) -> torch.Tensor:
+        """Last-position logits, with each row's relation FV injected."""
+        if not use_fv:
+            return self.adapter.forward(batch.prompts)
+        vectors = self.function_vectors[batch.relation_ids]
+        with add_to_residual(self.adapter, self.layer, vectors):
+            return self.adapter.forward(batch.prompts)
+
+    def training_step(self, batch: EncodedBatch, batch_idx: int) -> torch.Tensor:
+        logits = self(batch)
+        loss = nn.functional.cross_entropy(logits.float(), batch.answer_ids)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=len(batch))
+        return loss
+
+    def _score(self, batch: EncodedBatch, per_relation: nn.ModuleDict, overall: torchmetrics.MeanMetric) -> None:
+        correct = (self(batch).argmax(-1) == batch.answer_ids).float()
+        for i, relation in enumerate(self.relations):
+            mask = batch.relation_ids == i
+            if mask.any():
+                per_relation[relation].update(correct[mask])
+        overall.update(correct)
+
+    def validation_step(self, batch: EncodedBatch, batch_idx: int) -> None:
+        self._score(batch, self.val_accuracy, self.val_mean)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_accuracy("val", self.val_accuracy, self.val_mean)
+
+    def test_step(self, batch: EncodedBatch, batch_idx: int) -> None:
+        self._score(batch, self.test_accuracy, self.test_mean)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_accuracy("test", self.test_accuracy, self.test_mean)
+
+    def _log_accuracy(self, stage: str, per_relation: nn.ModuleDict, overall: torchmetrics.MeanMetric) -> None:
+        # compute() synchronises across ranks.
+        for relation, metric in per_relation.items():
+            if metric.update_count:
+                self.log(f"{stage}/acc_{relation}", metric.compute(), sync_dist=False)
+            metric.reset()
+        self.log(f"{stage}/acc", overall.compute(), prog_bar=True)
+        overall.reset()
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.Adam([self.function_vectors], lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        steps = max(1, int(self.trainer.estimated_stepping_batches))
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ----- checkpoints -------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keeps only the FVs: a checkpoint of the 4B run is kilobytes."""
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k == FV_PARAMETER}
+        checkpoint["mfv"] = {
+            "relations": self.relations,
+            "layer": self.layer,
+            "backbone_id": self.adapter.backbone_id,
+            "shape": self.adapter.shape_signature(),
+            "source_heads": {r: [list(h) for h in hs] for r, hs in self.source_heads.items()},
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        meta = checkpoint.get("mfv", {})
+        if meta and meta.get("shape") != self.adapter.shape_signature():
+            raise ConfigError(
+                f"checkpoint was saved for backbone {meta.get('backbone_id')!r} with shape {meta.get('shape')}; "
+                f"this run's backbone has shape {self.adapter.shape_signature()}"
+            )
+        self.source_heads = {r: [tuple(h) for h in hs] for r, hs in meta.get("source_heads", {}).items()}
+        self.fv_initialized = True
+
+    def export(self, path: str | Path | None = None, kind: str = "finetuned") -> Path:
+        """Saves the current FVs as safetensors (default: ``export_dir/<backbone>-finetuned.safetensors``)."""
+        path = Path(path or Path(self.hparams.export_dir) / f"{self.adapter.backbone_id}-{kind}.safetensors")
+        return self.function_vector_set(kind).save(path)
