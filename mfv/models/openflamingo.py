@@ -129,6 +129,10 @@ def _getattr_path(root: Any, path: str) -> Any:
     return root
 
 
+def _to_rgb(image: Any) -> Any:
+    return image.convert("RGB")
+
+
 def _image_transform(image_size: int):
     ensure_torchvision()
     from torchvision import transforms as T
@@ -136,7 +140,7 @@ def _image_transform(image_size: int):
     return T.Compose(
         [
             T.Resize((image_size, image_size), interpolation=T.InterpolationMode.BICUBIC),
-            T.Lambda(lambda im: im.convert("RGB")),
+            T.Lambda(_to_rgb),
             T.ToTensor(),
             T.Normalize(CLIP_MEAN, CLIP_STD),
         ]

@@ -28,9 +28,14 @@ class FunctionVectorCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        # Lightning 2.6 refreshes save_last only when the top-k improves, so the
+        # checkpoint to resume from is a second callback rewritten every epoch.
+        parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
         parser.set_defaults(
-            {"checkpoint.monitor": "val/acc", "checkpoint.mode": "max", "checkpoint.save_last": True,
-             "checkpoint.filename": "best-{epoch:02d}"}
+            {"checkpoint.monitor": "val/acc", "checkpoint.mode": "max", "checkpoint.save_last": False,
+             "checkpoint.filename": "best-{epoch:02d}",
+             "last_checkpoint.monitor": None, "last_checkpoint.save_top_k": 1, "last_checkpoint.filename": "last",
+             "last_checkpoint.enable_version_counter": False}
         )
         parser.add_lightning_class_args(AIEHeadSelection, "aie")
         parser.add_argument("--ckpt_path", type=str | None, default=None, help="resume this run from a checkpoint")
@@ -55,7 +60,9 @@ def main(args: Sequence[str] | None = None) -> dict:
                 "log_every_n_steps": 5,
             },
         )
-    except MfvError as exc:
+    except (MfvError, ValueError) as exc:
+        # jsonargparse wraps errors raised while instantiating classes in ValueError;
+        # either way the message names the field and the valid values.
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from exc
     model: FunctionVectorModule = cli.model
@@ -65,7 +72,7 @@ def main(args: Sequence[str] | None = None) -> dict:
     ckpt_path = cli.config.get("ckpt_path")
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
 
-    checkpoint = next(c for c in trainer.callbacks if isinstance(c, ModelCheckpoint))
+    checkpoint = next(c for c in trainer.callbacks if isinstance(c, ModelCheckpoint) and c.monitor)
     best = checkpoint.best_model_path or None
     if best:
         state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]

@@ -60,13 +60,11 @@ class FunctionVectorModule(L.LightningModule):
         if backbone_dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"backbone_dtype must be 'float32' or 'bfloat16', got {backbone_dtype!r}")
         self.relations = validate_relations(list(relations))
-        self.adapter: BackboneAdapter = load_backbone(backbone, **(backbone_options or {}))
-        self.adapter.freeze()
+        self.adapter: BackboneAdapter
+        self._build_backbone()
         # Registered as a submodule so Lightning moves it to the device; it is frozen
         # and filtered out of every checkpoint.
         self.backbone = self.adapter.model
-        if backbone_dtype == "bfloat16":
-            self.backbone.to(torch.bfloat16)
         self.layer = self.adapter.num_layers // 2 if layer is None else layer
         if not 0 <= self.layer < self.adapter.num_layers:
             raise ConfigError(
@@ -85,6 +83,36 @@ class FunctionVectorModule(L.LightningModule):
         self.test_accuracy = nn.ModuleDict({r: torchmetrics.MeanMetric() for r in self.relations})
         self.val_mean = torchmetrics.MeanMetric()
         self.test_mean = torchmetrics.MeanMetric()
+
+    def _build_backbone(self) -> None:
+        self.adapter = load_backbone(self.hparams.backbone, **(self.hparams.backbone_options or {}))
+        self.adapter.freeze()
+        if self.hparams.backbone_dtype == "bfloat16":
+            self.adapter.model.to(torch.bfloat16)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # open_flamingo mixes classes at run time, which pickle cannot name: ddp_spawn
+        # ships the module without its frozen backbone and each process rebuilds it.
+        state = self.__dict__.copy()
+        state["_modules"] = {k: v for k, v in state["_modules"].items() if k != "backbone"}
+        state.pop("adapter", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._build_backbone()
+        self._modules["backbone"] = self.adapter.model
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "attach"):
+            datamodule.attach(self.adapter)
+
+    def train(self, mode: bool = True) -> "FunctionVectorModule":
+        """Keeps the frozen backbone in eval mode (no dropout) whatever Lightning asks."""
+        super().train(mode)
+        self.backbone.eval()
+        return self
 
     # ----- FVs ---------------------------------------------------------------------
     def set_function_vectors(self, fvs: FunctionVectorSet) -> None:

@@ -1,0 +1,151 @@
+"""FV fine-tuning through train.py: only FVs train, tiny checkpoints, resume, DDP, config errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mfv.training.cli import main
+from mfv.training.module import FunctionVectorModule
+
+BACKBONE = {"image_size": 32, "patch_size": 8, "hidden_size": 32, "num_layers": 3, "num_heads": 4, "intermediate_size": 64}
+
+
+def _args(tmp_path: Path, *extra: str, epochs: int = 1, devices: int = 1, strategy: str = "auto", init: str = "random",
+          batch_size: int = 4) -> list[str]:
+    return [
+        "--model.backbone", "openflamingo-random",
+        "--model.backbone_options", json.dumps(BACKBONE),
+        "--model.layer", "1",
+        "--model.init", init,
+        "--model.export_dir", str(tmp_path / "export"),
+        "--data", "mfv.data.datamodule.SyntheticRelationDataModule",
+        "--data.data_dir", str(tmp_path / "data"),
+        "--data.image_size", "32",
+        "--data.shots", "2",
+        "--data.num_images", json.dumps({"eval": 16, "train": 20, "test": 8, "novel": 8, "composite": 8}),
+        "--data.batch_size", str(batch_size),
+        "--data.shuffle_train", "false",
+        "--aie.num_mean_prompts", "8",
+        "--aie.num_aie_prompts", "4",
+        "--aie.k", "3",
+        "--aie.batch_size", "4",
+        "--aie.cache_dir", str(tmp_path / "cache"),
+        "--trainer.accelerator", "cpu",
+        "--trainer.devices", str(devices),
+        "--trainer.strategy", strategy,
+        "--trainer.max_epochs", str(epochs),
+        "--trainer.default_root_dir", str(tmp_path),
+        "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+        *extra,
+    ]
+
+
+def _backbone_state(adapter) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in adapter.model.state_dict().items()}
+
+
+def test_only_function_vectors_train(tmp_path, monkeypatch):
+    captured = {}
+    real_fit = __import__("lightning").Trainer.fit
+
+    def fit(trainer, model, *args, **kwargs):
+        captured["before"] = _backbone_state(model.adapter)
+        captured["fv_before"] = model.function_vectors.detach().clone()
+        captured["model"] = model
+        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+        captured["trainable"] = trainable
+        return real_fit(trainer, model, *args, **kwargs)
+
+    monkeypatch.setattr("lightning.Trainer.fit", fit)
+    metrics = main(_args(tmp_path, init="extracted"))
+    model = captured["model"]
+    assert captured["trainable"] == ["function_vectors"]
+    after = _backbone_state(model.adapter)
+    assert all(torch.equal(captured["before"][k], after[k]) for k in after)
+    assert not torch.equal(captured["fv_before"], model.function_vectors.detach())
+    # The AIE callback ran and the run wrote its metrics.
+    assert metrics["aie"]["heads"]["above"] and "test/acc" in metrics["test"]
+    run_dir = Path(metrics["best_checkpoint"]).parents[1]
+    assert (run_dir / "metrics.json").is_file() and (run_dir / "aie_heatmap.png").is_file()
+    assert Path(metrics["exported_fv"]).is_file()
+
+
+def test_checkpoint_holds_only_the_fvs(tmp_path):
+    metrics = main(_args(tmp_path))
+    checkpoint_path = Path(metrics["best_checkpoint"])
+    checkpoint = torch.load(checkpoint_path, weights_only=False)
+    assert list(checkpoint["state_dict"]) == ["function_vectors"]
+    assert checkpoint["mfv"]["relations"] == ["above", "below", "left", "right"]
+    assert checkpoint_path.stat().st_size < 64 * 1024
+
+
+def _last_fvs(tmp_path: Path) -> torch.Tensor:
+    last = sorted(tmp_path.rglob("last*.ckpt"), key=lambda p: p.stat().st_mtime)[-1]
+    return torch.load(last, weights_only=False)["state_dict"]["function_vectors"]
+
+
+class _StopAfterFirstEpoch(__import__("lightning").Callback):
+    """Stands for an interruption: the run ends after epoch 0 with its checkpoints saved."""
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        trainer.should_stop = True
+
+
+def test_resume_continues_the_same_run(tmp_path, monkeypatch):
+    main(_args(tmp_path / "straight", epochs=2))
+    straight = _last_fvs(tmp_path / "straight")
+    real_fit = __import__("lightning").Trainer.fit
+
+    def interrupted_fit(trainer, *args, **kwargs):
+        trainer.callbacks.append(_StopAfterFirstEpoch())
+        return real_fit(trainer, *args, **kwargs)
+
+    monkeypatch.setattr("lightning.Trainer.fit", interrupted_fit)
+    main(_args(tmp_path / "resumed", epochs=2))
+    monkeypatch.setattr("lightning.Trainer.fit", real_fit)
+    last = next((tmp_path / "resumed").rglob("last.ckpt"))
+    assert torch.load(last, weights_only=False)["epoch"] == 0
+    main(_args(tmp_path / "resumed", "--ckpt_path", str(last), epochs=2))
+    torch.testing.assert_close(_last_fvs(tmp_path / "resumed"), straight, atol=1e-7, rtol=0)
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
+    main(_args(tmp_path / "single", epochs=1, batch_size=4))
+    # Launched as users do (`python train.py`): spawned workers re-import train.py first.
+    root = Path(__file__).resolve().parents[1]
+    args = _args(tmp_path / "ddp", epochs=1, devices=2, strategy="ddp_spawn", batch_size=2)
+    done = subprocess.run([sys.executable, str(root / "train.py"), *args], cwd=root, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    single, ddp = _last_fvs(tmp_path / "single"), _last_fvs(tmp_path / "ddp")
+    assert single.abs().sum() > 0
+    torch.testing.assert_close(ddp, single, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (["--model.backbone", "gpt-5"], "valid backbones"),
+        (["--model.relations", "[above, behind]"], "unknown relation"),
+        (["--model.layer", "9"], "valid layers: 0..2"),
+        (["--model.backbone", "openflamingo-tiny", "--model.backbone_options", '{"directory": "/no/such/model"}'],
+         "/no/such/model"),
+    ],
+)
+def test_config_errors_are_clear(tmp_path, capsys, override, message):
+    with pytest.raises(SystemExit) as info:
+        main(_args(tmp_path) + override)
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bf16_backbone_keeps_fp32_fvs():
+    module = FunctionVectorModule("openflamingo-random", BACKBONE, layer=1, init="zeros", backbone_dtype="bfloat16")
+    assert module.function_vectors.dtype == torch.float32
+    assert next(module.backbone.parameters()).dtype == torch.bfloat16
