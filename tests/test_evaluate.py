@@ -1,0 +1,105 @@
+"""evaluate.py on a tiny random model: conditions, schema, composite weights, errors, --limit."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from mfv.eval_cli import main
+from mfv.evaluation import AnalogyProblem, composite_weights
+from mfv.method.function_vector import FunctionVectorSet
+from mfv.models import load_backbone
+from mfv.models.base import Example
+
+BACKBONE = {"image_size": 32, "patch_size": 8, "hidden_size": 32, "num_layers": 3, "num_heads": 4, "intermediate_size": 64}
+
+
+@pytest.fixture(scope="module")
+def config_path(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("eval")
+    config = {
+        "model": {"backbone": "openflamingo-random", "backbone_options": BACKBONE, "layer": 1,
+                  "relations": ["above", "below", "left", "right"]},
+        "data": {"class_path": "mfv.data.datamodule.SyntheticRelationDataModule",
+                 "init_args": {"data_dir": str(root / "data"), "shots": 2, "image_size": 32, "batch_size": 8,
+                               "num_images": {"eval": 16, "train": 12, "test": 16, "novel": 12, "composite": 12}}},
+        "aie": {"num_mean_prompts": 8, "num_aie_prompts": 4, "k": 3, "batch_size": 4, "cache_dir": str(root / "cache")},
+    }
+    path = root / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def finetuned_fv(config_path, tmp_path_factory) -> Path:
+    adapter = load_backbone("openflamingo-random", **BACKBONE)
+    vectors = {r: torch.randn(adapter.hidden_size) for r in ["above", "below", "left", "right"]}
+    fvs = FunctionVectorSet(vectors, 1, {}, adapter.backbone_id, adapter.shape_signature())
+    return fvs.save(tmp_path_factory.mktemp("fv") / "finetuned.safetensors")
+
+
+@pytest.fixture(scope="module")
+def metrics(config_path, finetuned_fv, tmp_path_factory) -> tuple[dict, Path]:
+    out = tmp_path_factory.mktemp("out")
+    result = main(["--config", str(config_path), "--fv", str(finetuned_fv), "--out", str(out), "--limit", "6",
+                   "--shots", "1", "4", "--max-k", "5", "--sweep-limit", "8"])
+    return result, out
+
+
+def test_every_condition_runs_and_metrics_match_the_schema(metrics):
+    result, out = metrics
+    on_disk = json.loads((out / "metrics.json").read_text())
+    assert on_disk == json.loads(json.dumps(result))
+    assert on_disk["schema_version"] == 1
+    required = {"zero_shot", "zero_shot_fv", "zero_shot_finetuned_fv", "icl_1", "icl_4", "novel_zero_shot_fv",
+                "analogy_composite_fv", "analogy_icl_1", "icl_shuffled_2", "icl_shuffled_2_fv", "novel_zero_shot",
+                "analogy_icl_0", "analogy_icl_4", "analogy_fv_above", "analogy_composite_fv_uniform",
+                "analogy_composite_fv_raw", "analogy_composite_finetuned_fv"}
+    assert required <= set(on_disk["summary"])
+    for name, condition in on_disk["conditions"].items():
+        assert set(condition) == {"split", "accuracy", "n", "per_relation"}
+        assert 0.0 <= condition["accuracy"] <= 1.0
+        assert on_disk["summary"][name] == condition["accuracy"]
+        for counts in condition["per_relation"].values():
+            assert counts["correct"] <= counts["total"]
+    assert set(on_disk["conditions"]["analogy_icl_1"]["per_relation"]) <= {"above-left", "above-right", "below-left", "below-right"}
+    assert on_disk["sweeps"]["layer"]["x"] == [0, 1, 2] and len(on_disk["sweeps"]["k"]["accuracy"]) == 5
+    for name in ("report.md", "layer_sweep.png", "k_sweep.png", "aie_heatmap.png", "conditions.png"):
+        assert (out / name).stat().st_size > 0
+    assert any((out / "tensorboard").iterdir())
+    assert "| zero_shot |" in (out / "report.md").read_text()
+
+
+def test_limit_is_honoured(metrics):
+    result, _ = metrics
+    for name, condition in result["conditions"].items():
+        assert condition["n"] == 6, name
+
+
+def test_composite_weights_sum_to_one():
+    adapter = load_backbone("openflamingo-random", **BACKBONE)
+    image = torch.zeros(3, 32, 32)
+    problems = [AnalogyProblem("above-left", Example(image, "apple", "ball"), Example(image, "cat"), "dog")] * 3
+    trained = torch.randn(4, adapter.hidden_size)
+    normalized = composite_weights(adapter, problems, trained, 1, "normalized")
+    torch.testing.assert_close(normalized.sum(-1), torch.ones(3))
+    assert (normalized >= 0).all()
+    uniform = composite_weights(adapter, problems, trained, 1, "uniform")
+    torch.testing.assert_close(uniform, torch.full((3, 4), 0.25))
+    raw = composite_weights(adapter, problems, trained, 1, "raw")
+    torch.testing.assert_close(raw / raw.sum(-1, keepdim=True), normalized)
+
+
+def test_fv_for_a_layer_beyond_the_model_is_a_clear_error(config_path, tmp_path, capsys):
+    adapter = load_backbone("openflamingo-random", **BACKBONE)
+    vectors = {r: torch.zeros(adapter.hidden_size) for r in ["above", "below", "left", "right"]}
+    path = FunctionVectorSet(vectors, 7, {}, adapter.backbone_id, adapter.shape_signature()).save(tmp_path / "bad.safetensors")
+    with pytest.raises(SystemExit) as info:
+        main(["--config", str(config_path), "--fv", str(path), "--out", str(tmp_path / "o"), "--limit", "2"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "bad.safetensors" in err and "'layer' = 7" in err and "0..2" in err
