@@ -1,0 +1,1 @@
+"""Relation datasets: the synthetic scenes (and GQA), episodes and DataModules."""

@@ -1,0 +1,138 @@
+"""Lightning DataModule over the synthetic relation set.
+
+Splits: ``train`` (zero-shot prompts to fine-tune FVs), ``val``/``test`` (zero-shot,
+scored per relation), ``eval`` (N-shot clean and corrupted prompts for AIE and FV
+extraction), ``novel`` and ``composite`` (evaluation only).
+"""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+from typing import Sequence
+
+import lightning as L
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler
+
+from mfv.data.episodes import EpisodeDataset, EpisodeSampler, Mode, episode_collator, read_scenes
+from mfv.data.synthetic import RELATIONS, generate_split, validate_relations
+from mfv.models.base import BackboneAdapter
+
+
+class SyntheticRelationDataModule(L.LightningDataModule):
+    """Generates (once, cached on disk), samples and batches the synthetic relation set.
+
+    Args:
+        data_dir: Where the splits are generated and cached.
+        relations: Trained relations (subset of above/below/left/right).
+        shots: Demonstrations per N-shot prompt (extraction, ICL).
+        image_size: Canvas size of the generated scenes.
+        num_images: Images per split; missing splits use these counts.
+        batch_size: Prompts per batch.
+        num_workers: DataLoader worker processes (image loading and tokenising).
+        seed: Generation and episode seed.
+        objects: Optional folder of object PNGs (see ``mfv.data.objects``).
+        val_fraction: Part of the train split held out to pick the best epoch.
+        shuffle_train: Shuffle training prompts each epoch.
+    """
+
+    def __init__(
+        self,
+        data_dir: str = "data/synthetic",
+        relations: Sequence[str] = tuple(RELATIONS),
+        shots: int = 4,
+        image_size: int = 800,
+        num_images: dict[str, int] | None = None,
+        batch_size: int = 16,
+        num_workers: int = 0,
+        seed: int = 0,
+        objects: str | None = None,
+        val_fraction: float = 0.2,
+        shuffle_train: bool = True,
+    ) -> None:
+        super().__init__()
+        self.data_dir = Path(data_dir)
+        self.relations = validate_relations(list(relations))
+        self.shots = shots
+        self.image_size = image_size
+        self.num_images = {"eval": 4000, "train": 1000, "test": 1000, "novel": 1000, "composite": 1000}
+        self.num_images.update(num_images or {})
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.objects = objects
+        self.val_fraction = val_fraction
+        self.shuffle_train = shuffle_train
+        self.adapter: BackboneAdapter | None = None
+        self._samplers: dict[str, EpisodeSampler] = {}
+
+    def attach(self, adapter: BackboneAdapter) -> None:
+        """Sets the backbone whose prompt format and preprocessing the batches use."""
+        self.adapter = adapter
+
+    def __getstate__(self) -> dict:
+        # Spawned processes re-attach their own backbone (FunctionVectorModule.setup).
+        state = self.__dict__.copy()
+        state["adapter"] = None
+        return state
+
+    def split_dir(self, split: str) -> Path:
+        return self.data_dir / f"{split}-{self.image_size}px-seed{self.seed}-n{self.num_images[split]}"
+
+    def prepare_data(self) -> None:
+        for split in self.num_images:
+            target = self.split_dir(split)
+            if not (target / "metadata.parquet").is_file():
+                generated = generate_split(
+                    target.parent / ".staging" / target.name, split, self.num_images[split], self.image_size,
+                    self.seed, self.objects,
+                )
+                # Rename into place only when complete: an interrupted run regenerates.
+                target.parent.mkdir(parents=True, exist_ok=True)
+                generated.rename(target)
+
+    def sampler(self, split: str) -> EpisodeSampler:
+        """Episode sampler of ``split`` (``val`` is the held-out tail of ``train``)."""
+        if split not in self._samplers:
+            source = "train" if split == "val" else split
+            scenes = read_scenes(self.split_dir(source))
+            if source == "train":
+                cut = int(len(scenes) * (1 - self.val_fraction))
+                scenes = scenes[:cut] if split == "train" else scenes[cut:]
+            relations = self.relations if split != "composite" else sorted({s.relation for s in scenes})
+            self._samplers[split] = EpisodeSampler(scenes, relations, self.shots, seed=self.seed * 1000 + zlib.crc32(split.encode()) % 997)
+        return self._samplers[split]
+
+    def dataloader(
+        self, split: str, mode: Mode = "zero_shot", shots: int | None = None, limit: int | None = None,
+        shuffle: bool = False, batch_size: int | None = None,
+    ) -> DataLoader:
+        """Batches of ``split`` episodes in ``mode``, ready for the attached adapter."""
+        if self.adapter is None:
+            raise RuntimeError("call attach(adapter) before asking for batches")
+        sampler = self.sampler(split)
+        dataset = EpisodeDataset(sampler, mode, shots, limit)
+        distributed = None
+        if dist.is_available() and dist.is_initialized():
+            # Shard here so the shuffle choice holds under DDP too (Lightning would
+            # always shuffle the training shard); Lightning keeps an existing one.
+            distributed = DistributedSampler(dataset, shuffle=shuffle, seed=self.seed)
+        return DataLoader(
+            dataset,
+            batch_size=batch_size or self.batch_size,
+            shuffle=shuffle if distributed is None else None,
+            sampler=distributed,
+            num_workers=self.num_workers,
+            collate_fn=episode_collator(self.adapter, sampler.relations),
+            persistent_workers=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self.dataloader("train", "zero_shot", shuffle=self.shuffle_train)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.dataloader("val", "zero_shot")
+
+    def test_dataloader(self) -> DataLoader:
+        return self.dataloader("test", "zero_shot")
