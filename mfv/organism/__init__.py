@@ -1,0 +1,1 @@
+"""The model organism: a small OpenFlamingo trained to infer relations in context."""
