@@ -126,6 +126,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     extracted = extraction.fvs.stacked(relations)
     finetuned = None
+    layer_finetuned = layer
     if args.fv:
         fv_set = FunctionVectorSet.load(args.fv, adapter)
         finetuned = fv_set.stacked(relations)
@@ -155,8 +156,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     print("conditions on the test split ...", file=sys.stderr)
     evaluate_split("test", "")
-    print("conditions on the novel-objects split ...", file=sys.stderr)
-    evaluate_split("novel", "novel_")
+    if datamodule.has_split("novel"):
+        print("conditions on the novel-objects split ...", file=sys.stderr)
+        evaluate_split("novel", "novel_")
 
     # ----- sweeps on the test split (zero-shot + extracted-means FV) ---------------
     saved = torch.load(extraction.cache_dir / "aie.pt", weights_only=True)
@@ -173,32 +175,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         k_accuracy.append(score(adapter, test_zero, relations, vectors, layer).accuracy)
 
     # ----- analogies on the composite split -----------------------------------------
-    composite_sampler = datamodule.sampler("composite")
-    diagonal = composite_sampler.relations
-    problems = analogy_problems(composite_sampler, min(limit, len(composite_sampler)))
-    for shots in (0, 1, 4):
-        episodes = analogy_episodes(problems, shots, composite_sampler)
-        conditions[f"analogy_icl_{shots}"] = (
-            "composite", score(adapter, episode_batches(adapter, episodes, diagonal, batch_size), diagonal))
-    zero_episodes = analogy_episodes(problems, 0, composite_sampler)
-    zero_batches = episode_batches(adapter, zero_episodes, diagonal, batch_size)
-    for r, relation in enumerate(relations):
-        conditions[f"analogy_fv_{relation}"] = (
-            "composite", score(adapter, zero_batches, diagonal, extracted[r], layer))
     weight_summary: dict[str, dict[str, float]] = {}
-    for mode, name in (("normalized", "analogy_composite_fv"), ("uniform", "analogy_composite_fv_uniform"),
-                       ("raw", "analogy_composite_fv_raw")):
-        weights = composite_weights(adapter, problems, extracted, layer, mode, batch_size)
-        conditions[name] = ("composite", score_composite(adapter, problems, diagonal, extracted, weights, layer, batch_size))
-        if mode == "normalized":
-            for d in diagonal:
-                rows = [i for i, p in enumerate(problems) if p.relation == d]
-                if rows:
-                    weight_summary[d] = dict(zip(relations, weights[rows].mean(0).tolist()))
-    if finetuned is not None:
-        weights = composite_weights(adapter, problems, finetuned, layer_finetuned, "normalized", batch_size)
-        conditions["analogy_composite_finetuned_fv"] = (
-            "composite", score_composite(adapter, problems, diagonal, finetuned, weights, layer_finetuned, batch_size))
+    if datamodule.has_split("composite"):
+        evaluate_analogies(adapter, datamodule, relations, extracted, finetuned, layer,
+                           layer_finetuned, limit, batch_size, conditions,
+                           weight_summary)
 
     metrics = {
         "schema_version": SCHEMA_VERSION,
@@ -214,6 +195,35 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     write_outputs(Path(args.out), metrics, extraction.aie_pooled, next(iter(extraction.fvs.heads.values())))
     return metrics
 
+
+def evaluate_analogies(adapter, datamodule, relations, extracted, finetuned, layer, layer_finetuned, limit,
+                       batch_size, conditions, weight_summary) -> None:
+    """One-shot analogies on the untrained diagonal relations (composite split)."""
+    composite_sampler = datamodule.sampler("composite")
+    diagonal = composite_sampler.relations
+    problems = analogy_problems(composite_sampler, min(limit, len(composite_sampler)))
+    for shots in (0, 1, 4):
+        episodes = analogy_episodes(problems, shots, composite_sampler)
+        conditions[f"analogy_icl_{shots}"] = (
+            "composite", score(adapter, episode_batches(adapter, episodes, diagonal, batch_size), diagonal))
+    zero_episodes = analogy_episodes(problems, 0, composite_sampler)
+    zero_batches = episode_batches(adapter, zero_episodes, diagonal, batch_size)
+    for r, relation in enumerate(relations):
+        conditions[f"analogy_fv_{relation}"] = (
+            "composite", score(adapter, zero_batches, diagonal, extracted[r], layer))
+    for mode, name in (("normalized", "analogy_composite_fv"), ("uniform", "analogy_composite_fv_uniform"),
+                       ("raw", "analogy_composite_fv_raw")):
+        weights = composite_weights(adapter, problems, extracted, layer, mode, batch_size)
+        conditions[name] = ("composite", score_composite(adapter, problems, diagonal, extracted, weights, layer, batch_size))
+        if mode == "normalized":
+            for d in diagonal:
+                rows = [i for i, p in enumerate(problems) if p.relation == d]
+                if rows:
+                    weight_summary[d] = dict(zip(relations, weights[rows].mean(0).tolist()))
+    if finetuned is not None:
+        weights = composite_weights(adapter, problems, finetuned, layer_finetuned, "normalized", batch_size)
+        conditions["analogy_composite_finetuned_fv"] = (
+            "composite", score_composite(adapter, problems, diagonal, finetuned, weights, layer_finetuned, batch_size))
 
 def write_outputs(out: Path, metrics: dict, aie: torch.Tensor, heads) -> None:
     out.mkdir(parents=True, exist_ok=True)

@@ -77,6 +77,10 @@ class SyntheticRelationDataModule(L.LightningDataModule):
         state["adapter"] = None
         return state
 
+    def has_split(self, split: str) -> bool:
+        """Every synthetic split exists (generated on demand)."""
+        return split in self.num_images or split == "val"
+
     def split_dir(self, split: str) -> Path:
         return self.data_dir / f"{split}-{self.image_size}px-seed{self.seed}-n{self.num_images[split]}"
 

@@ -11,7 +11,6 @@ import torchmetrics
 from torch import nn
 
 from mfv.data.episodes import EncodedBatch
-from mfv.data.synthetic import validate_relations
 from mfv.errors import ConfigError
 from mfv.hooks import add_to_residual
 from mfv.method.function_vector import FunctionVectorSet
@@ -59,7 +58,11 @@ class FunctionVectorModule(L.LightningModule):
             raise ConfigError(f"init must be one of ['extracted', 'zeros', 'random'], got {init!r}")
         if backbone_dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"backbone_dtype must be 'float32' or 'bfloat16', got {backbone_dtype!r}")
-        self.relations = validate_relations(list(relations))
+        # Which names are valid depends on the data (synthetic or GQA); the datamodule
+        # checks them (train.py links model.relations into it).
+        self.relations = list(relations)
+        if not self.relations or len(set(self.relations)) != len(self.relations):
+            raise ConfigError(f"model.relations must be a non-empty list of distinct names, got {self.relations}")
         self.adapter: BackboneAdapter
         self._build_backbone()
         # Registered as a submodule so Lightning moves it to the device; it is frozen
