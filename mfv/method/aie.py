@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from mfv.data.episodes import EncodedBatch
 from mfv.hooks import HeadPatch, patch_heads, record_heads
-from mfv.models.base import BackboneAdapter, PromptBatch
+from mfv.models.base import BackboneAdapter
 
 Algorithm = Literal["fast", "reference"]
 
@@ -42,14 +42,6 @@ class MeanActivations:
     kept: list[int]
     seen: list[int]
     fallback: list[int]
-
-
-def select_rows(batch: PromptBatch, rows: torch.Tensor) -> PromptBatch:
-    """The sub-batch of ``rows`` (left padding stays valid)."""
-    return PromptBatch(
-        batch.input_ids[rows], batch.attention_mask[rows], batch.pixel_values[rows],
-        {k: v[rows] for k, v in batch.extra.items()},
-    )
 
 
 @torch.no_grad()
@@ -146,7 +138,7 @@ def indirect_effects(
 
     if algorithm == "reference":
         for p in range(num_prompts):
-            single = select_rows(batch.prompts, torch.tensor([p]))
+            single = adapter.select_rows(batch.prompts, torch.tensor([p]))
             base = _answer_probability(adapter.forward(single), answers[p : p + 1])
             for s in range(num_sites):
                 patch = HeadPatch(torch.tensor([0]), layer_index[s : s + 1], head_index[s : s + 1], values[p, s : s + 1])

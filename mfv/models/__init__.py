@@ -21,6 +21,19 @@ BACKBONES: dict[str, str] = {
     "openflamingo-tiny": "mfv.models.openflamingo:load_tiny_openflamingo",
     # A small random model built from sizes (tests, benchmarks).
     "openflamingo-random": "mfv.models.registry_helpers:random_openflamingo",
+    # Qwen3-VL (paper v2), from a local folder / the Hugging Face cache.
+    "qwen3vl": "mfv.models.qwen3vl:load_qwen3vl",
+    "qwen3vl-random": "mfv.models.qwen3vl:random_qwen3vl",
+}
+
+# A tiny stand-in of each backbone: the contract test runs every registered backbone
+# through it, so a new entry without one fails the suite.
+TINY_STAND_INS: dict[str, tuple[str, dict]] = {
+    "openflamingo": ("openflamingo-random", {}),
+    "openflamingo-tiny": ("openflamingo-random", {}),
+    "openflamingo-random": ("openflamingo-random", {}),
+    "qwen3vl": ("qwen3vl-random", {}),
+    "qwen3vl-random": ("qwen3vl-random", {}),
 }
 
 
@@ -55,6 +68,7 @@ def load_backbone(name: str, **options: Any) -> BackboneAdapter:
 
 __all__ = [
     "BACKBONES",
+    "TINY_STAND_INS",
     "BackboneAdapter",
     "Example",
     "PrefixState",

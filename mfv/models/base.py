@@ -148,6 +148,14 @@ class BackboneAdapter(ABC):
     def collate(self, prompts: Sequence[Prompt]) -> PromptBatch:
         """Tokenises (left padding) and preprocesses the images of ``prompts``."""
 
+    def select_rows(self, batch: PromptBatch, rows: torch.Tensor) -> PromptBatch:
+        """The sub-batch of ``rows`` (left padding stays valid). Backbones whose image
+        tensors are not per row (e.g. flattened patches) override this."""
+        return PromptBatch(
+            batch.input_ids[rows], batch.attention_mask[rows], batch.pixel_values[rows],
+            {k: v[rows] for k, v in batch.extra.items()},
+        )
+
     @abstractmethod
     def answer_token_id(self, prompt_text: str, answer: str) -> int:
         """The first token of ``answer`` as the model would produce it after ``prompt_text``."""
