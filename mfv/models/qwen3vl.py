@@ -197,7 +197,7 @@ def load_qwen3vl(
         model = Qwen3VLForConditionalGeneration.from_pretrained(
             model_path, cache_dir=cache_dir, local_files_only=True, torch_dtype=getattr(torch, dtype)
         )
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # the hub raises ValueError subclasses for bad local paths
         raise _processor_error(model_path, exc) from exc
     adapter = Qwen3VLAdapter(model, processor, backbone_id=model_path.rstrip("/").split("/")[-1].lower(),
                              system_prompt=system_prompt)

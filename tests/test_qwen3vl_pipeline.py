@@ -1,0 +1,46 @@
+"""The whole pipeline on a tiny random Qwen3-VL: train.py (AIE + fine-tuning) and evaluate.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mfv.errors import MissingWeightsError
+from mfv.eval_cli import main as evaluate_main
+from mfv.models.qwen3vl import load_qwen3vl
+from mfv.training.cli import main as train_main
+
+
+@pytest.mark.slow
+def test_train_and_evaluate_on_tiny_qwen3vl(tmp_path):
+    config = {
+        "seed_everything": 0,
+        "model": {"backbone": "qwen3vl-random", "backbone_options": {"num_layers": 2}, "layer": 1,
+                  "relations": ["above", "below", "left", "right"], "export_dir": str(tmp_path / "export")},
+        "data": {"class_path": "mfv.data.datamodule.SyntheticRelationDataModule",
+                 "init_args": {"data_dir": str(tmp_path / "data"), "shots": 2, "image_size": 64, "batch_size": 4,
+                               "num_images": {"eval": 12, "train": 12, "test": 8, "novel": 8, "composite": 8}}},
+        "aie": {"num_mean_prompts": 4, "num_aie_prompts": 2, "k": 2, "batch_size": 2, "cache_dir": str(tmp_path / "cache")},
+        "trainer": {"accelerator": "cpu", "max_epochs": 1, "default_root_dir": str(tmp_path),
+                    "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                               "init_args": {"save_dir": str(tmp_path / "runs"), "name": "qwen"}}},
+    }
+    path = tmp_path / "qwen.yaml"
+    path.write_text(yaml.safe_dump(config))
+    metrics = train_main(["--config", str(path)])
+    assert metrics["aie"]["heads"]["above"] and "test/acc" in metrics["test"]
+    out = tmp_path / "eval"
+    result = evaluate_main(["--config", str(path), "--fv", metrics["exported_fv"], "--out", str(out), "--limit", "4",
+                            "--shots", "1", "--max-k", "2", "--sweep-limit", "4"])
+    assert {"zero_shot", "zero_shot_fv", "zero_shot_finetuned_fv", "icl_1", "novel_zero_shot_fv",
+            "analogy_composite_fv", "analogy_icl_1"} <= set(result["summary"])
+    assert json.loads((out / "metrics.json").read_text())["settings"]["backbone"] == "qwen3vl-tiny"
+
+
+def test_missing_qwen_weights_are_a_clear_error(tmp_path):
+    missing = tmp_path / "no-such-qwen"
+    with pytest.raises(MissingWeightsError, match="huggingface-cli download"):
+        load_qwen3vl(str(missing))
