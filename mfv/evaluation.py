@@ -31,6 +31,14 @@ class Score:
         self.correct[relation] = self.correct.get(relation, 0) + correct
         self.total[relation] = self.total.get(relation, 0) + total
 
+    def tally(self, logits: torch.Tensor, batch: EncodedBatch, relations: Sequence[str]) -> None:
+        """Adds a batch's top-1 results, per relation."""
+        correct = (logits.argmax(-1).cpu() == batch.answer_ids).long()
+        for i, relation in enumerate(relations):
+            mask = batch.relation_ids == i
+            if mask.any():
+                self.add(relation, int(correct[mask].sum()), int(mask.sum()))
+
     @property
     def accuracy(self) -> float:
         """Mean of the per-relation accuracies (the paper's averaging)."""
@@ -77,11 +85,7 @@ def score(
             rows = vectors if vectors.dim() == 1 else vectors[batch.relation_ids]
             with add_to_residual(adapter, layer, rows):
                 logits = adapter.forward(batch.prompts)
-        correct = (logits.argmax(-1).cpu() == batch.answer_ids).long()
-        for i, relation in enumerate(relations):
-            mask = batch.relation_ids == i
-            if mask.any():
-                result.add(relation, int(correct[mask].sum()), int(mask.sum()))
+        result.tally(logits, batch, relations)
     return result
 
 
@@ -191,9 +195,5 @@ def score_composite(
         batch = encode_episodes(adapter, episodes, relations)
         with add_to_residual(adapter, layer, composites[start : start + len(chunk)]):
             logits = adapter.forward(batch.prompts)
-        correct = (logits.argmax(-1).cpu() == batch.answer_ids).long()
-        for i, relation in enumerate(relations):
-            mask = batch.relation_ids == i
-            if mask.any():
-                result.add(relation, int(correct[mask].sum()), int(mask.sum()))
+        result.tally(logits, batch, relations)
     return result

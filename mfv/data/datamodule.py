@@ -20,7 +20,73 @@ from mfv.data.synthetic import RELATIONS, generate_split, validate_relations
 from mfv.models.base import BackboneAdapter
 
 
-class SyntheticRelationDataModule(L.LightningDataModule):
+def split_seed(seed: int, split: str) -> int:
+    """A per-split episode seed, stable across processes (unlike ``hash``)."""
+    return seed * 1000 + zlib.crc32(split.encode()) % 997
+
+
+class RelationDataModule(L.LightningDataModule):
+    """What every relation DataModule shares: the attached backbone, episode loaders, DDP sharding.
+
+    Subclasses set ``relations``, ``shots``, ``batch_size``, ``num_workers``, ``seed`` and
+    ``shuffle_train`` and implement :meth:`sampler`, :meth:`split_dir` and :meth:`has_split`.
+    """
+
+    adapter: BackboneAdapter | None = None
+
+    def attach(self, adapter: BackboneAdapter) -> None:
+        """Sets the backbone whose prompt format and preprocessing the batches use."""
+        self.adapter = adapter
+
+    def __getstate__(self) -> dict:
+        # Spawned processes re-attach their own backbone (FunctionVectorModule.setup).
+        state = self.__dict__.copy()
+        state["adapter"] = None
+        return state
+
+    def sampler(self, split: str) -> EpisodeSampler:
+        raise NotImplementedError
+
+    def split_dir(self, split: str) -> Path:
+        raise NotImplementedError
+
+    def has_split(self, split: str) -> bool:
+        raise NotImplementedError
+
+    def dataloader(
+        self, split: str, mode: Mode = "zero_shot", shots: int | None = None, limit: int | None = None,
+        shuffle: bool = False, batch_size: int | None = None,
+    ) -> DataLoader:
+        """Batches of ``split`` episodes in ``mode``, ready for the attached adapter."""
+        if self.adapter is None:
+            raise RuntimeError("call attach(adapter) before asking for batches")
+        sampler = self.sampler(split)
+        dataset = EpisodeDataset(sampler, mode, shots, limit)
+        distributed = None
+        if dist.is_available() and dist.is_initialized():
+            # Shard here so the shuffle choice holds under DDP too (Lightning would
+            # always shuffle the training shard); Lightning keeps an existing one.
+            distributed = DistributedSampler(dataset, shuffle=shuffle, seed=self.seed)
+        return DataLoader(
+            dataset,
+            batch_size=batch_size or self.batch_size,
+            shuffle=shuffle if distributed is None else None,
+            sampler=distributed,
+            num_workers=self.num_workers,
+            collate_fn=episode_collator(self.adapter, sampler.relations),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self.dataloader("train", "zero_shot", shuffle=self.shuffle_train)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.dataloader("val", "zero_shot")
+
+    def test_dataloader(self) -> DataLoader:
+        return self.dataloader("test", "zero_shot")
+
+
+class SyntheticRelationDataModule(RelationDataModule):
     """Generates (once, cached on disk), samples and batches the synthetic relation set.
 
     Args:
@@ -64,18 +130,7 @@ class SyntheticRelationDataModule(L.LightningDataModule):
         self.objects = objects
         self.val_fraction = val_fraction
         self.shuffle_train = shuffle_train
-        self.adapter: BackboneAdapter | None = None
         self._samplers: dict[str, EpisodeSampler] = {}
-
-    def attach(self, adapter: BackboneAdapter) -> None:
-        """Sets the backbone whose prompt format and preprocessing the batches use."""
-        self.adapter = adapter
-
-    def __getstate__(self) -> dict:
-        # Spawned processes re-attach their own backbone (FunctionVectorModule.setup).
-        state = self.__dict__.copy()
-        state["adapter"] = None
-        return state
 
     def has_split(self, split: str) -> bool:
         """Every synthetic split exists (generated on demand)."""
@@ -105,38 +160,6 @@ class SyntheticRelationDataModule(L.LightningDataModule):
                 cut = int(len(scenes) * (1 - self.val_fraction))
                 scenes = scenes[:cut] if split == "train" else scenes[cut:]
             relations = self.relations if split != "composite" else sorted({s.relation for s in scenes})
-            self._samplers[split] = EpisodeSampler(scenes, relations, self.shots, seed=self.seed * 1000 + zlib.crc32(split.encode()) % 997)
+            self._samplers[split] = EpisodeSampler(scenes, relations, self.shots, seed=split_seed(self.seed, split))
         return self._samplers[split]
 
-    def dataloader(
-        self, split: str, mode: Mode = "zero_shot", shots: int | None = None, limit: int | None = None,
-        shuffle: bool = False, batch_size: int | None = None,
-    ) -> DataLoader:
-        """Batches of ``split`` episodes in ``mode``, ready for the attached adapter."""
-        if self.adapter is None:
-            raise RuntimeError("call attach(adapter) before asking for batches")
-        sampler = self.sampler(split)
-        dataset = EpisodeDataset(sampler, mode, shots, limit)
-        distributed = None
-        if dist.is_available() and dist.is_initialized():
-            # Shard here so the shuffle choice holds under DDP too (Lightning would
-            # always shuffle the training shard); Lightning keeps an existing one.
-            distributed = DistributedSampler(dataset, shuffle=shuffle, seed=self.seed)
-        return DataLoader(
-            dataset,
-            batch_size=batch_size or self.batch_size,
-            shuffle=shuffle if distributed is None else None,
-            sampler=distributed,
-            num_workers=self.num_workers,
-            collate_fn=episode_collator(self.adapter, sampler.relations),
-            persistent_workers=False,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self.dataloader("train", "zero_shot", shuffle=self.shuffle_train)
-
-    def val_dataloader(self) -> DataLoader:
-        return self.dataloader("val", "zero_shot")
-
-    def test_dataloader(self) -> DataLoader:
-        return self.dataloader("test", "zero_shot")

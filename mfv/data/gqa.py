@@ -25,11 +25,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-import lightning as L
 import numpy as np
-from torch.utils.data import DataLoader
 
-from mfv.data.episodes import Episode, EpisodeDataset, EpisodeSampler, Mode, Scene, episode_collator
+from mfv.data.datamodule import RelationDataModule, split_seed
+from mfv.data.episodes import Episode, EpisodeSampler, Mode, Scene
 from mfv.errors import DataError
 from mfv.models.base import Example
 
@@ -334,7 +333,7 @@ class GQAEpisodeSampler(EpisodeSampler):
                        query.neighbours[relation], mode, tuple(labels))
 
 
-class GQARelationDataModule(L.LightningDataModule):
+class GQARelationDataModule(RelationDataModule):
     """Batches of GQA relation episodes, images loaded lazily with the adapter's preprocessing.
 
     Args:
@@ -355,16 +354,7 @@ class GQARelationDataModule(L.LightningDataModule):
         self.relations = resolve_relations(relations)
         self.shots, self.batch_size, self.num_workers = shots, batch_size, num_workers
         self.seed, self.val_fraction, self.shuffle_train = seed, val_fraction, shuffle_train
-        self.adapter = None
         self._samplers: dict[str, GQAEpisodeSampler] = {}
-
-    def attach(self, adapter) -> None:
-        self.adapter = adapter
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["adapter"] = None
-        return state
 
     def has_split(self, split: str) -> bool:
         return split in ("train", "val", "test", "eval")
@@ -392,27 +382,8 @@ class GQARelationDataModule(L.LightningDataModule):
                 cut = int(len(order) * (1 - self.val_fraction))
                 scenes = [scenes[i] for i in (order[:cut] if split == "train" else order[cut:])]
             self._samplers[split] = GQAEpisodeSampler(scenes, self.relations, self.shots,
-                                                      seed=self.seed * 1000 + zlib.crc32(split.encode()) % 997)
+                                                      seed=split_seed(self.seed, split))
         return self._samplers[split]
-
-    def dataloader(self, split: str, mode: Mode = "zero_shot", shots: int | None = None, limit: int | None = None,
-                   shuffle: bool = False, batch_size: int | None = None):
-        if self.adapter is None:
-            raise RuntimeError("call attach(adapter) before asking for batches")
-        sampler = self.sampler(split)
-        return DataLoader(EpisodeDataset(sampler, mode, shots, limit), batch_size=batch_size or self.batch_size,
-                          shuffle=shuffle, num_workers=self.num_workers,
-                          collate_fn=episode_collator(self.adapter, sampler.relations))
-
-    def train_dataloader(self):
-        return self.dataloader("train", "zero_shot", shuffle=self.shuffle_train)
-
-    def val_dataloader(self):
-        return self.dataloader("val", "zero_shot")
-
-    def test_dataloader(self):
-        return self.dataloader("test", "zero_shot")
-
 
 
 def main(argv: Sequence[str] | None = None) -> None:

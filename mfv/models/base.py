@@ -95,6 +95,7 @@ class BackboneAdapter(ABC):
 
     model: nn.Module
     backbone_id: str
+    tokenizer: Any
 
     # ----- shape -------------------------------------------------------------------
     @property
@@ -156,9 +157,18 @@ class BackboneAdapter(ABC):
             {k: v[rows] for k, v in batch.extra.items()},
         )
 
-    @abstractmethod
     def answer_token_id(self, prompt_text: str, answer: str) -> int:
-        """The first token of ``answer`` as the model would produce it after ``prompt_text``."""
+        """The first token of ``answer`` as the model would produce it after ``prompt_text``.
+
+        Tokenises the prompt with and without the answer so that BPE merges across the
+        boundary are respected; falls back to the answer alone if they disagree.
+        """
+        tokenizer = self.tokenizer
+        prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+        full_ids = tokenizer(prompt_text + answer, add_special_tokens=False)["input_ids"]
+        if full_ids[: len(prompt_ids)] == prompt_ids and len(full_ids) > len(prompt_ids):
+            return int(full_ids[len(prompt_ids)])
+        return int(tokenizer(answer, add_special_tokens=False)["input_ids"][0])
 
     # ----- forward -----------------------------------------------------------------
     @abstractmethod

@@ -278,14 +278,6 @@ class OpenFlamingoAdapter(BackboneAdapter):
         pixel_values = torch.stack(per_prompt).unsqueeze(2)  # (B, T_img, F=1, C, H, W)
         return PromptBatch(tokens["input_ids"], tokens["attention_mask"], pixel_values)
 
-    def answer_token_id(self, prompt_text: str, answer: str) -> int:
-        prompt_ids = self.tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-        full_ids = self.tokenizer(prompt_text + answer, add_special_tokens=False)["input_ids"]
-        if full_ids[: len(prompt_ids)] == prompt_ids and len(full_ids) > len(prompt_ids):
-            return int(full_ids[len(prompt_ids)])
-        # BPE merged across the boundary: fall back to the answer on its own.
-        return int(self.tokenizer(answer, add_special_tokens=False)["input_ids"][0])
-
     # ----- forward -----------------------------------------------------------------
     def _lm_kwargs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}

@@ -119,13 +119,6 @@ class Qwen3VLAdapter(BackboneAdapter):
             {"image_grid_thw": grids[image_ids], "images_per_row": per_row[rows]},
         )
 
-    def answer_token_id(self, prompt_text: str, answer: str) -> int:
-        prompt_ids = self.tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-        full_ids = self.tokenizer(prompt_text + answer, add_special_tokens=False)["input_ids"]
-        if full_ids[: len(prompt_ids)] == prompt_ids and len(full_ids) > len(prompt_ids):
-            return int(full_ids[len(prompt_ids)])
-        return int(self.tokenizer(answer, add_special_tokens=False)["input_ids"][0])
-
     # ----- forward -----------------------------------------------------------------
     def _vision_kwargs(self, batch: PromptBatch) -> dict[str, torch.Tensor]:
         return {"pixel_values": batch.pixel_values.to(self.dtype), "image_grid_thw": batch.extra["image_grid_thw"]}
