@@ -186,3 +186,14 @@ def test_canvas_too_small_and_unknown_relation(tmp_path):
         validate_relations(["above", "behind"])
     with pytest.raises(DataError, match="unknown split"):
         generate_split(tmp_path, "holdout", 4, progress=False)
+
+
+def test_builtin_objects_have_distinct_first_tokens(tiny_adapter):
+    from mfv.data.datamodule import first_token_clashes
+    from mfv.models.registry_helpers import random_openflamingo
+
+    adapter = random_openflamingo(image_size=32, patch_size=8, hidden_size=32, num_layers=1, num_heads=2,
+                                  intermediate_size=32)
+    assert first_token_clashes(adapter, builtin_library().names()) == []
+    # A tokenizer that knows only some names maps the others to <unk>: a clash is reported.
+    assert first_token_clashes(tiny_adapter, ["apple", "zebra", "yak"]) == [["zebra", "yak"]]

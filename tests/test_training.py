@@ -117,10 +117,11 @@ def test_resume_continues_the_same_run(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
-    main(_args(tmp_path / "single", epochs=1, batch_size=4))
+    # init=extracted: the AIE callback also runs sharded over the two ranks.
+    main(_args(tmp_path / "single", epochs=1, batch_size=4, init="extracted"))
     # Launched as users do (`python train.py`): spawned workers re-import train.py first.
     root = Path(__file__).resolve().parents[1]
-    args = _args(tmp_path / "ddp", epochs=1, devices=2, strategy="ddp_spawn", batch_size=2)
+    args = _args(tmp_path / "ddp", epochs=1, devices=2, strategy="ddp_spawn", batch_size=2, init="extracted")
     done = subprocess.run([sys.executable, str(root / "train.py"), *args], cwd=root, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     single, ddp = _last_fvs(tmp_path / "single"), _last_fvs(tmp_path / "ddp")

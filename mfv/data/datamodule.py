@@ -7,6 +7,7 @@ extraction), ``novel`` and ``composite`` (evaluation only).
 
 from __future__ import annotations
 
+import warnings
 import zlib
 from pathlib import Path
 from typing import Sequence
@@ -16,8 +17,18 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
 from mfv.data.episodes import EpisodeDataset, EpisodeSampler, Mode, episode_collator, read_scenes
+from mfv.data.objects import builtin_library, folder_library
 from mfv.data.synthetic import RELATIONS, generate_split, validate_relations
 from mfv.models.base import BackboneAdapter
+
+
+def first_token_clashes(adapter: BackboneAdapter, names: list[str]) -> list[list[str]]:
+    """Groups of object names whose first answer token is the same for ``adapter``."""
+    probe = "Q:x. A:"
+    by_token: dict[int, list[str]] = {}
+    for name in names:
+        by_token.setdefault(adapter.answer_token_id(probe, name), []).append(name)
+    return [group for group in by_token.values() if len(group) > 1]
 
 
 def split_seed(seed: int, split: str) -> int:
@@ -131,6 +142,15 @@ class SyntheticRelationDataModule(RelationDataModule):
         self.val_fraction = val_fraction
         self.shuffle_train = shuffle_train
         self._samplers: dict[str, EpisodeSampler] = {}
+
+    def attach(self, adapter: BackboneAdapter) -> None:
+        """Sets the backbone, checking that every object has its own first answer token."""
+        super().attach(adapter)
+        library = builtin_library() if self.objects is None else folder_library(self.objects, 0)
+        clashes = first_token_clashes(adapter, library.names())
+        if clashes:
+            warnings.warn(f"objects share a first answer token under {adapter.backbone_id}'s tokenizer, so their "
+                          f"answers cannot be told apart: {clashes}; rename or drop them", stacklevel=2)
 
     def has_split(self, split: str) -> bool:
         """Every synthetic split exists (generated on demand)."""

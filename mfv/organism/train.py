@@ -67,10 +67,30 @@ def organism_config(image_size: int = 64) -> TinyFlamingoConfig:
 
 
 class ScenePool:
-    """Scenes with their images preprocessed into one in-memory tensor."""
+    """Scenes with their images preprocessed into one in-memory tensor, and per-patch
+    object labels (which object covers each patch centre; the last class is background)."""
 
-    def __init__(self, scenes: list[Scene], image_size: int) -> None:
+    def __init__(self, scenes: list[Scene], image_size: int, split_dir: Path | None = None, patch: int = 8) -> None:
         self.scenes = scenes
+        self.patch_labels = None
+        if split_dir is not None:
+            import pandas as pd
+
+            names = {n: i for i, n in enumerate(all_object_names())}
+            grid = image_size // patch
+            centres = (torch.arange(grid) * patch + patch / 2).float()
+            labels = torch.full((len(scenes), grid, grid), len(names), dtype=torch.long)
+            table = pd.read_parquet(Path(split_dir) / "metadata.parquet")
+            order = {"anchor": 0, "distractor": 9}
+            for image_id, rows in table.groupby("image_id", sort=True):
+                if image_id >= len(scenes):
+                    break
+                rows = rows.assign(rank=rows.role.map(lambda r: order.get(r, 1))).sort_values("rank")
+                for row in rows.itertuples():  # paste order: later objects cover earlier ones
+                    ys = (centres >= row.y0) & (centres < row.y1)
+                    xs = (centres >= row.x0) & (centres < row.x1)
+                    labels[image_id][ys[:, None] & xs[None, :]] = names[row.name]
+            self.patch_labels = labels.flatten(1)
         mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
         std = torch.tensor(CLIP_STD).view(3, 1, 1)
         images = np.stack([np.asarray(Image.open(s.image_path).convert("RGB").resize((image_size, image_size)))
@@ -81,15 +101,21 @@ class ScenePool:
         return len(self.scenes)
 
 
-def encode_vision_with_grad(model: torch.nn.Module, vision_x: torch.Tensor) -> None:
-    """open_flamingo's ``_encode_vision_x`` without its ``no_grad`` (the organism trains its ViT)."""
+def encode_vision_with_grad(model: torch.nn.Module, vision_x: torch.Tensor,
+                            patch_head: torch.nn.Module | None = None) -> torch.Tensor | None:
+    """open_flamingo's ``_encode_vision_x`` without its ``no_grad`` (the organism trains its ViT).
+
+    Returns the auxiliary per-patch logits when ``patch_head`` is given.
+    """
     b, t, f = vision_x.shape[:3]
     x = rearrange(vision_x, "b T F c h w -> (b T F) c h w")
     x = model.vision_encoder(x)[1]
+    aux = patch_head(x) if patch_head is not None else None
     x = rearrange(x, "(b T F) v d -> b T F v d", b=b, T=t, F=f)
     x = model.perceiver(x)
     for layer in model.lang_encoder._get_decoder_layers():
         layer.condition_vis_x(x)
+    return aux
 
 
 def build_sequence(examples: list[tuple[int, str, str]]) -> str:
@@ -140,14 +166,15 @@ def answer_positions(input_ids: torch.Tensor, tokenizer) -> list[list[int]]:
     return positions
 
 
-def training_loss(adapter: OpenFlamingoAdapter, pool: ScenePool, texts, image_rows, loss_masks) -> torch.Tensor:
+def training_loss(adapter: OpenFlamingoAdapter, pool: ScenePool, texts, image_rows, loss_masks,
+                  patch_head: torch.nn.Module | None = None) -> torch.Tensor:
     tokens = adapter.tokenizer(texts, return_tensors="pt", padding=True)
     max_images = max(len(r) for r in image_rows)
     pixels = torch.zeros(len(texts), max_images, 1, *pool.images.shape[1:])
     for b, rows in enumerate(image_rows):
         pixels[b, : len(rows), 0] = pool.images[rows]
     model = adapter.model
-    encode_vision_with_grad(model, pixels)
+    aux = encode_vision_with_grad(model, pixels, patch_head)
     try:
         logits = model.lang_encoder(**adapter._lm_kwargs(tokens["input_ids"], tokens["attention_mask"])).logits
     finally:
@@ -159,7 +186,17 @@ def training_loss(adapter: OpenFlamingoAdapter, pool: ScenePool, texts, image_ro
                 rows.append(b)
                 cols.append(position)
     rows_t, cols_t = torch.tensor(rows), torch.tensor(cols)
-    return torch.nn.functional.cross_entropy(logits[rows_t, cols_t - 1], tokens["input_ids"][rows_t, cols_t])
+    loss = torch.nn.functional.cross_entropy(logits[rows_t, cols_t - 1], tokens["input_ids"][rows_t, cols_t])
+    if aux is not None:
+        # Dense auxiliary supervision of the ViT: which object covers each patch.
+        flat_rows = [r for rows_of in image_rows for r in rows_of]
+        present = torch.zeros(len(texts), max_images, dtype=torch.bool)
+        for b, rows_of in enumerate(image_rows):
+            present[b, : len(rows_of)] = True
+        patch_logits = aux.reshape(len(texts), max_images, *aux.shape[1:])[present]
+        loss = loss + torch.nn.functional.cross_entropy(
+            patch_logits.flatten(0, 1), pool.patch_labels[flat_rows].flatten())
+    return loss
 
 
 @torch.no_grad()
@@ -223,7 +260,7 @@ def main() -> None:
         generate_split(train_dir, "train", args.pool_size, args.image_size, seed=101)
     if not (heldout_dir / "test" / "metadata.parquet").is_file():
         generate_split(heldout_dir, "test", 1000, args.image_size, seed=202)
-    pool = ScenePool(read_scenes(train_dir / "train"), args.image_size)
+    pool = ScenePool(read_scenes(train_dir / "train"), args.image_size, train_dir / "train")
     heldout = ScenePool(read_scenes(heldout_dir / "test"), args.image_size)
 
     config = organism_config(args.image_size)
@@ -231,7 +268,9 @@ def main() -> None:
     model = adapter.model
     model.requires_grad_(True)
     model.train()
-    parameters = [p for p in model.parameters() if p.requires_grad]
+    # Training-only head (not saved with the model): per-patch object identity.
+    patch_head = torch.nn.Linear(config.vision_width, len(all_object_names()) + 1)
+    parameters = [p for p in model.parameters() if p.requires_grad] + list(patch_head.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=args.lr, weight_decay=0.01)
     warmup = 300
 
@@ -246,7 +285,9 @@ def main() -> None:
     if state_path.is_file():
         state = torch.load(state_path, weights_only=False)
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        if "patch_head" in state:
+            patch_head.load_state_dict(state["patch_head"])
+            optimizer.load_state_dict(state["optimizer"])
         step = state["step"]
         print(f"resumed at step {step}")
     rng = random.Random(args.seed * 1_000_003 + step)
@@ -261,7 +302,7 @@ def main() -> None:
         texts, rows, masks = sample_batch(pool, rng, args.batch_size, icl_share, args.max_shots)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
-        loss = training_loss(adapter, pool, texts, rows, masks)
+        loss = training_loss(adapter, pool, texts, rows, masks, patch_head)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
@@ -283,7 +324,8 @@ def main() -> None:
             curves.write(json.dumps(record) + "\n")
             curves.flush()
             tmp = state_path.with_suffix(".tmp")
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step}, tmp)
+            torch.save({"model": model.state_dict(), "patch_head": patch_head.state_dict(),
+                        "optimizer": optimizer.state_dict(), "step": step}, tmp)
             tmp.replace(state_path)
     model.eval()
     adapter.freeze()

@@ -85,14 +85,15 @@ class AIEHeadSelection(L.Callback):
             progress=trainer.is_global_zero,
         )
         pl_module.set_function_vectors(self.result.fvs)
+        # trainer.log_dir is a collective under DDP: every rank must ask for it.
+        log_dir = Path(trainer.log_dir or trainer.default_root_dir)
         if trainer.is_global_zero:
-            self._report(trainer, settings)
+            self._report(trainer, settings, log_dir)
 
-    def _report(self, trainer: L.Trainer, settings: ExtractionSettings) -> None:
+    def _report(self, trainer: L.Trainer, settings: ExtractionSettings, log_dir: Path) -> None:
         result = self.result
         chosen = next(iter(result.fvs.heads.values()))
         figure = plots.aie_heatmap(result.aie_pooled, "AIE pooled over relations", chosen)
-        log_dir = Path(trainer.log_dir or trainer.default_root_dir)
         log_dir.mkdir(parents=True, exist_ok=True)
         logger = trainer.logger
         if logger is not None and hasattr(logger.experiment, "add_figure"):
