@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from mfv.errors import DataError
-from mfv.models.base import BackboneAdapter, Example, Prompt
+from mfv.models.base import BackboneAdapter, Example, Prompt, PromptBatch
 
 Mode = Literal["clean", "zero_shot", "corrupted", "shuffled"]
 MODES = ("clean", "zero_shot", "corrupted", "shuffled")
@@ -142,7 +142,7 @@ class EpisodeSampler:
 class EncodedBatch:
     """A collated batch: the adapter's tensors, answer token ids and relation indices."""
 
-    prompts: "object"  # PromptBatch
+    prompts: PromptBatch
     answer_ids: torch.Tensor
     relation_ids: torch.Tensor
 

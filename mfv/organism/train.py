@@ -50,7 +50,7 @@ def organism_config(image_size: int = 64) -> TinyFlamingoConfig:
         vision_layers=2,
         vision_head_width=32,
         perceiver_depth=1,
-        perceiver_latents=32,
+        perceiver_latents=64,  # one per 8x8 patch: the auxiliary loss makes them spatial slots
         perceiver_heads=4,
         perceiver_dim_head=32,
         xattn_heads=4,
@@ -91,6 +91,14 @@ class ScenePool:
                     xs = (centres >= row.x0) & (centres < row.x1)
                     labels[image_id][ys[:, None] & xs[None, :]] = names[row.name]
             self.patch_labels = labels.flatten(1)
+            # For the anchor's patches: the objects above, below, left and right of it.
+            background = len(names)
+            neighbour_labels = torch.full((len(scenes), grid * grid, len(CARDINAL)), background, dtype=torch.long)
+            for index, scene in enumerate(scenes):
+                anchor_patches = self.patch_labels[index] == names[scene.anchor]
+                for k, relation in enumerate(CARDINAL):
+                    neighbour_labels[index, anchor_patches, k] = names[scene.neighbours[relation]]
+            self.neighbour_labels = neighbour_labels
         mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
         std = torch.tensor(CLIP_STD).view(3, 1, 1)
         images = np.stack([np.asarray(Image.open(s.image_path).convert("RGB").resize((image_size, image_size)))
@@ -101,21 +109,20 @@ class ScenePool:
         return len(self.scenes)
 
 
-def encode_vision_with_grad(model: torch.nn.Module, vision_x: torch.Tensor,
-                            patch_head: torch.nn.Module | None = None) -> torch.Tensor | None:
+def encode_vision_with_grad(model: torch.nn.Module, vision_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """open_flamingo's ``_encode_vision_x`` without its ``no_grad`` (the organism trains its ViT).
 
-    Returns the auxiliary per-patch logits when ``patch_head`` is given.
+    Returns the ViT patch tokens ``(b*T, patches, d)`` and the resampler latents
+    ``(b, T, latents, d)`` for the auxiliary losses.
     """
     b, t, f = vision_x.shape[:3]
     x = rearrange(vision_x, "b T F c h w -> (b T F) c h w")
-    x = model.vision_encoder(x)[1]
-    aux = patch_head(x) if patch_head is not None else None
-    x = rearrange(x, "(b T F) v d -> b T F v d", b=b, T=t, F=f)
+    tokens = model.vision_encoder(x)[1]
+    x = rearrange(tokens, "(b T F) v d -> b T F v d", b=b, T=t, F=f)
     x = model.perceiver(x)
     for layer in model.lang_encoder._get_decoder_layers():
         layer.condition_vis_x(x)
-    return aux
+    return tokens, x
 
 
 def build_sequence(examples: list[tuple[int, str, str]]) -> str:
@@ -167,14 +174,14 @@ def answer_positions(input_ids: torch.Tensor, tokenizer) -> list[list[int]]:
 
 
 def training_loss(adapter: OpenFlamingoAdapter, pool: ScenePool, texts, image_rows, loss_masks,
-                  patch_head: torch.nn.Module | None = None) -> torch.Tensor:
+                  heads: torch.nn.ModuleDict | None = None) -> torch.Tensor:
     tokens = adapter.tokenizer(texts, return_tensors="pt", padding=True)
     max_images = max(len(r) for r in image_rows)
     pixels = torch.zeros(len(texts), max_images, 1, *pool.images.shape[1:])
     for b, rows in enumerate(image_rows):
         pixels[b, : len(rows), 0] = pool.images[rows]
     model = adapter.model
-    aux = encode_vision_with_grad(model, pixels, patch_head)
+    tokens_v, latents = encode_vision_with_grad(model, pixels)
     try:
         logits = model.lang_encoder(**adapter._lm_kwargs(tokens["input_ids"], tokens["attention_mask"])).logits
     finally:
@@ -187,15 +194,28 @@ def training_loss(adapter: OpenFlamingoAdapter, pool: ScenePool, texts, image_ro
                 cols.append(position)
     rows_t, cols_t = torch.tensor(rows), torch.tensor(cols)
     loss = torch.nn.functional.cross_entropy(logits[rows_t, cols_t - 1], tokens["input_ids"][rows_t, cols_t])
-    if aux is not None:
-        # Dense auxiliary supervision of the ViT: which object covers each patch.
+    if heads is not None:
+        # Dense auxiliary supervision: the ViT patch tokens and the resampler latents
+        # (latent i <-> patch i) name the object covering their patch; the anchor's
+        # latents also name its four neighbours.
         flat_rows = [r for rows_of in image_rows for r in rows_of]
         present = torch.zeros(len(texts), max_images, dtype=torch.bool)
         for b, rows_of in enumerate(image_rows):
             present[b, : len(rows_of)] = True
-        patch_logits = aux.reshape(len(texts), max_images, *aux.shape[1:])[present]
-        loss = loss + torch.nn.functional.cross_entropy(
-            patch_logits.flatten(0, 1), pool.patch_labels[flat_rows].flatten())
+        patch_tokens = tokens_v.reshape(len(texts), max_images, *tokens_v.shape[1:])[present]
+        slots = latents[present]  # (images, latents, d)
+        labels = pool.patch_labels[flat_rows]
+        ce = torch.nn.functional.cross_entropy
+        # Background covers most patches: weight it down so objects drive the loss.
+        weight = torch.ones(heads["patch"].out_features)
+        weight[-1] = 0.1
+        loss = loss + ce(heads["patch"](patch_tokens).flatten(0, 1), labels.flatten(), weight=weight)
+        loss = loss + ce(heads["latent"](slots).flatten(0, 1), labels.flatten(), weight=weight)
+        neighbour_logits = heads["neighbours"](slots).reshape(*slots.shape[:2], len(CARDINAL), -1)
+        neighbours = pool.neighbour_labels[flat_rows]
+        on_anchor = neighbours[..., 0] != weight.numel() - 1  # scored on the anchor's patches only
+        if on_anchor.any():
+            loss = loss + ce(neighbour_logits[on_anchor].flatten(0, 1), neighbours[on_anchor].flatten())
     return loss
 
 
@@ -268,9 +288,14 @@ def main() -> None:
     model = adapter.model
     model.requires_grad_(True)
     model.train()
-    # Training-only head (not saved with the model): per-patch object identity.
-    patch_head = torch.nn.Linear(config.vision_width, len(all_object_names()) + 1)
-    parameters = [p for p in model.parameters() if p.requires_grad] + list(patch_head.parameters())
+    # Training-only heads (not saved with the model).
+    classes = len(all_object_names()) + 1
+    heads = torch.nn.ModuleDict({
+        "patch": torch.nn.Linear(config.vision_width, classes),
+        "latent": torch.nn.Linear(config.vision_width, classes),
+        "neighbours": torch.nn.Linear(config.vision_width, len(CARDINAL) * classes),
+    })
+    parameters = [p for p in model.parameters() if p.requires_grad] + list(heads.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=args.lr, weight_decay=0.01)
     warmup = 300
 
@@ -285,9 +310,8 @@ def main() -> None:
     if state_path.is_file():
         state = torch.load(state_path, weights_only=False)
         model.load_state_dict(state["model"])
-        if "patch_head" in state:
-            patch_head.load_state_dict(state["patch_head"])
-            optimizer.load_state_dict(state["optimizer"])
+        heads.load_state_dict(state["heads"])
+        optimizer.load_state_dict(state["optimizer"])
         step = state["step"]
         print(f"resumed at step {step}")
     rng = random.Random(args.seed * 1_000_003 + step)
@@ -302,7 +326,7 @@ def main() -> None:
         texts, rows, masks = sample_batch(pool, rng, args.batch_size, icl_share, args.max_shots)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
-        loss = training_loss(adapter, pool, texts, rows, masks, patch_head)
+        loss = training_loss(adapter, pool, texts, rows, masks, heads)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
@@ -324,7 +348,7 @@ def main() -> None:
             curves.write(json.dumps(record) + "\n")
             curves.flush()
             tmp = state_path.with_suffix(".tmp")
-            torch.save({"model": model.state_dict(), "patch_head": patch_head.state_dict(),
+            torch.save({"model": model.state_dict(), "heads": heads.state_dict(),
                         "optimizer": optimizer.state_dict(), "step": step}, tmp)
             tmp.replace(state_path)
     model.eval()
