@@ -24,7 +24,7 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +38,9 @@ from mfv.data.synthetic import RELATIONS, generate_split
 from mfv.models.openflamingo import CLIP_MEAN, CLIP_STD, OpenFlamingoAdapter, TinyFlamingoConfig, build_tiny_openflamingo
 
 CARDINAL = list(RELATIONS)
+# What an object is in its scene; the patch-role auxiliary loss teaches the resampler
+# latents to carry it, so one cross-attention hop answers "which relation does X stand in".
+ROLES = ("anchor", *CARDINAL, "distractor")
 
 
 def organism_config(image_size: int = 64) -> TinyFlamingoConfig:
@@ -67,12 +70,14 @@ def organism_config(image_size: int = 64) -> TinyFlamingoConfig:
 
 
 class ScenePool:
-    """Scenes with their images preprocessed into one in-memory tensor, and per-patch
-    object labels (which object covers each patch centre; the last class is background)."""
+    """Scenes with their images preprocessed into one in-memory tensor, and per-patch labels:
+    which object covers each patch centre, and its role in the scene (anchor, the relation
+    it stands in to the anchor, or distractor); the last class of each is background."""
 
     def __init__(self, scenes: list[Scene], image_size: int, split_dir: Path | None = None, patch: int = 8) -> None:
         self.scenes = scenes
         self.patch_labels = None
+        self.role_labels = None
         if split_dir is not None:
             import pandas as pd
 
@@ -80,6 +85,7 @@ class ScenePool:
             grid = image_size // patch
             centres = (torch.arange(grid) * patch + patch / 2).float()
             labels = torch.full((len(scenes), grid, grid), len(names), dtype=torch.long)
+            roles = torch.full((len(scenes), grid, grid), len(ROLES), dtype=torch.long)
             table = pd.read_parquet(Path(split_dir) / "metadata.parquet")
             order = {"anchor": 0, "distractor": 9}
             for image_id, rows in table.groupby("image_id", sort=True):
@@ -90,15 +96,9 @@ class ScenePool:
                     ys = (centres >= row.y0) & (centres < row.y1)
                     xs = (centres >= row.x0) & (centres < row.x1)
                     labels[image_id][ys[:, None] & xs[None, :]] = names[row.name]
+                    roles[image_id][ys[:, None] & xs[None, :]] = ROLES.index(row.role)
             self.patch_labels = labels.flatten(1)
-            # For the anchor's patches: the objects above, below, left and right of it.
-            background = len(names)
-            neighbour_labels = torch.full((len(scenes), grid * grid, len(CARDINAL)), background, dtype=torch.long)
-            for index, scene in enumerate(scenes):
-                anchor_patches = self.patch_labels[index] == names[scene.anchor]
-                for k, relation in enumerate(CARDINAL):
-                    neighbour_labels[index, anchor_patches, k] = names[scene.neighbours[relation]]
-            self.neighbour_labels = neighbour_labels
+            self.role_labels = roles.flatten(1)
         mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
         std = torch.tensor(CLIP_STD).view(3, 1, 1)
         images = np.stack([np.asarray(Image.open(s.image_path).convert("RGB").resize((image_size, image_size)))
@@ -130,37 +130,55 @@ def build_sequence(examples: list[tuple[int, str, str]]) -> str:
     return "\n".join(f"<image>Q:{question}. A:{answer}.<|endofchunk|>" for _, question, answer in examples)
 
 
-def sample_batch(pool: ScenePool, rng: random.Random, batch_size: int, icl_share: float, max_shots: int):
-    """A training batch: texts, image indices, and which answers carry loss.
+@dataclass
+class TrainingBatch:
+    """Texts, the scene of every image per row, and per answer: scored or not, and the
+    relation its object stands in to the anchor (-1 where no relation applies)."""
 
-    Modes: in context (the paper's format, one hidden relation), grounding (relation
-    stated: "Q:{anchor} {relation}. A:{object}") and inverse grounding (relation asked:
-    "Q:{anchor} {object}. A:{relation}", the skill each demonstration needs).
+    texts: list[str]
+    image_rows: list[list[int]]
+    scored: list[list[bool]]
+    answer_relations: list[list[int]]
+    in_context: list[bool]
+
+
+def sample_batch(pool: ScenePool, rng: random.Random, batch_size: int, icl_share: float,
+                 max_shots: int, inverse_share: float = 0.1) -> TrainingBatch:
+    """A training batch mixing three kinds of rows.
+
+    * in context (share ``icl_share``): the paper's format, one hidden relation for the
+      whole row, 2..max_shots+1 images; every answer after the first carries loss;
+    * grounding: the relation stated, ``Q:{anchor} {relation}. A:{object}``;
+    * inverse grounding (share ``inverse_share``): ``Q:{anchor} {object}. A:{relation}``.
     """
-    texts, image_rows, loss_masks = [], [], []
+    batch = TrainingBatch([], [], [], [], [])
     for _ in range(batch_size):
         draw = rng.random()
         in_context = draw < icl_share
-        inverse = not in_context and draw < icl_share + (1 - icl_share) / 3
+        inverse = not in_context and draw < icl_share + inverse_share
         count = rng.randint(2, max_shots + 1) if in_context else rng.randint(1, max_shots + 1)
         relation = rng.choice(CARDINAL)
-        examples = []
+        examples, relations = [], []
         for _ in range(count):
             index = rng.randrange(len(pool))
             scene = pool.scenes[index]
-            if in_context:
-                examples.append((index, scene.anchor, scene.neighbours[relation]))
+            rel = relation if in_context else rng.choice(CARDINAL)
+            if inverse:
+                examples.append((index, f"{scene.anchor} {scene.neighbours[rel]}", rel))
+                relations.append(-1)
+            elif in_context:
+                examples.append((index, scene.anchor, scene.neighbours[rel]))
+                relations.append(CARDINAL.index(rel))
             else:
-                rel = rng.choice(CARDINAL)
-                if inverse:
-                    examples.append((index, f"{scene.anchor} {scene.neighbours[rel]}", rel))
-                else:
-                    examples.append((index, f"{scene.anchor} {rel}", scene.neighbours[rel]))
-        texts.append(build_sequence(examples))
-        image_rows.append([e[0] for e in examples])
+                examples.append((index, f"{scene.anchor} {rel}", scene.neighbours[rel]))
+                relations.append(CARDINAL.index(rel))
+        batch.texts.append(build_sequence(examples))
+        batch.image_rows.append([e[0] for e in examples])
         # In context, the first answer is unknowable; every later one is scored.
-        loss_masks.append([not (in_context and k == 0) for k in range(count)])
-    return texts, image_rows, loss_masks
+        batch.scored.append([not (in_context and k == 0) for k in range(count)])
+        batch.answer_relations.append(relations)
+        batch.in_context.append(in_context)
+    return batch
 
 
 def answer_positions(input_ids: torch.Tensor, tokenizer) -> list[list[int]]:
@@ -173,69 +191,115 @@ def answer_positions(input_ids: torch.Tensor, tokenizer) -> list[list[int]]:
     return positions
 
 
-def training_loss(adapter: OpenFlamingoAdapter, pool: ScenePool, texts, image_rows, loss_masks,
-                  heads: torch.nn.ModuleDict | None = None) -> torch.Tensor:
-    tokens = adapter.tokenizer(texts, return_tensors="pt", padding=True)
-    max_images = max(len(r) for r in image_rows)
-    pixels = torch.zeros(len(texts), max_images, 1, *pool.images.shape[1:])
-    for b, rows in enumerate(image_rows):
+def training_heads(config: TinyFlamingoConfig) -> torch.nn.ModuleDict:
+    """Linear read-outs used only by the auxiliary losses (never saved with the model)."""
+    classes = len(all_object_names()) + 1
+    return torch.nn.ModuleDict({
+        "patch": torch.nn.Linear(config.vision_width, classes),
+        "latent": torch.nn.Linear(config.vision_width, classes),
+        "role": torch.nn.Linear(config.vision_width, len(ROLES) + 1),
+        "demo_relation": torch.nn.Linear(config.hidden_size, len(CARDINAL)),
+        "query_relation": torch.nn.Linear(config.hidden_size, len(CARDINAL)),
+    })
+
+
+def probe_layers(num_layers: int) -> tuple[int, int]:
+    """Residual-stream indices (0 = embeddings, i = output of block i-1) where the relation
+    probes read: the demonstrations' answers early, the in-context queries one block later."""
+    demo = max(1, num_layers // 2 - 1)
+    return demo, demo + 1
+
+
+def training_loss(adapter: OpenFlamingoAdapter, pool: ScenePool, batch: TrainingBatch,
+                  heads: torch.nn.ModuleDict | None = None, aux_weight: float = 1.0) -> tuple[torch.Tensor, dict]:
+    """Answer cross-entropy plus, with ``heads``, the auxiliary losses.
+
+    Auxiliary (dense, training-only) supervision: ViT patch tokens and resampler latents
+    (latent i <-> patch i) name the object covering their patch and its role in the scene;
+    the residual stream at each answer names the relation its object stands in (demo
+    probe), and at each in-context query (the ``:`` before a scored answer) one block
+    later it names the row's hidden relation (query probe) — the read-out that ICL needs.
+    """
+    device = adapter.device
+    tokens = adapter.tokenizer(batch.texts, return_tensors="pt", padding=True).to(device)
+    max_images = max(len(r) for r in batch.image_rows)
+    pixels = torch.zeros(len(batch.texts), max_images, 1, *pool.images.shape[1:], device=device)
+    for b, rows in enumerate(batch.image_rows):
         pixels[b, : len(rows), 0] = pool.images[rows]
     model = adapter.model
     tokens_v, latents = encode_vision_with_grad(model, pixels)
     try:
-        logits = model.lang_encoder(**adapter._lm_kwargs(tokens["input_ids"], tokens["attention_mask"])).logits
+        out = model.lang_encoder(**adapter._lm_kwargs(tokens["input_ids"], tokens["attention_mask"]),
+                                 output_hidden_states=heads is not None)
     finally:
         model.lang_encoder.clear_conditioned_layers()
-    rows, cols = [], []
-    for b, (positions, mask) in enumerate(zip(answer_positions(tokens["input_ids"], adapter.tokenizer), loss_masks)):
-        for position, scored in zip(positions, mask):
-            if scored:
+    logits = out.logits
+    rows, cols, probe_rows, probe_cols, probe_labels, query_flags = [], [], [], [], [], []
+    positions_per_row = answer_positions(tokens["input_ids"].cpu(), adapter.tokenizer)
+    for b, positions in enumerate(positions_per_row):
+        for k, position in enumerate(positions):
+            if batch.scored[b][k]:
                 rows.append(b)
                 cols.append(position)
-    rows_t, cols_t = torch.tensor(rows), torch.tensor(cols)
-    loss = torch.nn.functional.cross_entropy(logits[rows_t, cols_t - 1], tokens["input_ids"][rows_t, cols_t])
-    if heads is not None:
-        # Dense auxiliary supervision: the ViT patch tokens and the resampler latents
-        # (latent i <-> patch i) name the object covering their patch; the anchor's
-        # latents also name its four neighbours.
-        flat_rows = [r for rows_of in image_rows for r in rows_of]
-        present = torch.zeros(len(texts), max_images, dtype=torch.bool)
-        for b, rows_of in enumerate(image_rows):
-            present[b, : len(rows_of)] = True
-        patch_tokens = tokens_v.reshape(len(texts), max_images, *tokens_v.shape[1:])[present]
-        slots = latents[present]  # (images, latents, d)
-        labels = pool.patch_labels[flat_rows]
-        ce = torch.nn.functional.cross_entropy
-        # Background covers most patches: weight it down so objects drive the loss.
-        weight = torch.ones(heads["patch"].out_features)
-        weight[-1] = 0.1
-        loss = loss + ce(heads["patch"](patch_tokens).flatten(0, 1), labels.flatten(), weight=weight)
-        loss = loss + ce(heads["latent"](slots).flatten(0, 1), labels.flatten(), weight=weight)
-        neighbour_logits = heads["neighbours"](slots).reshape(*slots.shape[:2], len(CARDINAL), -1)
-        neighbours = pool.neighbour_labels[flat_rows]
-        on_anchor = neighbours[..., 0] != weight.numel() - 1  # scored on the anchor's patches only
-        if on_anchor.any():
-            loss = loss + ce(neighbour_logits[on_anchor].flatten(0, 1), neighbours[on_anchor].flatten())
-    return loss
+            if batch.answer_relations[b][k] >= 0:
+                probe_rows.append(b)
+                probe_cols.append(position)
+                probe_labels.append(batch.answer_relations[b][k])
+                query_flags.append(batch.in_context[b] and k > 0)
+    rows_t, cols_t = torch.tensor(rows, device=device), torch.tensor(cols, device=device)
+    answer_loss = torch.nn.functional.cross_entropy(logits[rows_t, cols_t - 1], tokens["input_ids"][rows_t, cols_t])
+    parts = {"answer": float(answer_loss.detach())}
+    if heads is None:
+        return answer_loss, parts
+    ce = torch.nn.functional.cross_entropy
+    flat_rows = [r for rows_of in batch.image_rows for r in rows_of]
+    present = torch.zeros(len(batch.texts), max_images, dtype=torch.bool, device=device)
+    for b, rows_of in enumerate(batch.image_rows):
+        present[b, : len(rows_of)] = True
+    patch_tokens = tokens_v.reshape(len(batch.texts), max_images, *tokens_v.shape[1:])[present]
+    slots = latents[present]  # (images, latents, d)
+    labels = pool.patch_labels[flat_rows]
+    roles = pool.role_labels[flat_rows]
+    # Background covers most patches: weight it down so objects drive the loss.
+    identity_weight = torch.ones(heads["patch"].out_features, device=device)
+    identity_weight[-1] = 0.1
+    role_weight = torch.ones(heads["role"].out_features, device=device)
+    role_weight[-1] = 0.1
+    vision = (ce(heads["patch"](patch_tokens).flatten(0, 1), labels.flatten(), weight=identity_weight)
+              + ce(heads["latent"](slots).flatten(0, 1), labels.flatten(), weight=identity_weight)
+              + ce(heads["role"](slots).flatten(0, 1), roles.flatten(), weight=role_weight))
+    demo_layer, query_layer = probe_layers(len(out.hidden_states) - 1)
+    p_rows = torch.tensor(probe_rows, device=device)
+    p_cols = torch.tensor(probe_cols, device=device)
+    p_labels = torch.tensor(probe_labels, device=device)
+    demo_probe = ce(heads["demo_relation"](out.hidden_states[demo_layer][p_rows, p_cols]), p_labels)
+    loss = answer_loss + aux_weight * (vision + demo_probe)
+    parts.update(vision=float(vision.detach()), demo_probe=float(demo_probe.detach()))
+    query = torch.tensor(query_flags, device=device)
+    if query.any():
+        q_hidden = out.hidden_states[query_layer][p_rows[query], p_cols[query] - 1]
+        query_probe = ce(heads["query_relation"](q_hidden), p_labels[query])
+        loss = loss + aux_weight * query_probe
+        parts["query_probe"] = float(query_probe.detach())
+    return loss, parts
 
 
 @torch.no_grad()
 def evaluate_icl(adapter: OpenFlamingoAdapter, pool: ScenePool, shots: int, count: int = 200, seed: int = 1234) -> float:
     """Accuracy on the paper's prompts: ``shots`` demonstrations of one relation, then the query."""
+    from mfv.models.base import PromptBatch
+
     rng = random.Random(seed)
     correct = 0
+    was_training = adapter.model.training
     adapter.model.eval()
     batch_texts, batch_rows, batch_answers = [], [], []
 
     def flush() -> int:
         tokens = adapter.tokenizer(batch_texts, return_tensors="pt", padding=True)
-        pixels = torch.zeros(len(batch_texts), shots + 1, 1, *pool.images.shape[1:])
-        for b, rows in enumerate(batch_rows):
-            pixels[b, :, 0] = pool.images[rows]
-        from mfv.models.base import PromptBatch
-
+        pixels = torch.stack([pool.images[rows] for rows in batch_rows])[:, :, None]
         logits = adapter.forward(PromptBatch(tokens["input_ids"], tokens["attention_mask"], pixels))
-        return int((logits.argmax(-1) == torch.tensor(batch_answers)).sum())
+        return int((logits.argmax(-1).cpu() == torch.tensor(batch_answers)).sum())
 
     for i in range(count):
         relation = CARDINAL[i % 4]
@@ -247,32 +311,40 @@ def evaluate_icl(adapter: OpenFlamingoAdapter, pool: ScenePool, shots: int, coun
         batch_texts.append(text)
         batch_rows.append(indices)
         batch_answers.append(adapter.tokenizer.convert_tokens_to_ids(query.neighbours[relation]))
-        if len(batch_texts) == 50:
+        if len(batch_texts) == 100:
             correct += flush()
             batch_texts, batch_rows, batch_answers = [], [], []
     if batch_texts:
         correct += flush()
-    adapter.model.train()
+    adapter.model.train(was_training)
     return correct / count
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m mfv.organism.train")
     parser.add_argument("--out", default="checkpoints/organism")
-    parser.add_argument("--work", default="data/organism", help="scene pools and training state")
-    parser.add_argument("--steps", type=int, default=12000)
-    parser.add_argument("--icl-from", type=int, default=1500, help="step at which in-context episodes start")
-    parser.add_argument("--icl-share", type=float, default=0.6)
+    parser.add_argument("--work", default="data/organism", help="scene pools, training state, learning curves")
+    parser.add_argument("--steps", type=int, default=6000)
+    parser.add_argument("--icl-from", type=int, default=300, help="step at which in-context rows start")
+    parser.add_argument("--icl-share", type=float, default=0.7)
+    parser.add_argument("--inverse-share", type=float, default=0.1)
+    parser.add_argument("--aux-weight", type=float, default=1.0)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--max-shots", type=int, default=4)
     parser.add_argument("--pool-size", type=int, default=12000)
     parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--num-layers", type=int, default=4)
     parser.add_argument("--eval-every", type=int, default=250)
+    parser.add_argument("--eval-count", type=int, default=400)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--max-minutes", type=float, default=None,
+                        help="stop (state saved, resumable) after this much wall time")
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     work = Path(args.work)
     train_dir = work / f"pool-train-{args.image_size}-{args.pool_size}"
     heldout_dir = work / f"pool-heldout-{args.image_size}"
@@ -282,19 +354,18 @@ def main() -> None:
         generate_split(heldout_dir, "test", 1000, args.image_size, seed=202)
     pool = ScenePool(read_scenes(train_dir / "train"), args.image_size, train_dir / "train")
     heldout = ScenePool(read_scenes(heldout_dir / "test"), args.image_size)
+    pool.images = pool.images.to(device)
+    pool.patch_labels = pool.patch_labels.to(device)
+    pool.role_labels = pool.role_labels.to(device)
 
     config = organism_config(args.image_size)
+    config.num_layers = args.num_layers
     adapter = build_tiny_openflamingo(config, backbone_id="openflamingo-organism")
-    model = adapter.model
+    model = adapter.model.to(device)
     model.requires_grad_(True)
     model.train()
-    # Training-only heads (not saved with the model).
-    classes = len(all_object_names()) + 1
-    heads = torch.nn.ModuleDict({
-        "patch": torch.nn.Linear(config.vision_width, classes),
-        "latent": torch.nn.Linear(config.vision_width, classes),
-        "neighbours": torch.nn.Linear(config.vision_width, len(CARDINAL) * classes),
-    })
+    torch.manual_seed(config.seed)
+    heads = training_heads(config).to(device)
     parameters = [p for p in model.parameters() if p.requires_grad] + list(heads.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=args.lr, weight_decay=0.01)
     warmup = 300
@@ -306,56 +377,67 @@ def main() -> None:
         return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
     state_path = work / "state.pt"
-    step = 0
+    step, elapsed = 0, 0.0
     if state_path.is_file():
-        state = torch.load(state_path, weights_only=False)
+        state = torch.load(state_path, weights_only=False, map_location=device)
         model.load_state_dict(state["model"])
         heads.load_state_dict(state["heads"])
         optimizer.load_state_dict(state["optimizer"])
-        step = state["step"]
+        step, elapsed = state["step"], state.get("seconds", 0.0)
         print(f"resumed at step {step}")
     rng = random.Random(args.seed * 1_000_003 + step)
     torch.manual_seed(args.seed + step)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     curves = (work / "curves.jsonl").open("a")
-    started = time.time()
-    running = None
+    started = time.time() - elapsed
+    session_start = time.time()
+    running: dict[str, float] = {}
+    record = None
     while step < args.steps:
         icl_share = args.icl_share if step >= args.icl_from else 0.0
-        texts, rows, masks = sample_batch(pool, rng, args.batch_size, icl_share, args.max_shots)
+        batch = sample_batch(pool, rng, args.batch_size, icl_share, args.max_shots, args.inverse_share)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
-        loss = training_loss(adapter, pool, texts, rows, masks, heads)
-        optimizer.zero_grad()
+        loss, parts = training_loss(adapter, pool, batch, heads, args.aux_weight)
+        optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
-        value = float(loss.detach())
-        running = value if running is None else 0.98 * running + 0.02 * value
+        parts["loss"] = float(loss.detach())
+        for key, value in parts.items():
+            running[key] = value if key not in running else 0.98 * running[key] + 0.02 * value
         step += 1
-        if step % args.eval_every == 0 or step == args.steps:
+        out_of_time = args.max_minutes is not None and time.time() - session_start > 60 * args.max_minutes
+        if step % args.eval_every == 0 or step == args.steps or out_of_time:
             record = {
                 "step": step,
-                "loss": running,
+                **{k: round(v, 4) for k, v in running.items()},
                 "lr": lr_at(step),
-                "seconds": time.time() - started,
-                "icl_4": evaluate_icl(adapter, heldout, 4),
-                "icl_1": evaluate_icl(adapter, heldout, 1),
-                "zero_shot": evaluate_icl(adapter, heldout, 0),
+                "seconds": round(time.time() - started, 1),
+                "icl_4": evaluate_icl(adapter, heldout, 4, args.eval_count),
+                "icl_1": evaluate_icl(adapter, heldout, 1, args.eval_count),
+                "zero_shot": evaluate_icl(adapter, heldout, 0, args.eval_count),
             }
             print(json.dumps(record), flush=True)
             curves.write(json.dumps(record) + "\n")
             curves.flush()
             tmp = state_path.with_suffix(".tmp")
-            torch.save({"model": model.state_dict(), "heads": heads.state_dict(),
-                        "optimizer": optimizer.state_dict(), "step": step}, tmp)
+            torch.save({"model": model.state_dict(), "heads": heads.state_dict(), "optimizer": optimizer.state_dict(),
+                        "step": step, "seconds": time.time() - started}, tmp)
             tmp.replace(state_path)
+        if out_of_time:
+            print(f"stopped at step {step} after {args.max_minutes} minutes; run again to resume")
+            break
     model.eval()
+    model.to("cpu")
     adapter.freeze()
     adapter.save(out)
-    (out / "training.json").write_text(json.dumps({"args": vars(args), "config": asdict(config),
-                                                  "seconds": time.time() - started}, indent=2))
+    (out / "training.json").write_text(json.dumps({
+        "args": vars(args), "config": asdict(config), "steps_done": step, "complete": step >= args.steps,
+        "seconds": time.time() - started, "device": str(device),
+        "torch": torch.__version__, "final": record if step % args.eval_every == 0 or step >= args.steps else None,
+    }, indent=2))
     print(f"saved {out}")
 
 
