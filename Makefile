@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.mfv-installed
 
-.PHONY: setup test test-fast demo bench clean
+.PHONY: setup test test-fast test-recipe demo bench clean
 
 setup: $(STAMP)
 
@@ -22,6 +22,10 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
+
+# Retrains a shortened model organism (about 20 minutes on 2 cores); not part of `make test`.
+test-recipe: $(STAMP)
+	$(PY) -m pytest -q -m recipe tests/test_organism.py
 
 demo: $(STAMP)
 	$(PY) -m mfv.demo --out runs/demo

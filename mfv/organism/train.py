@@ -143,11 +143,13 @@ class TrainingBatch:
 
 
 def sample_batch(pool: ScenePool, rng: random.Random, batch_size: int, icl_share: float,
-                 max_shots: int, inverse_share: float = 0.1) -> TrainingBatch:
+                 max_shots: int, inverse_share: float = 0.1, score_first: bool = False) -> TrainingBatch:
     """A training batch mixing three kinds of rows.
 
     * in context (share ``icl_share``): the paper's format, one hidden relation for the
-      whole row, 2..max_shots+1 images; every answer after the first carries loss;
+      whole row, 2..max_shots+1 images; every answer after the first carries loss, and
+      with ``score_first`` the first too (it cannot be known, so the model learns the
+      zero-shot prior "some neighbour of the anchor" instead of an arbitrary token);
     * grounding: the relation stated, ``Q:{anchor} {relation}. A:{object}``;
     * inverse grounding (share ``inverse_share``): ``Q:{anchor} {object}. A:{relation}``.
     """
@@ -175,7 +177,7 @@ def sample_batch(pool: ScenePool, rng: random.Random, batch_size: int, icl_share
         batch.texts.append(build_sequence(examples))
         batch.image_rows.append([e[0] for e in examples])
         # In context, the first answer is unknowable; every later one is scored.
-        batch.scored.append([not (in_context and k == 0) for k in range(count)])
+        batch.scored.append([score_first or not (in_context and k == 0) for k in range(count)])
         batch.answer_relations.append(relations)
         batch.in_context.append(in_context)
     return batch
@@ -329,6 +331,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--icl-share", type=float, default=0.7)
     parser.add_argument("--inverse-share", type=float, default=0.1)
     parser.add_argument("--aux-weight", type=float, default=1.0)
+    parser.add_argument("--score-first-from", type=int, default=None,
+                        help="from this step on, the first in-context answer carries loss too")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--max-shots", type=int, default=4)
@@ -340,6 +344,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--stop-at", type=int, default=None,
+                        help="end (and export) at this step, keeping the --steps schedule")
     parser.add_argument("--max-minutes", type=float, default=None,
                         help="stop (state saved, resumable) after this much wall time")
     args = parser.parse_args(argv)
@@ -396,7 +402,8 @@ def main(argv: list[str] | None = None) -> None:
     record = None
     while step < args.steps:
         icl_share = args.icl_share if step >= args.icl_from else 0.0
-        batch = sample_batch(pool, rng, args.batch_size, icl_share, args.max_shots, args.inverse_share)
+        score_first = args.score_first_from is not None and step >= args.score_first_from
+        batch = sample_batch(pool, rng, args.batch_size, icl_share, args.max_shots, args.inverse_share, score_first)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
         loss, parts = training_loss(adapter, pool, batch, heads, args.aux_weight)
@@ -408,7 +415,8 @@ def main(argv: list[str] | None = None) -> None:
         for key, value in parts.items():
             running[key] = value if key not in running else 0.98 * running[key] + 0.02 * value
         step += 1
-        out_of_time = args.max_minutes is not None and time.time() - session_start > 60 * args.max_minutes
+        out_of_time = (args.max_minutes is not None and time.time() - session_start > 60 * args.max_minutes) or (
+            args.stop_at is not None and step >= args.stop_at)
         if step % args.eval_every == 0 or step == args.steps or out_of_time:
             record = {
                 "step": step,
@@ -427,7 +435,7 @@ def main(argv: list[str] | None = None) -> None:
                         "step": step, "seconds": time.time() - started}, tmp)
             tmp.replace(state_path)
         if out_of_time:
-            print(f"stopped at step {step} after {args.max_minutes} minutes; run again to resume")
+            print(f"stopped at step {step} (--stop-at / --max-minutes); run again to resume")
             break
     model.eval()
     model.to("cpu")
