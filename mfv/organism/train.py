@@ -1,20 +1,21 @@
 """Train the model organism: a small OpenFlamingo that infers spatial relations in context.
 
-    python -m mfv.organism.train --out checkpoints/organism [--steps 12000] [--resume]
+The committed ``checkpoints/organism`` came from (the second command resumes the first's state)::
+
+    python -m mfv.organism.train --steps 5000 --stop-at 2000
+    python -m mfv.organism.train --steps 5000 --score-first-from 2000 --stop-at 2500
 
 Built from the real open_flamingo / open_clip / transformers classes (small ViT, perceiver
-resampler, gated cross-attention before every GPT-NeoX block). Curriculum:
-
-1. *grounding*: single-image and multi-image prompts that name the relation,
-   ``<image>Q:{anchor} {relation}. A:{object}.`` — teaches the vision path and the
-   cross-attention to find "the object {relation} of {anchor}";
-2. *in context* (mixed with 1 from ``--icl-from`` on): the paper's prompts, relation never
-   stated, ``<image>Q:{anchor}. A:{object}.<|endofchunk|>`` x N then the query; loss on every
-   answer after the first demonstration.
+resampler, gated cross-attention before every GPT-NeoX block). Each batch mixes in-context
+rows (the paper's prompts, relation never stated, from ``--icl-from`` on), grounding rows
+(``Q:{anchor} {relation}. A:{object}``) and inverse-grounding rows
+(``Q:{anchor} {object}. A:{relation}``); see :func:`sample_batch`. Training-only auxiliary
+losses (:func:`training_loss`) make the resampler latents name each object and its role
+in the scene and ask the residual stream for the relation at demonstrations and queries.
 
 Only the four cardinal relations are ever trained; the diagonal relations and the held-out
-objects are never seen. Evaluation uses the paper's prompts only. Progress (learning
-curves) goes to ``OUT/curves.jsonl`` and TensorBoard; ``OUT/state.pt`` resumes a run.
+objects are never seen. Evaluation uses the paper's prompts only. Learning curves go to
+``WORK/curves.jsonl``; ``WORK/state.pt`` (saved at every evaluation) resumes a run.
 """
 
 from __future__ import annotations
@@ -107,6 +108,14 @@ class ScenePool:
 
     def __len__(self) -> int:
         return len(self.scenes)
+
+    def to(self, device: torch.device) -> "ScenePool":
+        """Moves the image and label tensors to ``device`` (training samples index them there)."""
+        self.images = self.images.to(device)
+        if self.patch_labels is not None:
+            self.patch_labels = self.patch_labels.to(device)
+            self.role_labels = self.role_labels.to(device)
+        return self
 
 
 def encode_vision_with_grad(model: torch.nn.Module, vision_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -326,12 +335,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m mfv.organism.train")
     parser.add_argument("--out", default="checkpoints/organism")
     parser.add_argument("--work", default="data/organism", help="scene pools, training state, learning curves")
-    parser.add_argument("--steps", type=int, default=6000)
+    parser.add_argument("--steps", type=int, default=5000, help="length of the learning-rate schedule")
     parser.add_argument("--icl-from", type=int, default=300, help="step at which in-context rows start")
     parser.add_argument("--icl-share", type=float, default=0.7)
     parser.add_argument("--inverse-share", type=float, default=0.1)
     parser.add_argument("--aux-weight", type=float, default=1.0)
-    parser.add_argument("--score-first-from", type=int, default=None,
+    parser.add_argument("--score-first-from", type=int, default=2000,
                         help="from this step on, the first in-context answer carries loss too")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -360,9 +369,7 @@ def main(argv: list[str] | None = None) -> None:
         generate_split(heldout_dir, "test", 1000, args.image_size, seed=202)
     pool = ScenePool(read_scenes(train_dir / "train"), args.image_size, train_dir / "train")
     heldout = ScenePool(read_scenes(heldout_dir / "test"), args.image_size)
-    pool.images = pool.images.to(device)
-    pool.patch_labels = pool.patch_labels.to(device)
-    pool.role_labels = pool.role_labels.to(device)
+    pool.to(device)
 
     config = organism_config(args.image_size)
     config.num_layers = args.num_layers
@@ -444,7 +451,7 @@ def main(argv: list[str] | None = None) -> None:
     (out / "training.json").write_text(json.dumps({
         "args": vars(args), "config": asdict(config), "steps_done": step, "complete": step >= args.steps,
         "seconds": time.time() - started, "device": str(device),
-        "torch": torch.__version__, "final": record if step % args.eval_every == 0 or step >= args.steps else None,
+        "torch": torch.__version__, "final": record,
     }, indent=2))
     print(f"saved {out}")
 
