@@ -21,7 +21,7 @@ import torch
 from mfv.data.episodes import EpisodeSampler, encode_episodes, read_scenes
 from mfv.data.synthetic import generate_split
 from mfv.hooks import add_to_residual
-from mfv.models.registry_helpers import random_openflamingo
+from mfv.models.openflamingo import random_openflamingo
 
 RELATIONS = ["above", "below", "left", "right"]
 TOY = dict(image_size=64, patch_size=16, vision_width=64, vision_layers=2, vision_head_width=32,

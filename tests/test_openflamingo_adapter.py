@@ -8,7 +8,7 @@ import torch
 from mfv.errors import ConfigError, MissingWeightsError
 from mfv.hooks import HeadPatch, add_to_residual, head_output_contributions, patch_heads, record_heads
 from mfv.models import load_backbone
-from mfv.models.openflamingo import load_openflamingo, load_tiny_openflamingo, remap_checkpoint_keys
+from mfv.models.openflamingo import load_openflamingo, load_tiny_openflamingo, remap_checkpoint_keys, save_tiny_openflamingo
 
 from .conftest import random_patch_values
 
@@ -195,7 +195,11 @@ def test_missing_tiny_model_names_the_file(tmp_path):
 
 
 def test_tiny_model_round_trip(tiny_adapter, prompts, tmp_path):
-    tiny_adapter.save(tmp_path / "m")
+    save_tiny_openflamingo(tiny_adapter, tmp_path / "m")
+    (tmp_path / "m" / "README.md").write_text("card")
+    save_tiny_openflamingo(tiny_adapter, tmp_path / "m")  # a re-save keeps the model card, leaves no staging
+    assert (tmp_path / "m" / "README.md").read_text() == "card"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
     loaded = load_backbone("openflamingo-tiny", directory=str(tmp_path / "m"))
     batch = tiny_adapter.collate(prompts)
     torch.testing.assert_close(loaded.forward(loaded.collate(prompts)), tiny_adapter.forward(batch), atol=0, rtol=0)

@@ -190,7 +190,7 @@ def test_canvas_too_small_and_unknown_relation(tmp_path):
 
 def test_builtin_objects_have_distinct_first_tokens(tiny_adapter):
     from mfv.data.datamodule import first_token_clashes
-    from mfv.models.registry_helpers import random_openflamingo
+    from mfv.models.openflamingo import random_openflamingo
 
     adapter = random_openflamingo(image_size=32, patch_size=8, hidden_size=32, num_layers=1, num_heads=2,
                                   intermediate_size=32)

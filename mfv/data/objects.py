@@ -16,54 +16,56 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from mfv.errors import DataError
+from mfv.vocabulary import NUM_TRAIN_OBJECTS, OBJECT_NAMES
 
-# (name, shape, colour, aspect) — aspect > 1 marks long objects (width / height).
-_BUILTIN: tuple[tuple[str, str, str, float], ...] = (
-    ("apple", "circle", "#d62728", 1.0),
-    ("ball", "ring", "#1f77b4", 1.0),
-    ("banana", "ellipse", "#e6c300", 2.2),
-    ("bell", "triangle", "#bcbd22", 1.0),
-    ("book", "square", "#8c564b", 1.0),
-    ("bowl", "halfdisc", "#17becf", 1.6),
-    ("box", "square", "#ff7f0e", 1.0),
-    ("cake", "square", "#e377c2", 1.3),
-    ("car", "rect", "#2ca02c", 2.0),
-    ("chair", "cross", "#7f7f7f", 1.0),
-    ("clock", "ring", "#9467bd", 1.0),
-    ("coin", "circle", "#c5b000", 1.0),
-    ("cup", "trapezoid", "#aec7e8", 1.0),
-    ("dog", "hexagon", "#a0522d", 1.0),
-    ("door", "rect", "#6b3e26", 0.5),
-    ("drum", "hexagon", "#d62728", 1.0),
-    ("egg", "ellipse", "#f3e9c6", 0.75),
-    ("fish", "diamond", "#ff9896", 1.8),
-    ("flag", "triangle", "#2ca02c", 1.0),
-    ("hat", "trapezoid", "#111111", 1.4),
-    ("key", "rect", "#c49c94", 2.6),
-    ("kite", "diamond", "#e377c2", 0.8),
-    ("lamp", "triangle", "#ffbb78", 1.0),
-    ("leaf", "ellipse", "#2ca02c", 1.6),
-    ("lemon", "ellipse", "#f0e442", 1.3),
-    ("moon", "halfdisc", "#c7c7c7", 1.6),
-    ("pear", "circle", "#98df8a", 1.0),
-    ("pen", "rect", "#1f77b4", 3.0),
-    ("pipe", "rect", "#7f7f7f", 2.8),
-    ("ring", "ring", "#ffd700", 1.0),
-    ("rock", "hexagon", "#8c8c8c", 1.0),
-    ("shoe", "trapezoid", "#8c564b", 1.8),
+# name -> (shape, colour, aspect); aspect > 1 marks long objects (width / height).
+_LOOKS: dict[str, tuple[str, str, float]] = {
+    "apple": ("circle", "#d62728", 1.0),
+    "ball": ("ring", "#1f77b4", 1.0),
+    "banana": ("ellipse", "#e6c300", 2.2),
+    "bell": ("triangle", "#bcbd22", 1.0),
+    "book": ("square", "#8c564b", 1.0),
+    "bowl": ("halfdisc", "#17becf", 1.6),
+    "box": ("square", "#ff7f0e", 1.0),
+    "cake": ("square", "#e377c2", 1.3),
+    "car": ("rect", "#2ca02c", 2.0),
+    "chair": ("cross", "#7f7f7f", 1.0),
+    "clock": ("ring", "#9467bd", 1.0),
+    "coin": ("circle", "#c5b000", 1.0),
+    "cup": ("trapezoid", "#aec7e8", 1.0),
+    "dog": ("hexagon", "#a0522d", 1.0),
+    "door": ("rect", "#6b3e26", 0.5),
+    "drum": ("hexagon", "#d62728", 1.0),
+    "egg": ("ellipse", "#f3e9c6", 0.75),
+    "fish": ("diamond", "#ff9896", 1.8),
+    "flag": ("triangle", "#2ca02c", 1.0),
+    "hat": ("trapezoid", "#111111", 1.4),
+    "key": ("rect", "#c49c94", 2.6),
+    "kite": ("diamond", "#e377c2", 0.8),
+    "lamp": ("triangle", "#ffbb78", 1.0),
+    "leaf": ("ellipse", "#2ca02c", 1.6),
+    "lemon": ("ellipse", "#f0e442", 1.3),
+    "moon": ("halfdisc", "#c7c7c7", 1.6),
+    "pear": ("circle", "#98df8a", 1.0),
+    "pen": ("rect", "#1f77b4", 3.0),
+    "pipe": ("rect", "#7f7f7f", 2.8),
+    "ring": ("ring", "#ffd700", 1.0),
+    "rock": ("hexagon", "#8c8c8c", 1.0),
+    "shoe": ("trapezoid", "#8c564b", 1.8),
     # held out (never trained)
-    ("sock", "rect", "#9467bd", 0.5),
-    ("sofa", "rect", "#d62728", 2.0),
-    ("star", "star", "#ffbf00", 1.0),
-    ("sun", "star", "#ff7f0e", 1.0),
-    ("tent", "triangle", "#17becf", 1.3),
-    ("tree", "triangle", "#1b5e20", 0.8),
-    ("vase", "trapezoid", "#9467bd", 0.7),
-    ("boat", "halfdisc", "#1f77b4", 2.0),
-    ("bird", "diamond", "#17becf", 1.0),
-    ("cross", "cross", "#d62728", 1.0),
-)
-NUM_TRAIN_BUILTIN = 32
+    "sock": ("rect", "#9467bd", 0.5),
+    "sofa": ("rect", "#d62728", 2.0),
+    "star": ("star", "#ffbf00", 1.0),
+    "sun": ("star", "#ff7f0e", 1.0),
+    "tent": ("triangle", "#17becf", 1.3),
+    "tree": ("triangle", "#1b5e20", 0.8),
+    "vase": ("trapezoid", "#9467bd", 0.7),
+    "boat": ("halfdisc", "#1f77b4", 2.0),
+    "bird": ("diamond", "#17becf", 1.0),
+    "cross": ("cross", "#d62728", 1.0),
+}
+_BUILTIN: tuple[tuple[str, str, str, float], ...] = tuple((name, *_LOOKS[name]) for name in OBJECT_NAMES)
+NUM_TRAIN_BUILTIN = NUM_TRAIN_OBJECTS
 LONG_ASPECT = 1.5
 
 
@@ -158,7 +160,7 @@ def builtin_library() -> ObjectLibrary:
 
 def all_object_names() -> list[str]:
     """Every built-in object name (training first, then held-out)."""
-    return [name for name, *_ in _BUILTIN]
+    return list(OBJECT_NAMES)
 
 
 def _folder_sprites(folder: Path) -> tuple[ObjectSprite, ...]:

@@ -126,6 +126,7 @@ def indirect_effects(
     Returns:
         ``(prompts, len(layers), heads)`` indirect effects (fp32, on the CPU).
     """
+    adapter.check_fast_path_preconditions()
     layers = list(range(adapter.num_layers)) if layers is None else list(layers)
     layer_index, head_index = _all_heads(adapter, layers)
     num_sites = len(layer_index)

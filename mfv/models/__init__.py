@@ -1,52 +1,97 @@
-"""Backbone registry: a backbone name maps to the function that builds its adapter.
+"""Backbone registry: one :class:`BackboneSpec` per backbone name.
 
 Adding a model family = one adapter module implementing
-:class:`mfv.models.base.BackboneAdapter` plus one entry in :data:`BACKBONES`.
-Entries are ``"module:function"`` strings so heavy imports happen only when used.
+:class:`mfv.models.base.BackboneAdapter` plus one entry in :data:`BACKBONES`, whose
+spec names the builder and a tiny random stand-in with its sizes. The contract test
+(``tests/test_backbone_contract.py``) reads this registry, so a new entry is checked
+without touching any test. Builders are ``"module:function"`` strings so heavy imports
+happen only when used.
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from mfv.errors import ConfigError
 from mfv.models.base import BackboneAdapter, Example, PrefixState, Prompt, PromptBatch
 
-BACKBONES: dict[str, str] = {
-    # Published releases, from local files / the Hugging Face cache.
-    "openflamingo": "mfv.models.openflamingo:load_openflamingo",
-    # A small model saved by mfv (the model organism, or any tiny model).
-    "openflamingo-tiny": "mfv.models.openflamingo:load_tiny_openflamingo",
-    # A small random model built from sizes (tests, benchmarks).
-    "openflamingo-random": "mfv.models.registry_helpers:random_openflamingo",
-    # Qwen3-VL (paper v2), from a local folder / the Hugging Face cache.
-    "qwen3vl": "mfv.models.qwen3vl:load_qwen3vl",
-    "qwen3vl-random": "mfv.models.qwen3vl:random_qwen3vl",
+
+def _resolve(target: str) -> Callable[..., BackboneAdapter]:
+    module_name, function_name = target.split(":")
+    return getattr(importlib.import_module(module_name), function_name)
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """How to build one backbone, and a tiny random stand-in of the same family.
+
+    Attributes:
+        builder: ``"module:function"`` building the adapter from keyword options.
+        stand_in: ``"module:function"`` building a tiny random model of the same family.
+        stand_in_options: Keyword options (sizes) of ``stand_in`` for the contract test.
+        description: One line for ``--help`` and error messages.
+    """
+
+    builder: str
+    stand_in: str
+    stand_in_options: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+
+    def build(self, **options: Any) -> BackboneAdapter:
+        return _call_checked(self.builder, options)
+
+    def build_stand_in(self) -> BackboneAdapter:
+        return _call_checked(self.stand_in, dict(self.stand_in_options))
+
+
+_TINY_OPENFLAMINGO = {"image_size": 64, "patch_size": 16, "hidden_size": 32, "num_layers": 2, "num_heads": 4,
+                      "intermediate_size": 64}
+_TINY_QWEN3VL = {"num_layers": 2}
+
+BACKBONES: dict[str, BackboneSpec] = {
+    "openflamingo": BackboneSpec(
+        "mfv.models.openflamingo.releases:load_openflamingo", "mfv.models.openflamingo.tiny:random_openflamingo",
+        _TINY_OPENFLAMINGO, "published OpenFlamingo releases (3B/4B/9B) from local files"),
+    "openflamingo-tiny": BackboneSpec(
+        "mfv.models.openflamingo.tiny:load_tiny_openflamingo", "mfv.models.openflamingo.tiny:random_openflamingo",
+        _TINY_OPENFLAMINGO, "a small OpenFlamingo saved by mfv (the model organism)"),
+    "openflamingo-random": BackboneSpec(
+        "mfv.models.openflamingo.tiny:random_openflamingo", "mfv.models.openflamingo.tiny:random_openflamingo",
+        _TINY_OPENFLAMINGO, "a random OpenFlamingo built from sizes (tests, benchmarks)"),
+    "qwen3vl": BackboneSpec(
+        "mfv.models.qwen3vl:load_qwen3vl", "mfv.models.qwen3vl:random_qwen3vl", _TINY_QWEN3VL,
+        "Qwen3-VL (paper v2) from a local folder or the Hugging Face cache"),
+    "qwen3vl-random": BackboneSpec(
+        "mfv.models.qwen3vl:random_qwen3vl", "mfv.models.qwen3vl:random_qwen3vl", _TINY_QWEN3VL,
+        "a random Qwen3-VL built from sizes (tests)"),
 }
 
-# A tiny stand-in of each backbone: the contract test runs every registered backbone
-# through it, so a new entry without one fails the suite.
-TINY_STAND_INS: dict[str, tuple[str, dict]] = {
-    "openflamingo": ("openflamingo-random", {}),
-    "openflamingo-tiny": ("openflamingo-random", {}),
-    "openflamingo-random": ("openflamingo-random", {}),
-    "qwen3vl": ("qwen3vl-random", {}),
-    "qwen3vl-random": ("qwen3vl-random", {}),
-}
+
+def _call_checked(target: str, options: dict[str, Any]) -> BackboneAdapter:
+    builder = _resolve(target)
+    accepted = inspect.signature(builder).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
+    unknown = sorted(set(options) - set(accepted))
+    if unknown and not takes_any:
+        raise ConfigError(
+            f"backbone builder {target} does not take option(s) {unknown} (model.backbone_options); "
+            f"valid options: {sorted(accepted)}"
+        )
+    return builder(**options)
 
 
-def backbone_builder(name: str) -> Callable[..., BackboneAdapter]:
-    """Returns the builder registered for ``name``.
+def backbone_spec(name: str) -> BackboneSpec:
+    """The spec registered for ``name``.
 
     Raises:
         ConfigError: ``name`` is not registered; the message lists the registered names.
     """
     if name not in BACKBONES:
-        raise ConfigError(f"unknown backbone {name!r}; valid backbones: {sorted(BACKBONES)}")
-    module_name, function_name = BACKBONES[name].split(":")
-    return getattr(importlib.import_module(module_name), function_name)
+        raise ConfigError(f"unknown backbone {name!r} (model.backbone); valid backbones: {sorted(BACKBONES)}")
+    return BACKBONES[name]
 
 
 def load_backbone(name: str, **options: Any) -> BackboneAdapter:
@@ -55,25 +100,17 @@ def load_backbone(name: str, **options: Any) -> BackboneAdapter:
     Raises:
         ConfigError: unknown backbone or an option the builder does not take.
     """
-    builder = backbone_builder(name)
-    accepted = inspect.signature(builder).parameters
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
-    unknown = sorted(set(options) - set(accepted))
-    if unknown and not takes_any:
-        raise ConfigError(
-            f"backbone {name!r} does not take option(s) {unknown}; valid options: {sorted(accepted)}"
-        )
-    return builder(**options)
+    return backbone_spec(name).build(**options)
 
 
 __all__ = [
     "BACKBONES",
-    "TINY_STAND_INS",
     "BackboneAdapter",
+    "BackboneSpec",
     "Example",
     "PrefixState",
     "Prompt",
     "PromptBatch",
-    "backbone_builder",
+    "backbone_spec",
     "load_backbone",
 ]

@@ -88,6 +88,20 @@ class PrefixState:
 class BackboneAdapter(ABC):
     """Uniform view of one multimodal language model for the function-vector method.
 
+    Preconditions the method relies on (checked by :meth:`check_fast_path_preconditions`
+    and by the contract test for every registered backbone):
+
+    * **Output projection layout.** ``head_site(l)`` is a linear layer whose input is the
+      concatenation of the ``num_heads`` head outputs, head ``h`` at columns
+      ``h*head_dim:(h+1)*head_dim`` of ``output_projection(l)`` (``hidden x heads*head_dim``).
+      Head patches and FVs (``W_O[:, slice(h)] @ mean``) slice it this way.
+    * **Last position.** ``collate`` pads on the left, so every prompt's last token is
+      position ``-1``; interventions and scoring happen there.
+    * **Cache position.** ``prefill`` runs positions ``0..S-2`` once and ``forward_last``
+      recomputes position ``S-1`` with the same rotary/absolute position the full forward
+      gives it, attending to the cached keys/values; so ``forward_last`` equals
+      ``forward`` on the same rows (fast AIE's exactness rests on this).
+
     Attributes:
         model: The wrapped ``nn.Module`` (frozen by the method).
         backbone_id: A stable name of the architecture/weights (stored with FVs).
@@ -139,6 +153,25 @@ class BackboneAdapter(ABC):
     def output_projection(self, layer: int) -> torch.Tensor:
         """``W_O`` of ``layer`` with shape ``(hidden_size, num_heads * head_dim)``."""
         return self.head_site(layer).weight
+
+    def check_fast_path_preconditions(self) -> None:
+        """Asserts the layout facts the method relies on (see the class docstring).
+
+        Raises:
+            AssertionError: naming the violated precondition.
+        """
+        expected = (self.hidden_size, self.num_heads * self.head_dim)
+        for layer in range(self.num_layers):
+            site = self.head_site(layer)
+            assert isinstance(site, nn.Linear), (
+                f"{self.backbone_id}: head_site({layer}) must be the attention output projection (nn.Linear), "
+                f"got {type(site).__name__}")
+            shape = tuple(self.output_projection(layer).shape)
+            assert shape == expected, (
+                f"{self.backbone_id}: output projection of layer {layer} is {shape}, expected {expected} "
+                f"(hidden x heads*head_dim): per-head slices would be wrong")
+        assert getattr(self.tokenizer, "padding_side", "left") == "left", (
+            f"{self.backbone_id}: the tokenizer must pad on the left so the last token is position -1")
 
     # ----- prompts -----------------------------------------------------------------
     @abstractmethod

@@ -219,9 +219,9 @@ def random_qwen3vl(
     from mfv.models.tokenizer import build_word_tokenizer
 
     if words is None:
-        from mfv.data.objects import all_object_names
+        from mfv.vocabulary import OBJECT_NAMES
 
-        words = all_object_names()
+        words = OBJECT_NAMES
     prompt_words = [w.strip(".,:'<>") for w in SYSTEM_PROMPT.split()] + ["system", "user", "assistant"]
     base = build_word_tokenizer([*words, *prompt_words])
     tokenizer = Qwen2TokenizerFast(tokenizer_object=base._tokenizer, unk_token="<unk>", pad_token="<PAD>",

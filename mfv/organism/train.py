@@ -36,7 +36,8 @@ from PIL import Image
 from mfv.data.episodes import Scene, read_scenes
 from mfv.data.objects import all_object_names
 from mfv.data.synthetic import RELATIONS, generate_split
-from mfv.models.openflamingo import CLIP_MEAN, CLIP_STD, OpenFlamingoAdapter, TinyFlamingoConfig, build_tiny_openflamingo
+from mfv.models.openflamingo import (
+    CLIP_MEAN, CLIP_STD, OpenFlamingoAdapter, TinyFlamingoConfig, build_tiny_openflamingo, save_tiny_openflamingo)
 
 CARDINAL = list(RELATIONS)
 # What an object is in its scene; the patch-role auxiliary loss teaches the resampler
@@ -447,7 +448,7 @@ def main(argv: list[str] | None = None) -> None:
     model.eval()
     model.to("cpu")
     adapter.freeze()
-    adapter.save(out)
+    save_tiny_openflamingo(adapter, out)
     (out / "training.json").write_text(json.dumps({
         "args": vars(args), "config": asdict(config), "steps_done": step, "complete": step >= args.steps,
         "seconds": time.time() - started, "device": str(device),

@@ -1,0 +1,285 @@
+"""The OpenFlamingo adapter: sites, prompt format, batched and cached forward passes.
+
+Published releases are loaded by :mod:`mfv.models.openflamingo.releases`, tiny models by
+:mod:`mfv.models.openflamingo.tiny`; both assemble the same open_flamingo ``Flamingo``
+here (:func:`assemble_flamingo`) and wrap it in :class:`OpenFlamingoAdapter`.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from mfv.compat import ensure_torchvision
+from mfv.models.base import BackboneAdapter, Example, PrefixState, Prompt, PromptBatch
+
+IMAGE_TOKEN = "<image>"
+END_OF_CHUNK = "<|endofchunk|>"
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class LanguageFamily:
+    """Where the per-head and residual sites live in one language-model family.
+
+    Attributes:
+        layers_attr: Dotted path of the decoder-layer ``ModuleList``.
+        attn_out_attr: Path, inside a ``FlamingoLayer``, of the attention output projection.
+        heads_key: Config key holding the number of attention heads.
+        hidden_key: Config key holding the residual width.
+        accepts_position_ids: Whether the LM forward takes ``position_ids`` (needed for
+            exact left padding with rotary embeddings).
+    """
+
+    layers_attr: str
+    attn_out_attr: str
+    heads_key: str
+    hidden_key: str
+    accepts_position_ids: bool
+
+
+LANGUAGE_FAMILIES: dict[str, LanguageFamily] = {
+    "gpt_neox": LanguageFamily(
+        "gpt_neox.layers", "decoder_layer.attention.dense", "num_attention_heads", "hidden_size", True
+    ),
+    # MPT (OpenFlamingo 3B/9B) runs through trust_remote_code; sites per its modeling file.
+    "mpt": LanguageFamily("transformer.blocks", "decoder_layer.attn.out_proj", "n_heads", "d_model", False),
+}
+
+
+def _getattr_path(root: Any, path: str) -> Any:
+    for part in path.split("."):
+        root = getattr(root, part)
+    return root
+
+
+def _to_rgb(image: Any) -> Any:
+    return image.convert("RGB")
+
+
+def _image_transform(image_size: int):
+    ensure_torchvision()
+    from torchvision import transforms as T
+
+    return T.Compose(
+        [
+            T.Resize((image_size, image_size), interpolation=T.InterpolationMode.BICUBIC),
+            T.Lambda(_to_rgb),
+            T.ToTensor(),
+            T.Normalize(CLIP_MEAN, CLIP_STD),
+        ]
+    )
+
+
+def assemble_flamingo(
+    vision_encoder: nn.Module,
+    lang_encoder: nn.Module,
+    tokenizer: Any,
+    vis_dim: int,
+    family: str,
+    cross_attn_every_n_layers: int,
+) -> nn.Module:
+    """Builds an ``open_flamingo.Flamingo`` the way its factory does, minus downloads.
+
+    Args:
+        vision_encoder: An open_clip model exposing ``.visual`` (token outputs enabled here).
+        lang_encoder: A Hugging Face causal LM.
+        tokenizer: Its tokenizer; OpenFlamingo special tokens are added when missing.
+        vis_dim: Width of the vision tokens.
+        family: Key of :data:`LANGUAGE_FAMILIES`.
+        cross_attn_every_n_layers: Cross-attention frequency of the release.
+    """
+    ensure_torchvision()
+    from open_flamingo.src.flamingo import Flamingo
+    from open_flamingo.src.flamingo_lm import FlamingoLMMixin
+    from open_flamingo.src.utils import extend_instance
+
+    vision_encoder.visual.output_tokens = True
+    missing = [t for t in (END_OF_CHUNK, IMAGE_TOKEN) if t not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": [END_OF_CHUNK, IMAGE_TOKEN]})
+    if tokenizer.pad_token is None:
+        tokenizer.add_special_tokens({"pad_token": "<PAD>"})
+    tokenizer.padding_side = "left"
+    extend_instance(lang_encoder, FlamingoLMMixin)
+    lang_encoder.set_decoder_layers_attr_name(LANGUAGE_FAMILIES[family].layers_attr)
+    if lang_encoder.get_input_embeddings().num_embeddings < len(tokenizer):
+        lang_encoder.resize_token_embeddings(len(tokenizer))
+    return Flamingo(
+        vision_encoder,
+        lang_encoder,
+        tokenizer.convert_tokens_to_ids(END_OF_CHUNK),
+        tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        vis_dim=vis_dim,
+        cross_attn_every_n_layers=cross_attn_every_n_layers,
+    )
+
+
+class OpenFlamingoAdapter(BackboneAdapter):
+    """Adapter for OpenFlamingo (open_flamingo's ``Flamingo`` around a HF causal LM).
+
+    Args:
+        model: The assembled ``Flamingo`` module.
+        tokenizer: Its tokenizer (left padding is enforced).
+        image_transform: PIL image -> ``(C, H, W)`` tensor.
+        family: Language-model family key of :data:`LANGUAGE_FAMILIES`.
+        backbone_id: Name stored with function vectors.
+        tiny_config: The sizes when the model is a tiny one (see ``tiny.save_tiny``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        image_transform: Any,
+        family: str = "gpt_neox",
+        backbone_id: str = "openflamingo",
+        tiny_config: Any = None,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.tokenizer.padding_side = "left"
+        self.image_transform = image_transform
+        self.family = LANGUAGE_FAMILIES[family]
+        self.backbone_id = backbone_id
+        self.tiny_config = tiny_config
+        config = model.lang_encoder.config
+        self._num_heads = int(getattr(config, self.family.heads_key))
+        self._hidden = int(getattr(config, self.family.hidden_key))
+
+    # ----- shape -------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return len(self._layers)
+
+    @property
+    def num_heads(self) -> int:
+        return self._num_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self._hidden // self._num_heads
+
+    @property
+    def hidden_size(self) -> int:
+        return self._hidden
+
+    @property
+    def _layers(self) -> nn.ModuleList:
+        return self.model.lang_encoder._get_decoder_layers()
+
+    # ----- sites -------------------------------------------------------------------
+    def head_site(self, layer: int) -> nn.Module:
+        return _getattr_path(self._layers[layer], self.family.attn_out_attr)
+
+    def residual_site(self, layer: int) -> nn.Module:
+        return self._layers[layer]
+
+    # ----- prompts -----------------------------------------------------------------
+    def build_prompt(self, demonstrations: Sequence[Example], query: Example) -> Prompt:
+        """``<image>Q:{a}. A:{b}.<|endofchunk|>`` per demonstration joined by newlines, then the query."""
+        chunks = [f"{IMAGE_TOKEN}Q:{d.question}. A:{d.answer}.{END_OF_CHUNK}" for d in demonstrations]
+        chunks.append(f"{IMAGE_TOKEN}Q:{query.question}. A:")
+        return Prompt(text="\n".join(chunks), images=[d.image for d in demonstrations] + [query.image])
+
+    def preprocess_image(self, image: Any) -> torch.Tensor:
+        """PIL image (or an already preprocessed ``(C, H, W)`` tensor) -> model input."""
+        if isinstance(image, torch.Tensor):
+            return image
+        return self.image_transform(image)
+
+    def collate(self, prompts: Sequence[Prompt]) -> PromptBatch:
+        tokens = self.tokenizer([p.text for p in prompts], return_tensors="pt", padding=True)
+        max_images = max(len(p.images) for p in prompts)
+        per_prompt = []
+        for prompt in prompts:
+            images = torch.stack([self.preprocess_image(im) for im in prompt.images])
+            if len(images) < max_images:
+                # Extra all-zero images are never attended: no media token points at them.
+                pad = images.new_zeros((max_images - len(images), *images.shape[1:]))
+                images = torch.cat([images, pad])
+            per_prompt.append(images)
+        pixel_values = torch.stack(per_prompt).unsqueeze(2)  # (B, T_img, F=1, C, H, W)
+        return PromptBatch(tokens["input_ids"], tokens["attention_mask"], pixel_values)
+
+    # ----- forward -----------------------------------------------------------------
+    def _lm_kwargs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if self.family.accepts_position_ids:
+            # Rotary positions must count real tokens only, or left padding shifts them.
+            kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        return kwargs
+
+    @contextmanager
+    def _conditioned(self, pixel_values: torch.Tensor) -> Iterator[None]:
+        """Encodes each prompt's images once and conditions every cross-attention layer."""
+        try:
+            self.model._encode_vision_x(vision_x=pixel_values.to(self.device, self.dtype))
+            yield
+        finally:
+            self.model.lang_encoder.clear_conditioned_layers()
+            self.model.lang_encoder._use_cached_vision_x = False
+
+    def forward(self, batch: PromptBatch) -> torch.Tensor:
+        batch = batch.to(self.device)
+        with self._conditioned(batch.pixel_values):
+            out = self.model.lang_encoder(
+                **self._lm_kwargs(batch.input_ids, batch.attention_mask), logits_to_keep=1, use_cache=False
+            )
+        return out.logits[:, -1]
+
+    def prefill(self, batch: PromptBatch) -> PrefixState:
+        from transformers import DynamicCache
+
+        batch = batch.to(self.device)
+        kwargs = self._lm_kwargs(batch.input_ids, batch.attention_mask)
+        with self._conditioned(batch.pixel_values):
+            vis_x = self._layers[0].vis_x
+            prefix_kwargs = {k: v[:, :-1] for k, v in kwargs.items()}
+            out = self.model.lang_encoder(
+                **prefix_kwargs, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1
+            )
+            media_locations = self._layers[0].media_locations
+        cache = out.past_key_values
+        data = {
+            "keys": [layer.keys for layer in cache.layers],
+            "values": [layer.values for layer in cache.layers],
+            "vis_x": vis_x,
+            "media_locations": media_locations,
+            "last_ids": batch.input_ids[:, -1:],
+            "attention_mask": batch.attention_mask,
+            "position_ids": kwargs.get("position_ids"),
+        }
+        return PrefixState(data=data, batch_size=len(batch))
+
+    def forward_last(self, state: PrefixState, rows: torch.Tensor) -> torch.Tensor:
+        from transformers import DynamicCache
+
+        data = state.data
+        rows = rows.to(self.device)
+        cache = DynamicCache(ddp_cache_data=[(k[rows], v[rows]) for k, v in zip(data["keys"], data["values"])])
+        lang = self.model.lang_encoder
+        try:
+            for layer in self._layers:
+                layer.condition_vis_x(data["vis_x"][rows])
+                layer.condition_media_locations(data["media_locations"][rows])
+            # The last token attends to the latest image of its prefix, exactly as in a
+            # full forward: this is open_flamingo's own cached-media path.
+            lang._use_cached_vision_x = True
+            kwargs: dict[str, Any] = {
+                "input_ids": data["last_ids"][rows],
+                "attention_mask": data["attention_mask"][rows],
+            }
+            if data["position_ids"] is not None:
+                kwargs["position_ids"] = data["position_ids"][rows, -1:]
+            out = lang(**kwargs, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        finally:
+            lang.clear_conditioned_layers()
+            lang._use_cached_vision_x = False
+        return out.logits[:, -1]
+
