@@ -11,7 +11,7 @@ import argparse
 import time
 from pathlib import Path
 
-from mfv import eval_cli
+from mfv.evaluation import cli as eval_cli
 from mfv.training import cli as train_cli
 
 

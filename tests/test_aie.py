@@ -7,11 +7,11 @@ import torch
 
 from mfv.data.episodes import EpisodeSampler, encode_episodes, read_scenes
 from mfv.data.synthetic import generate_split
-from mfv.errors import IncompatibleVectorError
+from mfv.errors import ConfigError, IncompatibleVectorError
 from mfv.hooks import add_to_residual
 from mfv.method import extraction
 from mfv.method.aie import indirect_effects, mean_head_activations, positive_mass_share, top_heads
-from mfv.method.extraction import ExtractionSettings, extract_function_vectors
+from mfv.method.extraction import ExtractionSettings, extract
 from mfv.method.function_vector import FunctionVectorSet, build_function_vector
 from mfv.models.openflamingo import build_tiny_openflamingo
 
@@ -22,9 +22,9 @@ RELATIONS = ["above", "below", "left", "right"]
 
 @pytest.fixture(scope="module")
 def adapter():
-    from mfv.data.objects import all_object_names
+    from mfv.vocabulary import OBJECT_NAMES
 
-    return build_tiny_openflamingo(tiny_config(words=all_object_names(), num_layers=3, num_heads=4))
+    return build_tiny_openflamingo(tiny_config(words=list(OBJECT_NAMES), num_layers=3, num_heads=4))
 
 
 @pytest.fixture(scope="module")
@@ -92,13 +92,13 @@ def test_top_heads_and_mass_share():
 
 
 def _settings(**overrides):
-    fields = dict(relations=RELATIONS, shots=2, num_mean_prompts=8, num_aie_prompts=6, k=3, layer=1, batch_size=2)
+    fields = dict(relations=RELATIONS, shots=2, num_mean_prompts=8, num_aie_prompts=6, batch_size=2, aie_filter="all")
     fields.update(overrides)
     return ExtractionSettings(**fields)
 
 
 def test_interrupted_extraction_resumes_to_identical_results(adapter, sampler, tmp_path, monkeypatch):
-    reference = extract_function_vectors(adapter, sampler, _settings(), tmp_path / "a", "data", progress=False)
+    reference = extract(adapter, sampler, _settings(), tmp_path / "a", "data", progress=False)
 
     calls = {"n": 0}
     real = extraction.indirect_effects
@@ -111,34 +111,99 @@ def test_interrupted_extraction_resumes_to_identical_results(adapter, sampler, t
 
     monkeypatch.setattr(extraction, "indirect_effects", flaky)
     with pytest.raises(KeyboardInterrupt):
-        extract_function_vectors(adapter, sampler, _settings(), tmp_path / "b", "data", progress=False)
-    saved = sorted(p.name for p in next((tmp_path / "b").iterdir()).iterdir() if p.suffix == ".pt")
-    assert "aie_0000000.pt" in saved and "aie_0000002.pt" not in saved
+        extract(adapter, sampler, _settings(), tmp_path / "b", "data", progress=False)
+    folder = next((tmp_path / "b").iterdir())
+    saved = sorted(p.name for p in folder.iterdir() if p.suffix == ".pt")
+    assert "aie_0000000-0000002.pt" in saved and "aie_0000002-0000004.pt" not in saved
+    assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]
 
     calls["n"] = -100  # no more failures; count the chunks actually recomputed
-    resumed = extract_function_vectors(adapter, sampler, _settings(), tmp_path / "b", "data", progress=False)
+    resumed = extract(adapter, sampler, _settings(), tmp_path / "b", "data", progress=False)
     assert calls["n"] == -100 + 2  # chunks 2 and 4 only
     torch.testing.assert_close(resumed.aie_pooled, reference.aie_pooled, atol=0, rtol=0)
-    for r in RELATIONS:
-        torch.testing.assert_close(resumed.fvs.vectors[r], reference.fvs.vectors[r], atol=0, rtol=0)
+    torch.testing.assert_close(resumed.means, reference.means, atol=0, rtol=0)
 
 
-def test_cache_is_reused_and_invalidated_by_any_setting(adapter, sampler, tmp_path):
-    first = extract_function_vectors(adapter, sampler, _settings(), tmp_path, "data", progress=False)
-    again = extract_function_vectors(adapter, sampler, _settings(), tmp_path, "data", progress=False)
-    assert again.cache_dir == first.cache_dir
+def test_corrupt_cache_chunk_is_reported_and_recomputed(adapter, sampler, tmp_path):
+    reference = extract(adapter, sampler, _settings(), tmp_path, "data", progress=False)
+    (reference.cache_dir / "extraction.pt").write_bytes(b"")  # a full disk left 0 bytes
+    chunk = reference.cache_dir / "aie_0000002-0000004.pt"
+    chunk.write_bytes(chunk.read_bytes()[:50])  # truncated
+    with pytest.warns(UserWarning, match="unreadable"):
+        again = extract(adapter, sampler, _settings(), tmp_path, "data", progress=False)
+    torch.testing.assert_close(again.aie_pooled, reference.aie_pooled, atol=0, rtol=0)
+
+
+def test_cache_key_holds_only_what_the_tensors_depend_on(adapter, sampler, tmp_path):
+    first = extract(adapter, sampler, _settings(), tmp_path, "data", progress=False)
+    again = extract(adapter, sampler, _settings(batch_size=3), tmp_path, "data", progress=False)
+    assert again.cache_dir == first.cache_dir  # the chunk size is not a result setting
     folders = {first.cache_dir}
-    for change in (dict(k=4), dict(shots=1), dict(num_aie_prompts=4), dict(layer=2), dict(algorithm="reference")):
-        folders.add(extract_function_vectors(adapter, sampler, _settings(**change), tmp_path, "data", progress=False).cache_dir)
-    folders.add(extract_function_vectors(adapter, sampler, _settings(), tmp_path, "other-data", progress=False).cache_dir)
+    for change in (dict(shots=1), dict(num_aie_prompts=4), dict(algorithm="reference"), dict(aie_filter="clean_correct"),
+                   dict(seed=1)):
+        folders.add(extract(adapter, sampler, _settings(**change), tmp_path, "data", progress=False).cache_dir)
+    folders.add(extract(adapter, sampler, _settings(), tmp_path, "other-data", progress=False).cache_dir)
     assert len(folders) == 7
 
 
+def test_k_sweep_and_layer_change_reuse_the_cached_aie(adapter, sampler, tmp_path, monkeypatch):
+    first = extract(adapter, sampler, _settings(), tmp_path, "data", progress=False)
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("AIE recomputed")
+
+    monkeypatch.setattr(extraction, "indirect_effects", must_not_run)
+    monkeypatch.setattr(extraction, "accumulate_means", must_not_run)
+    cached = extract(adapter, sampler, _settings(), tmp_path, "data", progress=False)
+    for k in range(1, 7):
+        fvs = cached.function_vectors(adapter, k, layer=1)
+        assert all(len(h) == k for h in fvs.heads.values())
+    other_layer = cached.function_vectors(adapter, 3, layer=2)
+    assert other_layer.layer == 2
+    torch.testing.assert_close(other_layer.stacked(), first.function_vectors(adapter, 3, 1).stacked(), atol=0, rtol=0)
+
+
+def test_per_relation_selection_is_top_k_of_each_relations_aie(adapter, sampler, tmp_path):
+    result = extract(adapter, sampler, _settings(), tmp_path, "data", progress=False)
+    heads = result.heads(3, "per_relation")
+    for i, relation in enumerate(RELATIONS):
+        assert heads[relation] == top_heads(result.aie_per_relation[i], 3)
+    pooled = result.heads(3, "pooled")
+    assert all(h == top_heads(result.aie_pooled, 3) for h in pooled.values())
+
+
+def test_clean_correct_filter_keeps_exactly_the_prompts_the_model_answers(adapter, sampler, tmp_path):
+    settings = _settings(aie_filter="clean_correct", num_aie_prompts=6, batch_size=6)
+    clean = _batch(adapter, sampler, "clean", range(6))
+    correct = (adapter.forward(clean.prompts).argmax(-1) == clean.answer_ids)
+    corrupted = _batch(adapter, sampler, "corrupted", range(6))
+    result = extract(adapter, sampler, settings, tmp_path, "data", progress=False)
+    effects = indirect_effects(adapter, corrupted, result.means)
+    for r, relation in enumerate(RELATIONS):
+        kept = correct & (corrupted.relation_ids == r)
+        if kept.any():
+            assert result.aie_prompts[r] == int(kept.sum())
+            torch.testing.assert_close(result.aie_per_relation[r], effects[kept].mean(0), atol=1e-6, rtol=0)
+        else:  # none answered: falls back to all of the relation's prompts, and says so
+            assert relation in result.aie_fallback
+
+
+def test_bad_head_choice_fails_before_any_compute(adapter, sampler, tmp_path):
+    result = extract(adapter, sampler, _settings(), tmp_path, "data", progress=False)
+    for k in (0, 99):
+        with pytest.raises(ConfigError, match="aie.k"):
+            result.function_vectors(adapter, k, 1)
+    with pytest.raises(ConfigError, match="shots"):
+        extract(adapter, sampler, _settings(shots=0), tmp_path, "data", progress=False)
+    with pytest.raises(ConfigError, match="batch_size"):
+        extract(adapter, sampler, _settings(batch_size=0), tmp_path, "data", progress=False)
+
+
 def test_fv_file_round_trip_and_wrong_backbone(adapter, sampler, tmp_path):
-    result = extract_function_vectors(adapter, sampler, _settings(), tmp_path, "data", progress=False)
-    path = result.fvs.save(tmp_path / "fv.safetensors")
+    fvs = extract(adapter, sampler, _settings(), tmp_path, "data", progress=False).function_vectors(adapter, 3, 1)
+    path = fvs.save(tmp_path / "fv.safetensors")
     loaded = FunctionVectorSet.load(path, adapter)
-    assert loaded.heads == result.fvs.heads and loaded.layer == 1
+    assert loaded.heads == fvs.heads and loaded.layer == 1
     assert loaded.metadata["k"] == 3 and loaded.metadata["data_fingerprint"] == "data"
     other = build_tiny_openflamingo(tiny_config(hidden_size=48, num_heads=4))
     with pytest.raises(IncompatibleVectorError, match="hidden_size"):
@@ -149,9 +214,9 @@ def test_fv_file_round_trip_and_wrong_backbone(adapter, sampler, tmp_path):
 
 
 def test_fv_injection_changes_zero_shot_logits(adapter, sampler, tmp_path):
-    result = extract_function_vectors(adapter, sampler, _settings(), tmp_path, "data", progress=False)
+    fvs = extract(adapter, sampler, _settings(), tmp_path, "data", progress=False).function_vectors(adapter, 3, 1)
     batch = _batch(adapter, sampler, "zero_shot", range(4))
     plain = adapter.forward(batch.prompts)
-    with add_to_residual(adapter, result.fvs.layer, result.fvs.stacked()[batch.relation_ids]):
+    with add_to_residual(adapter, fvs.layer, fvs.stacked()[batch.relation_ids]):
         steered = adapter.forward(batch.prompts)
     assert (steered - plain).abs().max() > 1e-4

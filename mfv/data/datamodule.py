@@ -7,6 +7,7 @@ extraction), ``novel`` and ``composite`` (evaluation only).
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 import zlib
 from pathlib import Path
@@ -29,6 +30,17 @@ def first_token_clashes(adapter: BackboneAdapter, names: list[str]) -> list[list
     for name in names:
         by_token.setdefault(adapter.answer_token_id(probe, name), []).append(name)
     return [group for group in by_token.values() if len(group) > 1]
+
+
+def hash_files(paths: Sequence[Path], *extra: object) -> str:
+    """A short content hash of ``paths`` (sorted, names and bytes) and ``extra`` values."""
+    digest = hashlib.sha256(repr(extra).encode())
+    for path in sorted(Path(p) for p in paths):
+        digest.update(path.name.encode())
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 def split_seed(seed: int, split: str) -> int:
@@ -62,6 +74,10 @@ class RelationDataModule(L.LightningDataModule):
         raise NotImplementedError
 
     def has_split(self, split: str) -> bool:
+        raise NotImplementedError
+
+    def fingerprint(self, split: str) -> str:
+        """A content hash of everything that defines ``split``'s episodes (cache keys use it)."""
         raise NotImplementedError
 
     def dataloader(
@@ -157,7 +173,12 @@ class SyntheticRelationDataModule(RelationDataModule):
         return split in self.num_images or split == "val"
 
     def split_dir(self, split: str) -> Path:
-        return self.data_dir / f"{split}-{self.image_size}px-seed{self.seed}-n{self.num_images[split]}"
+        source = "train" if split == "val" else split
+        return self.data_dir / f"{source}-{self.image_size}px-seed{self.seed}-n{self.num_images[source]}"
+
+    def fingerprint(self, split: str) -> str:
+        """Hash of the split's scene table (object names, boxes, files) and how ``val`` is cut."""
+        return hash_files([self.split_dir(split) / "metadata.parquet"], split, self.val_fraction)
 
     def prepare_data(self) -> None:
         for split in self.num_images:

@@ -106,7 +106,8 @@ class EpisodeSampler:
 
         Modes: ``clean`` (demonstrations of the relation), ``zero_shot`` (query alone),
         ``corrupted`` (same demonstrations labelled with mixed relations, for AIE) and
-        ``shuffled`` (demonstrations whose answers are random objects of their scene).
+        ``shuffled`` (the clean demonstrations with their answers permuted across them so
+        that no demonstration keeps its own answer: the authors' shuffled-label baseline).
         """
         if mode not in MODES:
             raise DataError(f"unknown episode mode {mode!r}; valid: {list(MODES)}")
@@ -126,35 +127,45 @@ class EpisodeSampler:
                 pool = list(chosen[0].neighbours)
                 labels = [pool[i % len(pool)] for i in rng.permutation(max(shots, len(pool)))][:shots]
             for k, scene in enumerate(chosen):
-                if mode == "clean":
-                    label = relation
-                elif mode == "corrupted":
-                    label = labels[k]
-                else:  # shuffled: any neighbour of the scene
-                    label = list(scene.neighbours)[int(rng.integers(len(scene.neighbours)))]
+                label = labels[k] if mode == "corrupted" else relation
                 demo_relations.append(label)
                 demos.append(Example(scene.load_image(), scene.anchor, scene.neighbours[label]))
+            if mode == "shuffled" and len(demos) > 1:
+                # A random cyclic derangement: demonstration k shows the answer of demonstration order[k+1].
+                order = rng.permutation(len(demos))
+                answers = {int(order[i]): demos[int(order[(i + 1) % len(demos)])].answer for i in range(len(demos))}
+                demos = [Example(d.image, d.question, answers[i]) for i, d in enumerate(demos)]
         query = Example(query_scene.load_image(), query_scene.anchor)
         return Episode(relation, tuple(demos), query, query_scene.neighbours[relation], mode, tuple(demo_relations))
 
 
 @dataclass
 class EncodedBatch:
-    """A collated batch: the adapter's tensors, answer token ids and relation indices."""
+    """A collated batch: the adapter's tensors, answer token ids, relation indices and
+    each row's index in its dataset (so results gathered across ranks stay exact)."""
 
     prompts: PromptBatch
     answer_ids: torch.Tensor
     relation_ids: torch.Tensor
+    indices: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> "EncodedBatch":
-        return EncodedBatch(self.prompts.to(device), self.answer_ids.to(device), self.relation_ids.to(device))
+        indices = None if self.indices is None else self.indices.to(device)
+        return EncodedBatch(self.prompts.to(device), self.answer_ids.to(device), self.relation_ids.to(device), indices)
 
     def __len__(self) -> int:
         return len(self.answer_ids)
 
 
-def encode_episodes(adapter: BackboneAdapter, episodes: Sequence[Episode], relations: Sequence[str]) -> EncodedBatch:
-    """Renders and collates episodes for ``adapter``, with the answer's first token."""
+def encode_episodes(
+    adapter: BackboneAdapter, episodes: Sequence[Episode], relations: Sequence[str],
+    indices: Sequence[int] | None = None,
+) -> EncodedBatch:
+    """Renders and collates episodes for ``adapter``, with the answer's first token.
+
+    Args:
+        indices: each episode's index in its dataset (default ``0..len-1``).
+    """
     prompts: list[Prompt] = [adapter.build_prompt(e.demonstrations, e.query) for e in episodes]
     answers = [adapter.answer_token_id(p.text, e.answer) for p, e in zip(prompts, episodes)]
     relation_index = {r: i for i, r in enumerate(relations)}
@@ -162,14 +173,19 @@ def encode_episodes(adapter: BackboneAdapter, episodes: Sequence[Episode], relat
         adapter.collate(prompts),
         torch.tensor(answers, dtype=torch.long),
         torch.tensor([relation_index[e.relation] for e in episodes], dtype=torch.long),
+        torch.tensor(list(range(len(episodes))) if indices is None else list(indices), dtype=torch.long),
     )
 
 
 class EpisodeDataset(torch.utils.data.Dataset):
-    """Episodes of one mode as a map-style dataset (images loaded lazily, per item)."""
+    """Episodes of one mode as a map-style dataset (images loaded lazily, per item).
+
+    Items are ``(index, episode)`` so that every batch knows its rows' dataset indices.
+    """
 
     def __init__(self, sampler: EpisodeSampler, mode: Mode = "clean", shots: int | None = None, limit: int | None = None):
         self.sampler = sampler
+        self.relations = list(sampler.relations)
         self.mode = mode
         self.shots = shots
         self.length = len(sampler) if limit is None else min(limit, len(sampler))
@@ -177,14 +193,30 @@ class EpisodeDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.length
 
-    def __getitem__(self, index: int) -> Episode:
-        return self.sampler.episode(index, self.mode, self.shots)
+    def __getitem__(self, index: int) -> tuple[int, Episode]:
+        return index, self.sampler.episode(index, self.mode, self.shots)
 
 
-def episode_collator(adapter: BackboneAdapter, relations: Sequence[str]) -> Callable[[list[Episode]], EncodedBatch]:
+class EpisodeList(torch.utils.data.Dataset):
+    """Episodes built in advance (e.g. analogy problems) as a dataset of ``(index, episode)``."""
+
+    def __init__(self, episodes: Sequence[Episode], relations: Sequence[str]):
+        self.episodes = list(episodes)
+        self.relations = list(relations)
+
+    def __len__(self) -> int:
+        return len(self.episodes)
+
+    def __getitem__(self, index: int) -> tuple[int, Episode]:
+        return index, self.episodes[index]
+
+
+def episode_collator(
+    adapter: BackboneAdapter, relations: Sequence[str]
+) -> Callable[[list[tuple[int, Episode]]], EncodedBatch]:
     """A DataLoader ``collate_fn`` producing adapter-ready batches (runs in the workers)."""
 
-    def collate(episodes: list[Episode]) -> EncodedBatch:
-        return encode_episodes(adapter, episodes, relations)
+    def collate(items: list[tuple[int, Episode]]) -> EncodedBatch:
+        return encode_episodes(adapter, [e for _, e in items], relations, [i for i, _ in items])
 
     return collate

@@ -26,7 +26,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from mfv.data.datamodule import RelationDataModule, split_seed
+from mfv.data.datamodule import RelationDataModule, hash_files, split_seed
 from mfv.data.episodes import Episode, EpisodeSampler, Mode, Scene
 from mfv.errors import DataError
 from mfv.models.base import Example
@@ -360,6 +360,15 @@ class GQARelationDataModule(RelationDataModule):
 
     def split_dir(self, split: str) -> Path:
         return self.dataset_dir / "dataset"
+
+    def fingerprint(self, split: str) -> str:
+        """Hash of the prepared task table the split is drawn from (any other filter or
+        seed at prepare time gives other bytes) and how ``val`` is cut."""
+        source = "test" if split == "test" else "train"
+        files = [p for p in (self.dataset_dir / "dataset" / source).iterdir() if p.is_file()]
+        if not files:
+            raise DataError(f"{self.dataset_dir}/dataset/{source} is empty: run `python -m mfv.data.gqa prepare` again")
+        return hash_files(files, split, self.val_fraction)
 
     def prepare_data(self) -> None:
         if not (self.dataset_dir / "dataset").is_dir():

@@ -1,16 +1,25 @@
-"""The extraction pipeline: means -> AIE -> heads -> FVs, sharded, cached and resumable.
+"""The extraction pipeline, staged: means -> AIE (cached) -> heads, K, layer, FVs (derived).
 
-Work is split into chunks of prompts. Each finished chunk is saved to the cache folder
-(keyed by backbone, data and settings), so an interrupted run resumes from its last
-saved chunk and a finished one is loaded instead of recomputed. Under
-``torch.distributed`` each rank takes every ``world_size``-th chunk and the sums are
-all-reduced, so the result does not depend on the number of ranks.
+Stage 1 (expensive, cached): mean head activations over clean prompts and indirect
+effects over corrupted prompts. Their cache key holds only what they depend on: the
+backbone and its weights, the data fingerprint (owned by the DataModule), relations,
+shots, prompt counts, seed and algorithm. Work is split into chunks of prompts; each
+finished chunk is written atomically under a unique temporary name, so an interrupted
+run resumes from its last saved chunk, two concurrent runs never clobber each other, and
+a chunk that cannot be read (truncated by a full disk, say) is reported and recomputed.
+Under ``torch.distributed`` each rank takes every ``world_size``-th chunk and the sums
+are all-reduced, so the result does not depend on the number of ranks.
+
+Stage 2 (cheap, never cached): head choice (K, pooled or per relation) and FVs at any
+layer come from the cached tensors (:meth:`Extraction.function_vectors`), so a K or layer
+sweep never reruns AIE.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
@@ -20,26 +29,33 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from mfv.data.episodes import EncodedBatch, EpisodeSampler, encode_episodes
+from mfv.errors import ConfigError
+from mfv.io import atomic_torch_save, atomic_write_text
 from mfv.method.aie import Algorithm, accumulate_means, finalize_means, indirect_effects, positive_mass_share, top_heads
 from mfv.method.function_vector import FunctionVectorSet, build_function_vector
 from mfv.models.base import BackboneAdapter
 
+Selection = Literal["per_relation", "pooled"]
+CACHE_FORMAT = 2
+# Head choice (stage 2) defaults: the authors' top-K per relation.
+DEFAULT_K = 10
+DEFAULT_SELECTION: Selection = "per_relation"
+
 
 @dataclass
 class ExtractionSettings:
-    """Everything that changes the extraction result (all part of the cache key).
+    """Everything the cached means and AIE depend on (all but ``batch_size`` are in the key).
 
     Attributes:
         relations: Relations to extract FVs for.
-        shots: Demonstrations in clean and corrupted prompts.
+        shots: Demonstrations in clean and corrupted prompts (>= 1).
         num_mean_prompts: Clean prompts for the mean activations (over all relations).
         num_aie_prompts: Corrupted prompts for the AIE (over all relations).
-        k: Heads summed into each FV.
-        layer: Injection layer (default: the middle layer).
-        selection: ``pooled`` (one head set from the AIE pooled over relations) or
-            ``per_relation``.
-        algorithm: ``fast`` or ``reference``.
-        batch_size: Prompts per chunk (the unit of resumption).
+        algorithm: ``fast`` or ``reference`` (equal to float rounding).
+        aie_filter: ``clean_correct`` (the authors': IE averaged only over prompts whose
+            clean N-shot version the model answers correctly; a relation with none falls
+            back to all its prompts, recorded in ``aie_fallback``) or ``all``.
+        batch_size: Prompts per chunk (the unit of resumption; does not change results).
         seed: Episode seed.
     """
 
@@ -47,35 +63,115 @@ class ExtractionSettings:
     shots: int = 4
     num_mean_prompts: int = 200
     num_aie_prompts: int = 100
-    k: int = 10
-    layer: int | None = None
-    selection: Literal["pooled", "per_relation"] = "pooled"
     algorithm: Algorithm = "fast"
+    aie_filter: Literal["clean_correct", "all"] = "clean_correct"
     batch_size: int = 8
     seed: int = 0
 
+    def validate(self) -> None:
+        """Raises :class:`ConfigError` naming the field, before any compute."""
+        if self.shots < 1:
+            raise ConfigError(f"shots = {self.shots}: extraction needs N-shot prompts, shots must be >= 1 "
+                              f"(data.init_args.shots)")
+        for name in ("num_mean_prompts", "num_aie_prompts", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"aie.{name} = {getattr(self, name)} must be >= 1")
+        if self.algorithm not in ("fast", "reference"):
+            raise ConfigError(f"aie.algorithm = {self.algorithm!r}; valid: ['fast', 'reference']")
+        if self.aie_filter not in ("clean_correct", "all"):
+            raise ConfigError(f"aie.aie_filter = {self.aie_filter!r}; valid: ['clean_correct', 'all']")
+        if not self.relations:
+            raise ConfigError("model.relations is empty")
+
+
+def validate_head_choice(k: int, selection: str, adapter: BackboneAdapter) -> None:
+    """Checks K and the selection mode against the backbone before any compute."""
+    total = adapter.num_layers * adapter.num_heads
+    if not 1 <= k <= total:
+        raise ConfigError(f"aie.k = {k} is out of range: the backbone has {total} heads "
+                          f"({adapter.num_layers} layers x {adapter.num_heads}); choose 1..{total}")
+    if selection not in ("per_relation", "pooled"):
+        raise ConfigError(f"aie.selection = {selection!r}; valid: ['per_relation', 'pooled']")
+
 
 @dataclass
-class ExtractionResult:
-    """Means, AIE, chosen heads and FVs of one extraction."""
+class Extraction:
+    """Cached stage-1 tensors of one extraction, and what derives from them.
 
-    fvs: FunctionVectorSet
-    aie_per_relation: torch.Tensor  # (relations, layers, heads)
-    aie_pooled: torch.Tensor  # (layers, heads)
+    Attributes:
+        relations: Relation order of every tensor's first axis.
+        means: ``(relations, layers, heads, head_dim)`` mean activations.
+        aie_per_relation: ``(relations, layers, heads)``.
+        aie_pooled: ``(layers, heads)``, over all AIE prompts.
+        kept, seen: clean prompts averaged / seen per relation.
+        fallback: relations with no correct clean prompt (averaged over all of theirs).
+        aie_prompts: corrupted prompts averaged per relation.
+        aie_fallback: relations whose AIE is over all prompts (none was clean-correct).
+        data_fingerprint: The DataModule's fingerprint of the eval split.
+        cache_dir: Where the tensors live.
+    """
+
+    relations: list[str]
+    means: torch.Tensor
+    aie_per_relation: torch.Tensor
+    aie_pooled: torch.Tensor
     kept: list[int]
     seen: list[int]
+    fallback: list[str]
+    aie_prompts: list[int]
+    aie_fallback: list[str]
+    data_fingerprint: str
     cache_dir: Path
 
-    def summary(self) -> dict:
-        heads = self.fvs.heads
+    def aie(self, relation: str | None = None) -> torch.Tensor:
+        """Pooled AIE, or one relation's."""
+        return self.aie_pooled if relation is None else self.aie_per_relation[self.relations.index(relation)]
+
+    def heads(self, k: int, selection: Selection = "per_relation") -> dict[str, list[tuple[int, int]]]:
+        """Top-``k`` heads per relation: from its own AIE (``per_relation``, the authors')
+        or one set from the pooled AIE (``pooled``)."""
+        return {r: top_heads(self.aie_pooled if selection == "pooled" else self.aie_per_relation[i], k)
+                for i, r in enumerate(self.relations)}
+
+    def function_vectors(
+        self, adapter: BackboneAdapter, k: int, layer: int, selection: Selection = "per_relation"
+    ) -> FunctionVectorSet:
+        """The FVs of the top-``k`` heads, to be injected after ``layer``."""
+        validate_head_choice(k, selection, adapter)
+        if not 0 <= layer < adapter.num_layers:
+            raise ConfigError(f"model.layer = {layer} is out of range; valid layers: 0..{adapter.num_layers - 1}")
+        heads = self.heads(k, selection)
+        vectors = {r: build_function_vector(adapter, self.means[i], heads[r]) for i, r in enumerate(self.relations)}
+        return FunctionVectorSet(
+            vectors=vectors, layer=layer, heads=heads, backbone_id=adapter.backbone_id,
+            shape=adapter.shape_signature(),
+            metadata={"kind": "extracted", "k": k, "selection": selection,
+                      "prompts_kept": dict(zip(self.relations, self.kept)),
+                      "prompts_seen": dict(zip(self.relations, self.seen)),
+                      "fallback_relations": self.fallback,
+                      "aie_prompts": dict(zip(self.relations, self.aie_prompts)),
+                      "data_fingerprint": self.data_fingerprint},
+        )
+
+    def summary(self, k: int, selection: Selection = "per_relation") -> dict:
+        """JSON-ready facts: heads, prompt counts, sparsity of the positive AIE."""
+        positive = self.aie_pooled.clamp(min=0).flatten().sort(descending=True).values
+        total = float(positive.sum())
+        half = int((positive.cumsum(0) < 0.5 * total).sum()) + 1 if total > 0 else 0
         return {
-            "relations": self.fvs.relations,
-            "layer": self.fvs.layer,
-            "heads": {r: [list(h) for h in hs] for r, hs in heads.items()},
-            "prompts_kept": dict(zip(self.fvs.relations, self.kept)),
-            "prompts_seen": dict(zip(self.fvs.relations, self.seen)),
+            "relations": self.relations,
+            "k": k,
+            "selection": selection,
+            "heads": {r: [list(h) for h in hs] for r, hs in self.heads(k, selection).items()},
+            "prompts_kept": dict(zip(self.relations, self.kept)),
+            "prompts_seen": dict(zip(self.relations, self.seen)),
+            "aie_prompts": dict(zip(self.relations, self.aie_prompts)),
+            "aie_fallback": self.aie_fallback,
             "top10_positive_aie_share": positive_mass_share(self.aie_pooled, 10),
+            "heads_for_half_positive_aie": half,
+            "heads_for_half_positive_aie_share": half / self.aie_pooled.numel(),
             "max_aie": float(self.aie_pooled.max()),
+            "cache_dir": str(self.cache_dir),
         }
 
 
@@ -88,14 +184,29 @@ def weights_fingerprint(adapter: BackboneAdapter) -> str:
 
 
 def cache_key(adapter: BackboneAdapter, settings: ExtractionSettings, data_fingerprint: str) -> str:
+    """The key of stage 1: backbone, weights, data and the settings the tensors depend on."""
+    depends = {k: v for k, v in asdict(settings).items() if k != "batch_size"}
     payload = {
+        "format": CACHE_FORMAT,
         "backbone": adapter.backbone_id,
         "shape": adapter.shape_signature(),
         "weights": weights_fingerprint(adapter),
         "data": data_fingerprint,
-        "settings": asdict(settings),
+        "settings": depends,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _load_or_none(path: Path) -> object | None:
+    """Loads a cache file; a corrupt one is reported, removed and treated as missing."""
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as exc:  # truncated or garbled: recompute rather than crash every later run
+        warnings.warn(f"cache file {path} is unreadable ({type(exc).__name__}: {exc}); recomputing it", stacklevel=3)
+        path.unlink(missing_ok=True)
+        return None
 
 
 def _rank_world() -> tuple[int, int]:
@@ -116,56 +227,54 @@ def _all_reduce(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def _chunked(
-    name: str,
-    folder: Path,
-    num_prompts: int,
-    batch_size: int,
-    compute: Callable[[range], list[torch.Tensor]],
-    progress: bool,
+    name: str, folder: Path, num_prompts: int, batch_size: int,
+    compute: Callable[[range], list[torch.Tensor]], progress: bool,
 ) -> list[torch.Tensor]:
     """Runs ``compute`` over this rank's chunks (skipping saved ones) and sums the results."""
     rank, world = _rank_world()
-    folder.mkdir(parents=True, exist_ok=True)
-    chunks = list(range(0, num_prompts, batch_size))
+    chunks = [range(s, min(s + batch_size, num_prompts)) for s in range(0, num_prompts, batch_size)]
     mine = [c for i, c in enumerate(chunks) if i % world == rank]
     totals: list[torch.Tensor] | None = None
-    for start in tqdm(mine, desc=name, disable=not progress or rank != 0, unit="chunk"):
-        path = folder / f"{name}_{start:07d}.pt"
-        if path.is_file():
-            parts = torch.load(path, weights_only=True)
-        else:
-            parts = compute(range(start, min(start + batch_size, num_prompts)))
-            tmp = path.with_suffix(".tmp")
-            torch.save(parts, tmp)
-            tmp.replace(path)  # atomic: a killed run never leaves half a chunk
+    for indices in tqdm(mine, desc=name, disable=not progress or rank != 0, unit="chunk"):
+        # Named by prompt range: a different chunk size never reads a wrong chunk.
+        path = folder / f"{name}_{indices.start:07d}-{indices.stop:07d}.pt"
+        parts = _load_or_none(path)
+        if parts is None:
+            parts = compute(indices)
+            atomic_torch_save(parts, path)
         totals = parts if totals is None else [a + b for a, b in zip(totals, parts)]
     if totals is None:  # more ranks than chunks
         totals = [torch.zeros_like(t) for t in compute(range(0))]
     return _all_reduce(totals)
 
 
-def extract_function_vectors(
+def extract(
     adapter: BackboneAdapter,
     sampler: EpisodeSampler,
     settings: ExtractionSettings,
     cache_root: str | Path,
     data_fingerprint: str,
     progress: bool = True,
-) -> ExtractionResult:
-    """Runs (or resumes, or loads) the whole extraction for ``settings``."""
-    relations = settings.relations
+) -> Extraction:
+    """Computes (or resumes, or loads) the cached means and AIE of ``settings``."""
+    settings.validate()
+    relations = list(settings.relations)
     num_relations = len(relations)
-    layer = settings.layer if settings.layer is not None else adapter.num_layers // 2
-    if not 0 <= layer < adapter.num_layers:
-        raise ValueError(f"layer {layer} out of range: the backbone has layers 0..{adapter.num_layers - 1}")
     folder = Path(cache_root) / cache_key(adapter, settings, data_fingerprint)
-    result_file = folder / "function_vectors.safetensors"
-    if result_file.is_file() and (folder / "aie.pt").is_file():
-        saved = torch.load(folder / "aie.pt", weights_only=True)
-        fvs = FunctionVectorSet.load(result_file, adapter)
-        return ExtractionResult(fvs, saved["per_relation"], saved["pooled"], saved["kept"], saved["seen"], folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "settings.json").write_text(json.dumps(asdict(settings), indent=2))
+    result_file = folder / "extraction.pt"
+
+    def finished(saved: dict) -> Extraction:
+        return Extraction(relations, saved["means"], saved["per_relation"], saved["pooled"], saved["kept"],
+                          saved["seen"], saved["fallback"], saved["aie_prompts"], saved["aie_fallback"], data_fingerprint, folder)
+
+    saved = _load_or_none(result_file)
+    if saved is not None:
+        return finished(saved)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"aie.cache_dir {cache_root} is not writable ({exc}); point aie.cache_dir elsewhere") from exc
+    atomic_write_text(folder / "settings.json", json.dumps({**asdict(settings), "data": data_fingerprint}, indent=2))
 
     def episodes(indices: range, mode: str) -> EncodedBatch:
         return encode_episodes(adapter, [sampler.episode(i, mode, settings.shots) for i in indices], relations)
@@ -178,47 +287,44 @@ def extract_function_vectors(
     means = finalize_means(*sums)
 
     def aie_chunk(indices: range) -> list[torch.Tensor]:
-        total = torch.zeros(num_relations, adapter.num_layers, adapter.num_heads, dtype=torch.float64)
-        count = torch.zeros(num_relations, dtype=torch.long)
+        shape = (num_relations, adapter.num_layers, adapter.num_heads)
+        total, total_all = torch.zeros(shape, dtype=torch.float64), torch.zeros(shape, dtype=torch.float64)
+        count, count_all = torch.zeros(num_relations, dtype=torch.long), torch.zeros(num_relations, dtype=torch.long)
         if len(indices):
             batch = episodes(indices, "corrupted")
             effects = indirect_effects(adapter, batch, means.means, settings.algorithm).double()
-            total.index_add_(0, batch.relation_ids.cpu(), effects)
-            count.index_add_(0, batch.relation_ids.cpu(), torch.ones(len(batch), dtype=torch.long))
-        return [total, count]
+            relation = batch.relation_ids.cpu()
+            if settings.aie_filter == "clean_correct":
+                # The clean episode of the same index has the same query and demonstration images.
+                clean = episodes(indices, "clean")
+                with torch.no_grad():
+                    keep = (adapter.forward(clean.prompts).argmax(-1).cpu() == clean.answer_ids).long()
+            else:
+                keep = torch.ones(len(batch), dtype=torch.long)
+            total.index_add_(0, relation, effects * keep[:, None, None])
+            count.index_add_(0, relation, keep)
+            total_all.index_add_(0, relation, effects)
+            count_all.index_add_(0, relation, torch.ones(len(batch), dtype=torch.long))
+        return [total, count, total_all, count_all]
 
-    total, count = _chunked("aie", folder, settings.num_aie_prompts, settings.batch_size, aie_chunk, progress)
-    per_relation = (total / count.clamp(min=1)[:, None, None]).float()
-    pooled = (total.sum(0) / count.sum().clamp(min=1)).float()
-
-    heads = {
-        r: top_heads(pooled if settings.selection == "pooled" else per_relation[i], settings.k)
-        for i, r in enumerate(relations)
+    total, count, total_all, count_all = _chunked(
+        "aie", folder, settings.num_aie_prompts, settings.batch_size, aie_chunk, progress)
+    aie_fallback = [r for r in range(num_relations) if count[r] == 0]
+    for r in aie_fallback:
+        total[r], count[r] = total_all[r], count_all[r]
+    if aie_fallback and settings.aie_filter == "clean_correct":
+        warnings.warn(f"no clean-correct AIE prompt for {[relations[r] for r in aie_fallback]}: their AIE is "
+                      f"averaged over all {count_all[aie_fallback].tolist()} corrupted prompts", stacklevel=2)
+    saved = {
+        "means": means.means,
+        "per_relation": (total / count.clamp(min=1)[:, None, None]).float(),
+        "pooled": (total.sum(0) / count.sum().clamp(min=1)).float(),
+        "kept": means.kept,
+        "seen": means.seen,
+        "fallback": [relations[r] for r in means.fallback],
+        "aie_prompts": count.tolist(),
+        "aie_fallback": [relations[r] for r in aie_fallback],
     }
-    vectors = {r: build_function_vector(adapter, means.means[i], heads[r]) for i, r in enumerate(relations)}
-    fvs = FunctionVectorSet(
-        vectors=vectors,
-        layer=layer,
-        heads=heads,
-        backbone_id=adapter.backbone_id,
-        shape=adapter.shape_signature(),
-        metadata={
-            "kind": "extracted",
-            "k": settings.k,
-            "selection": settings.selection,
-            "shots": settings.shots,
-            "prompts_kept": dict(zip(relations, means.kept)),
-            "prompts_seen": dict(zip(relations, means.seen)),
-            "fallback_relations": [relations[r] for r in means.fallback],
-            "aie_prompts": dict(zip(relations, count.tolist())),
-            "data_fingerprint": data_fingerprint,
-        },
-    )
-    rank, _ = _rank_world()
-    if rank == 0:
-        torch.save(
-            {"per_relation": per_relation, "pooled": pooled, "kept": means.kept, "seen": means.seen,
-             "means": means.means}, folder / "aie.pt",
-        )
-        fvs.save(result_file)
-    return ExtractionResult(fvs, per_relation, pooled, means.kept, means.seen, folder)
+    if _rank_world()[0] == 0:
+        atomic_torch_save(saved, result_file)
+    return finished(saved)

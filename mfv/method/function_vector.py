@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import torch
 
 from mfv.errors import IncompatibleVectorError
+from mfv.io import atomic_write
 from mfv.hooks import head_output_contributions
 from mfv.models.base import BackboneAdapter
 
@@ -85,8 +86,8 @@ class FunctionVectorSet:
             "relations": json.dumps(self.relations),
             "metadata": json.dumps(self.metadata),
         }
-        save_file(tensors, str(path), metadata=meta)
-        return path
+        # Atomic, and readable by colleagues as the umask allows (safetensors writes 0600).
+        return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
     @classmethod
     def load(cls, path: str | Path, adapter: BackboneAdapter | None = None) -> "FunctionVectorSet":
@@ -101,19 +102,41 @@ class FunctionVectorSet:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"function-vector file {path} not found")
-        with safe_open(str(path), "pt") as handle:
-            meta = handle.metadata() or {}
-            if "backbone_id" not in meta:
-                raise IncompatibleVectorError(f"{path}: not an mfv function-vector file (no backbone_id metadata)")
-            relations = json.loads(meta["relations"])
-            vectors = {r: handle.get_tensor(f"fv.{r}") for r in relations}
+        field_name = "file"
+        try:
+            with safe_open(str(path), "pt") as handle:
+                meta = handle.metadata() or {}
+                if "backbone_id" not in meta:
+                    raise IncompatibleVectorError(f"{path}: not an mfv function-vector file (no backbone_id metadata)")
+                values = {}
+                for field_name, parse in (("relations", json.loads), ("layer", int), ("heads", json.loads),
+                                          ("shape", json.loads), ("metadata", json.loads)):
+                    values[field_name] = parse(meta.get(field_name, "{}" if field_name == "metadata" else ""))
+                field_name = "tensors"
+                vectors = {r: handle.get_tensor(f"fv.{r}") for r in values["relations"]}
+        except IncompatibleVectorError:
+            raise
+        except Exception as exc:  # truncated file, bad JSON, missing tensor: say which field
+            raise IncompatibleVectorError(
+                f"{path}: unreadable function-vector file (field {field_name!r}: {type(exc).__name__}: {exc}); "
+                f"re-export it with train.py") from exc
+        hidden = values["shape"].get("hidden_size") if isinstance(values["shape"], dict) else None
+        for relation, vector in vectors.items():
+            if vector.dim() != 1 or (hidden is not None and vector.numel() != hidden):
+                raise IncompatibleVectorError(
+                    f"{path}: tensor fv.{relation} has shape {tuple(vector.shape)} but field 'shape' says hidden_size "
+                    f"{hidden}; the file was edited or is damaged")
+        heads = values["heads"]
+        if not isinstance(heads, dict) or not all(isinstance(h, list) and all(len(p) == 2 for p in h)
+                                                  for h in heads.values()):
+            raise IncompatibleVectorError(f"{path}: field 'heads' must map relations to [layer, head] pairs")
         fvs = cls(
             vectors=vectors,
-            layer=int(meta["layer"]),
-            heads={r: [tuple(h) for h in hs] for r, hs in json.loads(meta["heads"]).items()},
+            layer=values["layer"],
+            heads={r: [tuple(h) for h in hs] for r, hs in heads.items()},
             backbone_id=meta["backbone_id"],
-            shape=json.loads(meta["shape"]),
-            metadata=json.loads(meta.get("metadata", "{}")),
+            shape=values["shape"],
+            metadata=values["metadata"],
         )
         if adapter is not None:
             fvs.check_compatible(adapter, path)
@@ -145,3 +168,8 @@ class FunctionVectorSet:
             raise IncompatibleVectorError(
                 f"{source}: field 'layer' = {self.layer} is beyond the backbone's layers 0..{adapter.num_layers - 1}"
             )
+        for relation, heads in self.heads.items():
+            bad = [h for h in heads if not (0 <= h[0] < adapter.num_layers and 0 <= h[1] < adapter.num_heads)]
+            if bad:
+                raise IncompatibleVectorError(f"{source}: field 'heads' of {relation!r} has {bad}, outside the "
+                                              f"backbone's {adapter.num_layers} layers x {adapter.num_heads} heads")

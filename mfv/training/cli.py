@@ -19,6 +19,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, Ri
 from lightning.pytorch.cli import LightningCLI
 
 from mfv.errors import MfvError
+from mfv.io import atomic_write_text
 from mfv.training.callbacks import AIEHeadSelection
 from mfv.training.module import FV_PARAMETER, FunctionVectorModule
 
@@ -42,29 +43,40 @@ class FunctionVectorCLI(LightningCLI):
         parser.link_arguments("model.relations", "data.init_args.relations")
 
 
-def main(args: Sequence[str] | None = None) -> dict:
-    """Runs the training job and returns the metrics written to ``metrics.json``."""
+TRAINER_DEFAULTS = {
+    "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+               "init_args": {"save_dir": "runs", "name": "train"}},
+    "log_every_n_steps": 5,
+}
+
+
+def build_cli(cli_class: type[LightningCLI], args: Sequence[str] | None, trainer_defaults: dict | None = None):
+    """Parses the config and overrides and builds model, datamodule and trainer (no run).
+
+    Bad input exits with status 2 and one line naming the field, never a traceback.
+    """
     torch.set_float32_matmul_precision("high")
     try:
-        cli = FunctionVectorCLI(
+        return cli_class(
             FunctionVectorModule,
             L.LightningDataModule,
             subclass_mode_data=True,
             run=False,
             args=args,
             save_config_kwargs={"overwrite": True},
-            trainer_defaults={
-                "callbacks": [RichProgressBar(leave=True), LearningRateMonitor(logging_interval="step")],
-                "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                           "init_args": {"save_dir": "runs", "name": "train"}},
-                "log_every_n_steps": 5,
-            },
+            trainer_defaults={**TRAINER_DEFAULTS, **(trainer_defaults or {})},
         )
     except (MfvError, ValueError) as exc:
         # jsonargparse wraps errors raised while instantiating classes in ValueError;
         # either way the message names the field and the valid values.
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from exc
+
+
+def main(args: Sequence[str] | None = None) -> dict:
+    """Runs the training job and returns the metrics written to ``metrics.json``."""
+    cli = build_cli(FunctionVectorCLI, args, {
+        "callbacks": [RichProgressBar(leave=True), LearningRateMonitor(logging_interval="step")]})
     model: FunctionVectorModule = cli.model
     datamodule = cli.datamodule
     datamodule.attach(model.adapter)
@@ -75,16 +87,22 @@ def main(args: Sequence[str] | None = None) -> dict:
     checkpoint = next(c for c in trainer.callbacks if isinstance(c, ModelCheckpoint) and c.monitor)
     best = checkpoint.best_model_path or None
     if best:
-        state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
+        saved = torch.load(best, map_location="cpu", weights_only=False)
         with torch.no_grad():
-            model.function_vectors.copy_(state[FV_PARAMETER])
+            model.function_vectors.copy_(saved["state_dict"][FV_PARAMETER])
+        model.on_load_checkpoint(saved)  # the heads the FVs came from (set in another process under spawn)
+        model.exported_epoch = int(saved.get("epoch", -1))
     test = trainer.test(model, datamodule=datamodule, verbose=False)
     run_dir = Path(trainer.log_dir or trainer.default_root_dir)
     metrics: dict = {}
+    aie = next((c for c in trainer.callbacks if isinstance(c, AIEHeadSelection)), None)
+    if aie is not None and aie.result is None and trainer.is_global_zero:
+        # Under ddp_spawn the extraction ran in other processes; its cache makes this a load.
+        aie.extract(model.adapter, list(model.relations), datamodule, progress=False)
     if trainer.is_global_zero:
-        exported = model.export()
-        model.export(run_dir / "function_vectors_finetuned.safetensors")
-        aie = next((c for c in trainer.callbacks if isinstance(c, AIEHeadSelection)), None)
+        exported = model.export(run_dir / "function_vectors_finetuned.safetensors")
+        if model.hparams.export_dir:
+            model.export()
         metrics = {
             "test": test[0] if test else {},
             "best_val_acc": float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else None,
@@ -92,9 +110,9 @@ def main(args: Sequence[str] | None = None) -> dict:
             "exported_fv": str(exported),
             "layer": model.layer,
             "relations": model.relations,
-            "aie": aie.result.summary() if aie is not None and aie.result is not None else None,
+            "aie": aie.result.summary(aie.k, aie.selection) if aie is not None and aie.result is not None else None,
         }
-        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2))
         print(json.dumps(metrics["test"], indent=2))
         print(f"run directory: {run_dir}")
     return metrics

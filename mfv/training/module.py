@@ -7,12 +7,14 @@ from typing import Any, Literal, Sequence
 
 import lightning as L
 import torch
-import torchmetrics
 from torch import nn
 
 from mfv.data.episodes import EncodedBatch
 from mfv.errors import ConfigError
+from mfv.evaluation.conditions import Condition
+from mfv.evaluation.scoring import Score
 from mfv.hooks import add_to_residual
+from mfv.io import ensure_writable_dir
 from mfv.method.function_vector import FunctionVectorSet
 from mfv.models import load_backbone
 from mfv.models.base import BackboneAdapter
@@ -36,7 +38,9 @@ class FunctionVectorModule(L.LightningModule):
         lr: Adam learning rate.
         weight_decay: Adam weight decay.
         backbone_dtype: ``float32`` or ``bfloat16`` for the frozen weights; FVs stay fp32.
-        export_dir: Where the best FVs are exported as safetensors.
+        export_dir: Optional extra export folder (``<backbone>-finetuned.safetensors`` there);
+            the best FVs always go to the run folder. An existing file there is an error at
+            start, never silently replaced.
     """
 
     def __init__(
@@ -50,7 +54,7 @@ class FunctionVectorModule(L.LightningModule):
         lr: float = 1e-2,
         weight_decay: float = 0.0,
         backbone_dtype: Literal["float32", "bfloat16"] = "float32",
-        export_dir: str = "checkpoints",
+        export_dir: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -81,11 +85,20 @@ class FunctionVectorModule(L.LightningModule):
         self.source_heads: dict[str, list[tuple[int, int]]] = {}
         if fv_path is not None:
             self.set_function_vectors(FunctionVectorSet.load(fv_path, self.adapter))
+        self.exported_epoch: int | None = None
+        if export_dir:
+            target = self.export_path()
+            if target.exists():
+                raise ConfigError(f"model.export_dir: {target} exists; move it away or choose another export_dir "
+                                  f"(the run folder always gets the FVs)")
+            ensure_writable_dir(export_dir, "model.export_dir")
         self.strict_loading = False  # checkpoints hold only the FVs
-        self.val_accuracy = nn.ModuleDict({r: torchmetrics.MeanMetric() for r in self.relations})
-        self.test_accuracy = nn.ModuleDict({r: torchmetrics.MeanMetric() for r in self.relations})
-        self.val_mean = torchmetrics.MeanMetric()
-        self.test_mean = torchmetrics.MeanMetric()
+        # Evaluation conditions for the test loop (see mfv.evaluation); None = test the trained FVs.
+        self.conditions: list[Condition] | None = None
+        self.scores: dict[int, Score] = {}
+        self.outcome_file: str | None = None
+        self.eval_loader_options: dict[str, int] = {"batch_size": 16, "num_workers": 0}
+        self._outcomes: list[torch.Tensor] = []
 
     def _build_backbone(self) -> None:
         self.adapter = load_backbone(self.hparams.backbone, **(self.hparams.backbone_options or {}))
@@ -139,7 +152,7 @@ class FunctionVectorModule(L.LightningModule):
             heads=self.source_heads or {r: [] for r in self.relations},
             backbone_id=self.adapter.backbone_id,
             shape=self.adapter.shape_signature(),
-            metadata={"kind": kind, "epoch": int(self.current_epoch) if self._trainer else None},
+            metadata={"kind": kind, "epoch": self.exported_epoch},
         )
 
     # ----- steps -------------------------------------------------------------------
@@ -155,37 +168,95 @@ class FunctionVectorModule(L.LightningModule):
         logits = self(batch)
         loss = nn.functional.cross_entropy(logits.float(), batch.answer_ids)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=len(batch))
         return loss
 
-    def _score(self, batch: EncodedBatch, per_relation: nn.ModuleDict, overall: torchmetrics.MeanMetric) -> None:
-        correct = (self(batch).argmax(-1) == batch.answer_ids).float()
-        for i, relation in enumerate(self.relations):
-            mask = batch.relation_ids == i
-            if mask.any():
-                per_relation[relation].update(correct[mask])
-        overall.update(correct)
+    # Evaluation records one outcome per dataset row (index-addressed), gathered across
+    # ranks with max: exact counts under DDP, whatever padding the sampler adds.
+    def _start_outcomes(self, dataloaders) -> None:
+        loaders = dataloaders if isinstance(dataloaders, (list, tuple)) else [dataloaders]
+        # rows: seen, correct, relation id, answer probability
+        self._outcomes = [torch.tensor([[0.0], [0.0], [-1.0], [0.0]], device=self.device).repeat(1, len(d.dataset))
+                          for d in loaders]
+
+    def _record(self, batch: EncodedBatch, dataloader_idx: int) -> None:
+        condition = self.conditions[dataloader_idx] if self.conditions is not None else None
+        if condition is None:
+            logits = self(batch)
+        elif condition.vectors is None:
+            logits = self.adapter.forward(batch.prompts)
+        else:
+            vectors = condition.vectors.to(self.device)
+            rows = {"all": lambda: vectors, "relation": lambda: vectors[batch.relation_ids],
+                    "row": lambda: vectors[batch.indices]}[condition.vector_index]()
+            with add_to_residual(self.adapter, condition.layer, rows):
+                logits = self.adapter.forward(batch.prompts)
+        probability = logits.float().softmax(-1).gather(-1, batch.answer_ids[:, None]).squeeze(-1)
+        buffer = self._outcomes[dataloader_idx]
+        buffer[0, batch.indices] = 1.0
+        buffer[1, batch.indices] = (logits.argmax(-1) == batch.answer_ids).float()
+        buffer[2, batch.indices] = batch.relation_ids.float()
+        buffer[3, batch.indices] = probability.detach()
+
+    def _finish_outcomes(self, relations_of: list[list[str]]) -> dict[int, Score]:
+        scores = {}
+        for index, buffer in enumerate(self._outcomes):
+            gathered = self.all_gather(buffer)
+            if gathered.dim() == 3:
+                gathered = gathered.max(0).values
+            seen = gathered[0] > 0
+            scores[index] = Score.from_tensors(relations_of[index], gathered[1][seen], gathered[2][seen],
+                                               gathered[3][seen])
+        self._outcomes = []
+        return scores
+
+    def _log_score(self, stage: str, score: Score) -> None:
+        # Identical on every rank after the gather: no further reduction.
+        for relation, entry in score.per_relation().items():
+            self.log(f"{stage}/acc_{relation}", entry["accuracy"], sync_dist=False)
+        self.log(f"{stage}/acc", score.accuracy, prog_bar=True, sync_dist=False)
+
+    def on_validation_epoch_start(self) -> None:
+        self._start_outcomes(self.trainer.val_dataloaders)
 
     def validation_step(self, batch: EncodedBatch, batch_idx: int) -> None:
-        self._score(batch, self.val_accuracy, self.val_mean)
+        self._record(batch, 0)
 
     def on_validation_epoch_end(self) -> None:
-        self._log_accuracy("val", self.val_accuracy, self.val_mean)
+        if self.trainer.sanity_checking:
+            self._outcomes = []
+            return
+        self._log_score("val", self._finish_outcomes([self.relations])[0])
 
-    def test_step(self, batch: EncodedBatch, batch_idx: int) -> None:
-        self._score(batch, self.test_accuracy, self.test_mean)
+    def test_dataloader(self) -> list[torch.utils.data.DataLoader]:
+        """One loader per evaluation condition (built here so that spawned processes build
+        them around their own backbone)."""
+        from mfv.data.episodes import episode_collator
+
+        if self.conditions is None:
+            raise RuntimeError("trainer.test(module) without a datamodule needs module.conditions (mfv.evaluation)")
+        return [torch.utils.data.DataLoader(c.dataset, shuffle=False, **self.eval_loader_options,
+                                            collate_fn=episode_collator(self.adapter, c.dataset.relations))
+                for c in self.conditions]
+
+    def on_test_epoch_start(self) -> None:
+        self._start_outcomes(self.trainer.test_dataloaders)
+
+    def test_step(self, batch: EncodedBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._record(batch, dataloader_idx)
 
     def on_test_epoch_end(self) -> None:
-        self._log_accuracy("test", self.test_accuracy, self.test_mean)
+        if self.conditions is None:
+            self.scores = self._finish_outcomes([self.relations])
+            self._log_score("test", self.scores[0])
+        else:
+            self.scores = self._finish_outcomes([c.dataset.relations for c in self.conditions])
+        if self.outcome_file is not None and self.trainer.is_global_zero:
+            # Spawned processes (ddp_spawn) hand their scores back to the caller through this file.
+            from mfv.io import atomic_torch_save
 
-    def _log_accuracy(self, stage: str, per_relation: nn.ModuleDict, overall: torchmetrics.MeanMetric) -> None:
-        # compute() synchronises across ranks.
-        for relation, metric in per_relation.items():
-            if metric.update_count:
-                self.log(f"{stage}/acc_{relation}", metric.compute(), sync_dist=False)
-            metric.reset()
-        self.log(f"{stage}/acc", overall.compute(), prog_bar=True)
-        overall.reset()
+            atomic_torch_save({i: [torch.from_numpy(a) for a in (s.correct, s.relation, s.probability)]
+                               for i, s in self.scores.items()},
+                              Path(self.outcome_file))
 
     def configure_optimizers(self):
         optimizer = torch.optim.Adam([self.function_vectors], lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
@@ -215,7 +286,9 @@ class FunctionVectorModule(L.LightningModule):
         self.source_heads = {r: [tuple(h) for h in hs] for r, hs in meta.get("source_heads", {}).items()}
         self.fv_initialized = True
 
+    def export_path(self, kind: str = "finetuned") -> Path:
+        return Path(self.hparams.export_dir) / f"{self.adapter.backbone_id}-{kind}.safetensors"
+
     def export(self, path: str | Path | None = None, kind: str = "finetuned") -> Path:
-        """Saves the current FVs as safetensors (default: ``export_dir/<backbone>-finetuned.safetensors``)."""
-        path = Path(path or Path(self.hparams.export_dir) / f"{self.adapter.backbone_id}-{kind}.safetensors")
-        return self.function_vector_set(kind).save(path)
+        """Saves the current FVs as safetensors (default: :meth:`export_path`)."""
+        return self.function_vector_set(kind).save(Path(path) if path else self.export_path(kind))

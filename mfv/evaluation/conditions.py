@@ -1,0 +1,124 @@
+"""Evaluation conditions: what is injected where, over which prompts; analogy problems.
+
+A :class:`Condition` is one dataset of episodes plus the vector added after a layer
+(or none). The module's test loop runs a list of them as its dataloaders
+(:meth:`mfv.training.module.FunctionVectorModule.test_step`), so every condition uses the
+trainer's devices and strategy and its per-prompt outcomes are gathered across ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import torch
+
+from mfv.data.episodes import Episode, EpisodeSampler
+from mfv.models.base import Example
+
+VectorIndex = Literal["all", "relation", "row"]
+
+
+@dataclass
+class Condition:
+    """One evaluated condition.
+
+    Attributes:
+        name: Stable name (the key in ``metrics.json``).
+        group: Report group (``test``, ``novel``, ``analogy``, ``sweep``, ``weights``).
+        split: The data split its prompts come from.
+        dataset: ``(index, episode)`` items with a ``relations`` attribute.
+        vectors: ``None`` (no injection), ``(hidden,)`` for every row, ``(relations, hidden)``
+            indexed by each row's relation, or ``(rows, hidden)`` indexed by row.
+        vector_index: Which of those ``vectors`` is.
+        layer: Injection layer.
+        description: Human-readable label for tables and plots.
+    """
+
+    name: str
+    group: str
+    split: str
+    dataset: torch.utils.data.Dataset
+    vectors: torch.Tensor | None = None
+    vector_index: VectorIndex = "relation"
+    layer: int | None = None
+    description: str = ""
+
+
+@dataclass
+class AnalogyProblem:
+    """A one-shot analogy: a source pair, then a target query of the same (untrained) relation."""
+
+    relation: str
+    source: Example  # with answer
+    target: Example
+    answer: str
+
+
+def analogy_problems(sampler: EpisodeSampler, count: int, seed: int = 0) -> list[AnalogyProblem]:
+    """Problems on the composite split: source and target are different scenes."""
+    problems = []
+    scenes = sampler.queries
+    generator = torch.Generator().manual_seed(seed)
+    for index in range(min(count, len(scenes))):
+        target = scenes[index]
+        others = [s for s in scenes if s is not target]
+        source = others[int(torch.randint(len(others), (1,), generator=generator))]
+        relation = target.relation
+        problems.append(AnalogyProblem(
+            relation, Example(source.load_image(), source.anchor, source.neighbours[relation]),
+            Example(target.load_image(), target.anchor), target.neighbours[relation]))
+    return problems
+
+
+def analogy_episodes(problems: Sequence[AnalogyProblem], shots: int, sampler: EpisodeSampler) -> list[Episode]:
+    """ICL on the analogy problems: 0-shot (target alone), 1-shot (source pair + target),
+    N-shot (source + N-1 more demonstrations of the relation)."""
+    episodes = []
+    for index, problem in enumerate(problems):
+        demos: tuple[Example, ...] = ()
+        if shots >= 1:
+            extra = sampler.episode(index, "clean", shots - 1, problem.relation).demonstrations if shots > 1 else ()
+            demos = (problem.source, *extra)
+        episodes.append(Episode(problem.relation, demos, problem.target, problem.answer, "clean"))
+    return episodes
+
+
+def source_episodes(problems: Sequence[AnalogyProblem]) -> list[Episode]:
+    """The sources' zero-shot prompts, answered by the source pair's answer (composite weights)."""
+    return [Episode(p.relation, (), Example(p.source.image, p.source.question), p.source.answer, "zero_shot")
+            for p in problems]
+
+
+CompositeMode = Literal["normalized", "sum", "raw", "uniform"]
+COMPOSITE_MODES: dict[str, str] = {
+    "normalized": "weighted average, weights = P(source answer | FV_r) normalised to sum 1",
+    "raw": "probability-weighted sum, weights = P(source answer | FV_r) not normalised",
+    "sum": "plain sum of the trained FVs",
+    "uniform": "plain average of the trained FVs",
+}
+
+
+def composite_vectors(probabilities: torch.Tensor, trained: torch.Tensor, mode: CompositeMode) -> torch.Tensor:
+    """Per problem, the composite FV from the trained relations' FVs.
+
+    Args:
+        probabilities: ``(problems, trained relations)`` P(source answer | that FV injected).
+        trained: ``(trained relations, hidden)``.
+        mode: see :data:`COMPOSITE_MODES`.
+
+    Returns:
+        ``(problems, hidden)``.
+    """
+    problems, count = probabilities.shape
+    if mode == "normalized":
+        weights = probabilities / probabilities.sum(-1, keepdim=True).clamp(min=1e-12)
+    elif mode == "raw":
+        weights = probabilities
+    elif mode == "sum":
+        weights = torch.ones(problems, count)
+    elif mode == "uniform":
+        weights = torch.full((problems, count), 1.0 / count)
+    else:
+        raise ValueError(f"composite mode must be one of {sorted(COMPOSITE_MODES)}, got {mode!r}")
+    return weights.float() @ trained.float()

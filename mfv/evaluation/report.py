@@ -1,0 +1,141 @@
+"""Reports written from an :class:`~mfv.evaluation.protocol.EvaluationResult`.
+
+``metrics.json`` (machines), ``report.md`` (people), PNG figures and TensorBoard
+scalars and figures. Every accuracy shown carries its 95% interval and n.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+from mfv.evaluation import plots
+from mfv.evaluation.protocol import EvaluationResult
+from mfv.io import atomic_write, atomic_write_text
+from mfv.method.extraction import Extraction
+
+GROUP_TITLES = {"test": "Test split (trained objects)", "novel": "Novel objects",
+                "analogy": "Analogies (untrained diagonal relations)"}
+
+
+def _fmt(accuracy: float, ci: Sequence[float]) -> str:
+    return f"{accuracy:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def _table(rows: list[tuple[str, dict]]) -> str:
+    relations: list[str] = []
+    for _, c in rows:
+        relations += [r for r in c["per_relation"] if r not in relations]
+    header = ("| condition | " + " | ".join(relations) + " | mean [95% CI] | n |\n|---|"
+              + "---|" * (len(relations) + 2) + "\n")
+    lines = []
+    for name, c in rows:
+        per = c["per_relation"]
+        cells = [f"{per[r]['accuracy']:.3f}" if r in per else "–" for r in relations]
+        lines.append(f"| {c.get('description') or name} (`{name}`) | " + " | ".join(cells)
+                     + f" | **{_fmt(c['accuracy'], c['ci95'])}** | {c['n']} |")
+    return header + "\n".join(lines) + "\n"
+
+
+def report_markdown(metrics: dict) -> str:
+    """The markdown report of a ``metrics.json`` dict."""
+    conditions = metrics["conditions"]
+    injected = metrics["injected"]["extracted"]
+    extraction = metrics["extraction"]
+    parts = [
+        f"# mfv evaluation — {metrics['settings']['backbone']}\n\n",
+        f"Extracted FVs injected after layer {injected['layer']}, K = {injected['k']} heads, selection "
+        f"{injected['selection']}. Heads: {json.dumps(injected['heads'])}. ",
+    ]
+    finetuned = metrics["injected"].get("finetuned")
+    if finetuned:
+        parts.append(f"Fine-tuned FVs injected after layer {finetuned['layer']}. ")
+    parts.append(
+        f"{extraction['heads_for_half_positive_aie']} of the LM's heads "
+        f"({extraction['heads_for_half_positive_aie_share']:.1%}) carry half of the positive AIE; the top 10 "
+        f"carry {extraction['top10_positive_aie_share']:.0%}.\n\nAccuracy is the mean over relations of the "
+        f"first answer token's top-1 accuracy; intervals are 95% (per relation: Wilson; mean: stratified "
+        f"bootstrap over prompts).\n")
+    for group, title in GROUP_TITLES.items():
+        rows = [(n, c) for n, c in conditions.items() if c["group"] == group]
+        if rows:
+            parts += [f"\n## {title}\n\n", _table(rows)]
+    if metrics["comparisons"]:
+        parts.append("\n## Paired comparisons (same prompts)\n\n| comparison | difference [95% CI] | p | n |\n"
+                     "|---|---|---|---|\n")
+        for name, c in metrics["comparisons"].items():
+            parts.append(f"| {name} | {_fmt(c['difference'], c['ci95'])} | {c['p_value']:.3g} | {c['n']} |\n")
+    if metrics.get("analogy_weights"):
+        trained = list(next(iter(metrics["analogy_weights"].values())))
+        parts.append("\nMean composite weights (normalised):\n\n| diagonal | " + " | ".join(trained) + " |\n|---|"
+                     + "---|" * len(trained) + "\n")
+        for d, w in metrics["analogy_weights"].items():
+            parts.append(f"| {d} | " + " | ".join(f"{w[t]:.2f}" for t in trained) + " |\n")
+    for name, label in (("layer", "injection layer"), ("k", "K (heads)")):
+        sweep = metrics["sweeps"].get(name)
+        if sweep and "chosen" in sweep:
+            at = sweep.get("test_at_chosen")
+            parts.append(f"\nBest {label} on the validation split: {sweep['chosen']}"
+                         + (f"; on test there: {_fmt(at['accuracy'], at['ci95'])} (n={at['n']})" if at else "") + ".")
+    parts.append("\n\nFigures: conditions.png, layer_sweep.png, k_sweep.png, aie_heatmap.png.\n")
+    return "".join(parts)
+
+
+def _reference_lines(metrics: dict) -> dict[str, float]:
+    summary = metrics["summary"]
+    return {label: summary[name] for name, label in (("zero_shot", "zero-shot (test)"), ("icl_4", "4-shot ICL (test)"))
+            if name in summary}
+
+
+def figures(metrics: dict, extraction: Extraction) -> dict[str, object]:
+    """Every figure of the report, by file stem."""
+    rows = [{"name": n, "group": c["group"], "label": c.get("description") or n, "accuracy": c["accuracy"],
+             "ci95": c["ci95"]} for n, c in metrics["conditions"].items()]
+    out = {"conditions": plots.conditions_chart(rows)}
+    for name, label in (("layer", "injection layer"), ("k", "heads K")):
+        sweep = metrics["sweeps"].get(name)
+        if sweep:
+            series = {f"zero-shot + FV ({split})": (sweep[split]["accuracy"], sweep[split]["ci95"])
+                      for split in ("val", "test") if split in sweep}
+            out[f"{name}_sweep"] = plots.sweep_plot(sweep["x"], series, label, f"Accuracy vs {label}",
+                                                    _reference_lines(metrics), sweep.get("chosen"))
+    injected = metrics["injected"]["extracted"]
+    heads = {r: [tuple(h) for h in hs] for r, hs in injected["heads"].items()}
+    pooled_heads = extraction.heads(injected["k"], "pooled")[extraction.relations[0]]
+    out["aie_heatmap"] = plots.aie_grid(extraction.aie_pooled, {r: extraction.aie(r) for r in extraction.relations},
+                                        heads, pooled_heads)
+    return out
+
+
+def write_report(result: EvaluationResult, out: str | Path, extraction: Extraction, tensorboard=None) -> dict:
+    """Writes metrics.json, report.md and the PNG figures into ``out``; logs to ``tensorboard``.
+
+    Args:
+        tensorboard: A ``SummaryWriter`` (e.g. the training run's logger experiment) or None.
+
+    Returns:
+        The metrics dict.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = result.to_dict()
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
+    atomic_write_text(out / "report.md", report_markdown(metrics))
+    for stem, figure in figures(metrics, extraction).items():
+        if tensorboard is not None:
+            tensorboard.add_figure(f"eval/{stem}", figure, global_step=0, close=False)
+        atomic_write(out / f"{stem}.png", lambda tmp, f=figure: f.savefig(tmp, dpi=120, format="png"))
+        plots.save_close(figure)
+    if tensorboard is not None:
+        for group in GROUP_TITLES:
+            for n, c in metrics["conditions"].items():
+                if c["group"] == group:
+                    tensorboard.add_scalar(f"eval_{group}/{n}", c["accuracy"], 0)
+        for name, sweep in metrics["sweeps"].items():
+            for split in ("val", "test"):
+                if split in sweep:
+                    for x, y in zip(sweep["x"], sweep[split]["accuracy"]):
+                        tensorboard.add_scalar(f"sweep_{name}/{split}_accuracy_by_{name}", y, x)
+        tensorboard.flush()
+    return metrics

@@ -1,0 +1,133 @@
+"""The one accuracy definition, its intervals and paired comparisons.
+
+Accuracy is the **mean over relations** of per-relation top-1 accuracy of the answer's
+first token (the paper's averaging), everywhere: training's ``val/acc`` and
+``test/acc``, evaluation, reports. Intervals:
+
+* per relation: Wilson score interval (95%) over its prompts;
+* the mean over relations: percentile bootstrap (95%) over prompts, resampled within
+  each relation (the per-relation counts stay fixed), with a fixed seed;
+* paired comparisons of two conditions on the same prompts: the bootstrap interval of the
+  difference (same resampled prompts for both) and a two-sided bootstrap p-value.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+BOOTSTRAP_SAMPLES = 2000
+BOOTSTRAP_SEED = 0
+Z95 = 1.959963984540054
+
+
+def wilson_interval(correct: int, total: int, z: float = Z95) -> tuple[float, float]:
+    """95% Wilson score interval of ``correct / total`` (``(0, 1)`` when ``total`` is 0)."""
+    if total == 0:
+        return 0.0, 1.0
+    p = correct / total
+    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def macro_accuracy(correct: np.ndarray, relation: np.ndarray, num_relations: int) -> float:
+    """Mean over relations (those with prompts) of per-relation accuracy."""
+    per = [correct[relation == r].mean() for r in range(num_relations) if (relation == r).any()]
+    return float(np.mean(per)) if per else 0.0
+
+
+def _bootstrap_indices(relation: np.ndarray, num_relations: int, samples: int, seed: int) -> list[np.ndarray]:
+    """Per relation, ``(samples, n_r)`` resampled prompt positions (stratified bootstrap)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for r in range(num_relations):
+        rows = np.flatnonzero(relation == r)
+        if len(rows):
+            out.append(rows[rng.integers(0, len(rows), size=(samples, len(rows)))])
+    return out
+
+
+def _bootstrap_macro(correct: np.ndarray, strata: list[np.ndarray]) -> np.ndarray:
+    return np.mean([correct[idx].mean(1) for idx in strata], axis=0)
+
+
+@dataclass
+class Score:
+    """Per-prompt outcomes of one condition, and everything derived from them.
+
+    Attributes:
+        relations: Relation names (index = relation id).
+        correct: ``(n,)`` 1 where the top-1 first token was the answer.
+        relation: ``(n,)`` relation id of each prompt.
+        probability: ``(n,)`` the model's probability of the answer's first token.
+    """
+
+    relations: list[str]
+    correct: np.ndarray
+    relation: np.ndarray
+    probability: np.ndarray
+
+    @classmethod
+    def from_tensors(cls, relations: Sequence[str], correct: torch.Tensor, relation: torch.Tensor,
+                     probability: torch.Tensor | None = None) -> "Score":
+        correct_np = correct.detach().cpu().double().numpy()
+        probability_np = (np.zeros_like(correct_np) if probability is None
+                          else probability.detach().cpu().double().numpy())
+        return cls(list(relations), correct_np, relation.detach().cpu().long().numpy(), probability_np)
+
+    @property
+    def n(self) -> int:
+        return int(len(self.correct))
+
+    @property
+    def accuracy(self) -> float:
+        """Mean over relations of per-relation accuracy."""
+        return macro_accuracy(self.correct, self.relation, len(self.relations))
+
+    def per_relation(self) -> dict[str, dict]:
+        out = {}
+        for r, name in enumerate(self.relations):
+            mask = self.relation == r
+            total = int(mask.sum())
+            if total:
+                correct = int(self.correct[mask].sum())
+                out[name] = {"correct": correct, "total": total, "accuracy": correct / total,
+                             "ci95": list(wilson_interval(correct, total))}
+        return out
+
+    def ci95(self, samples: int = BOOTSTRAP_SAMPLES, seed: int = BOOTSTRAP_SEED) -> tuple[float, float]:
+        """Stratified percentile bootstrap interval of :attr:`accuracy`."""
+        if self.n == 0:
+            return 0.0, 1.0
+        strata = _bootstrap_indices(self.relation, len(self.relations), samples, seed)
+        draws = _bootstrap_macro(self.correct, strata)
+        low, high = np.percentile(draws, [2.5, 97.5])
+        # Percentiles of a discrete statistic can miss the point estimate by rounding.
+        return float(min(low, self.accuracy)), float(max(high, self.accuracy))
+
+    def as_dict(self) -> dict:
+        return {"accuracy": self.accuracy, "ci95": list(self.ci95()), "ci_method": "stratified bootstrap",
+                "n": self.n, "per_relation": self.per_relation()}
+
+
+def paired_comparison(a: Score, b: Score, samples: int = BOOTSTRAP_SAMPLES, seed: int = BOOTSTRAP_SEED) -> dict:
+    """``a - b`` on the same prompts: difference, its 95% paired bootstrap interval, p-value.
+
+    Raises:
+        ValueError: the two scores are not over the same prompts.
+    """
+    if a.n != b.n or not np.array_equal(a.relation, b.relation):
+        raise ValueError("a paired comparison needs the same prompts in both conditions")
+    strata = _bootstrap_indices(a.relation, len(a.relations), samples, seed)
+    diff = _bootstrap_macro(a.correct, strata) - _bootstrap_macro(b.correct, strata)
+    observed = a.accuracy - b.accuracy
+    low, high = np.percentile(diff, [2.5, 97.5])
+    # Two-sided: how often the resampled difference falls on the other side of zero.
+    p = min(1.0, 2 * min(float((diff <= 0).mean()), float((diff >= 0).mean()))) if samples else 1.0
+    return {"difference": observed, "ci95": [float(min(low, observed)), float(max(high, observed))],
+            "p_value": p, "n": a.n, "method": "paired stratified bootstrap"}
