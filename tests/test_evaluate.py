@@ -9,11 +9,10 @@ import pytest
 import torch
 import yaml
 
-from mfv.eval_cli import main
-from mfv.evaluation import AnalogyProblem, composite_weights
+from mfv.evaluation import composite_vectors
+from mfv.evaluation.cli import main
 from mfv.method.function_vector import FunctionVectorSet
 from mfv.models import load_backbone
-from mfv.models.base import Example
 
 BACKBONE = {"image_size": 32, "patch_size": 8, "hidden_size": 32, "num_layers": 3, "num_heads": 4, "intermediate_size": 64}
 
@@ -46,7 +45,8 @@ def finetuned_fv(config_path, tmp_path_factory) -> Path:
 def metrics(config_path, finetuned_fv, tmp_path_factory) -> tuple[dict, Path]:
     out = tmp_path_factory.mktemp("out")
     result = main(["--config", str(config_path), "--fv", str(finetuned_fv), "--out", str(out), "--limit", "6",
-                   "--shots", "1", "4", "--max-k", "5", "--sweep-limit", "8"])
+                   "--evaluation.shots", "[1, 4]", "--evaluation.max_k", "5", "--evaluation.sweep_limit", "8",
+                   "--trainer.enable_progress_bar", "false"])
     return result, out
 
 
@@ -54,24 +54,32 @@ def test_every_condition_runs_and_metrics_match_the_schema(metrics):
     result, out = metrics
     on_disk = json.loads((out / "metrics.json").read_text())
     assert on_disk == json.loads(json.dumps(result))
-    assert on_disk["schema_version"] == 1
+    assert on_disk["schema_version"] == 2
     required = {"zero_shot", "zero_shot_fv", "zero_shot_finetuned_fv", "icl_1", "icl_4", "novel_zero_shot_fv",
-                "analogy_composite_fv", "analogy_icl_1", "icl_shuffled_2", "icl_shuffled_2_fv", "novel_zero_shot",
-                "analogy_icl_0", "analogy_icl_4", "analogy_fv_above", "analogy_composite_fv_uniform",
-                "analogy_composite_fv_raw", "analogy_composite_finetuned_fv"}
+                "analogy_icl_1", "icl_shuffled_2", "icl_shuffled_2_fv", "novel_zero_shot",
+                "analogy_icl_0", "analogy_icl_4", "analogy_fv_above"}
+    required |= {f"analogy_composite_{kind}{mode}{where}" for kind in ("", "finetuned_")
+                 for mode in ("normalized", "raw", "sum", "uniform") for where in ("", "_one_shot")}
     assert required <= set(on_disk["summary"])
     for name, condition in on_disk["conditions"].items():
-        assert set(condition) == {"split", "accuracy", "n", "per_relation"}
-        assert 0.0 <= condition["accuracy"] <= 1.0
+        assert {"split", "group", "accuracy", "ci95", "n", "per_relation"} <= set(condition)
+        low, high = condition["ci95"]
+        assert 0.0 <= low <= condition["accuracy"] <= high <= 1.0, name
         assert on_disk["summary"][name] == condition["accuracy"]
         for counts in condition["per_relation"].values():
             assert counts["correct"] <= counts["total"]
+            assert counts["ci95"][0] <= counts["accuracy"] <= counts["ci95"][1]
     assert set(on_disk["conditions"]["analogy_icl_1"]["per_relation"]) <= {"above-left", "above-right", "below-left", "below-right"}
-    assert on_disk["sweeps"]["layer"]["x"] == [0, 1, 2] and len(on_disk["sweeps"]["k"]["accuracy"]) == 5
+    layer = on_disk["sweeps"]["layer"]
+    assert layer["x"] == [0, 1, 2] and layer["chosen_on"] == "val" and layer["chosen"] in layer["x"]
+    assert len(on_disk["sweeps"]["k"]["test"]["accuracy"]) == 5
+    assert "zero_shot_fv - zero_shot" in on_disk["comparisons"]
     for name in ("report.md", "layer_sweep.png", "k_sweep.png", "aie_heatmap.png", "conditions.png"):
         assert (out / name).stat().st_size > 0
     assert any((out / "tensorboard").iterdir())
-    assert "| zero_shot |" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "(`zero_shot`)" in report and "95% CI" in report
+    assert f"after layer {on_disk['injected']['extracted']['layer']}" in report
 
 
 def test_limit_is_honoured(metrics):
@@ -80,18 +88,13 @@ def test_limit_is_honoured(metrics):
         assert condition["n"] == 6, name
 
 
-def test_composite_weights_sum_to_one():
-    adapter = load_backbone("openflamingo-random", **BACKBONE)
-    image = torch.zeros(3, 32, 32)
-    problems = [AnalogyProblem("above-left", Example(image, "apple", "ball"), Example(image, "cat"), "dog")] * 3
-    trained = torch.randn(4, adapter.hidden_size)
-    normalized = composite_weights(adapter, problems, trained, 1, "normalized")
-    torch.testing.assert_close(normalized.sum(-1), torch.ones(3))
-    assert (normalized >= 0).all()
-    uniform = composite_weights(adapter, problems, trained, 1, "uniform")
-    torch.testing.assert_close(uniform, torch.full((3, 4), 0.25))
-    raw = composite_weights(adapter, problems, trained, 1, "raw")
-    torch.testing.assert_close(raw / raw.sum(-1, keepdim=True), normalized)
+def test_composite_modes():
+    probabilities = torch.tensor([[0.2, 0.6, 0.1, 0.1], [0.0, 0.0, 0.5, 0.5]])
+    trained = torch.eye(4)
+    torch.testing.assert_close(composite_vectors(probabilities, trained, "normalized").sum(-1), torch.ones(2))
+    torch.testing.assert_close(composite_vectors(probabilities, trained, "raw"), probabilities)
+    torch.testing.assert_close(composite_vectors(probabilities, trained, "sum"), torch.ones(2, 4))
+    torch.testing.assert_close(composite_vectors(probabilities, trained, "uniform"), torch.full((2, 4), 0.25))
 
 
 def test_fv_for_a_layer_beyond_the_model_is_a_clear_error(config_path, tmp_path, capsys):

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from mfv.errors import MissingWeightsError
-from mfv.eval_cli import main as evaluate_main
+from mfv.evaluation.cli import main as evaluate_main
 from mfv.models.qwen3vl import load_qwen3vl
 from mfv.training.cli import main as train_main
 
@@ -18,7 +18,7 @@ def test_train_and_evaluate_on_tiny_qwen3vl(tmp_path):
     config = {
         "seed_everything": 0,
         "model": {"backbone": "qwen3vl-random", "backbone_options": {"num_layers": 2}, "layer": 1,
-                  "relations": ["above", "below", "left", "right"], "export_dir": str(tmp_path / "export")},
+                  "relations": ["above", "below", "left", "right"]},
         "data": {"class_path": "mfv.data.datamodule.SyntheticRelationDataModule",
                  "init_args": {"data_dir": str(tmp_path / "data"), "shots": 2, "image_size": 64, "batch_size": 4,
                                "num_images": {"eval": 12, "train": 12, "test": 8, "novel": 8, "composite": 8}}},
@@ -33,9 +33,9 @@ def test_train_and_evaluate_on_tiny_qwen3vl(tmp_path):
     assert metrics["aie"]["heads"]["above"] and "test/acc" in metrics["test"]
     out = tmp_path / "eval"
     result = evaluate_main(["--config", str(path), "--fv", metrics["exported_fv"], "--out", str(out), "--limit", "4",
-                            "--shots", "1", "--max-k", "2", "--sweep-limit", "4"])
+                            "--evaluation.shots", "[1]", "--evaluation.max_k", "2", "--evaluation.sweep_limit", "4"])
     assert {"zero_shot", "zero_shot_fv", "zero_shot_finetuned_fv", "icl_1", "novel_zero_shot_fv",
-            "analogy_composite_fv", "analogy_icl_1"} <= set(result["summary"])
+            "analogy_composite_normalized", "analogy_icl_1"} <= set(result["summary"])
     assert json.loads((out / "metrics.json").read_text())["settings"]["backbone"] == "qwen3vl-tiny"
 
 

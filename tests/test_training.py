@@ -23,7 +23,6 @@ def _args(tmp_path: Path, *extra: str, epochs: int = 1, devices: int = 1, strate
         "--model.backbone_options", json.dumps(BACKBONE),
         "--model.layer", "1",
         "--model.init", init,
-        "--model.export_dir", str(tmp_path / "export"),
         "--data", "mfv.data.datamodule.SyntheticRelationDataModule",
         "--data.data_dir", str(tmp_path / "data"),
         "--data.image_size", "32",
@@ -144,6 +143,17 @@ def test_config_errors_are_clear(tmp_path, capsys, override, message):
         main(_args(tmp_path) + override)
     assert info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_exports_go_to_the_run_and_never_silently_replace_a_file(tmp_path, capsys):
+    first = main(_args(tmp_path / "a", "--model.export_dir", str(tmp_path / "export")))
+    second = main(_args(tmp_path / "b"))
+    assert Path(first["exported_fv"]).parent != Path(second["exported_fv"]).parent
+    exported = tmp_path / "export" / "openflamingo-tiny-finetuned.safetensors"
+    assert exported.is_file() and oct(exported.stat().st_mode & 0o077) != "0o0"  # readable by the group as umask allows
+    with pytest.raises(SystemExit) as info:
+        main(_args(tmp_path / "c", "--model.export_dir", str(tmp_path / "export")))
+    assert info.value.code == 2 and "exists" in capsys.readouterr().err
 
 
 def test_bf16_backbone_keeps_fp32_fvs():
