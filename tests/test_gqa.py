@@ -10,6 +10,7 @@ from PIL import Image
 
 from mfv.data.gqa import (FilterSettings, GQARelationDataModule, iter_scene_graphs, normalise_relation, prepare,
                           resolve_relations)
+from mfv.method.extraction import ExtractionSettings, cache_key
 from mfv.errors import DataError
 
 
@@ -95,7 +96,7 @@ def test_filters_are_configurable(tmp_path):
     assert summary["images_with_tasks"] == 2
 
 
-def test_split_is_balanced_and_deterministic(tmp_path):
+def test_split_is_balanced_image_disjoint_and_deterministic(tmp_path):
     from datasets import load_from_disk
 
     graphs = {f"l{i}": good_image(i) for i in range(20)}
@@ -104,19 +105,62 @@ def test_split_is_balanced_and_deterministic(tmp_path):
     images = images_for(tmp_path, graphs)
     first = prepare([path], images, ["spatial"], tmp_path / "one", seed=3, progress=False)
     second = prepare([path], images, ["spatial"], tmp_path / "two", seed=3, progress=False)
-    assert first["tasks_per_relation"] == second["tasks_per_relation"]
+    assert first["tasks_per_relation"] == second["tasks_per_relation"] and first["split"] == "image_disjoint"
     per = first["tasks_per_relation"]
-    assert per["train"]["left of"] == per["test"]["left of"] == 10
-    assert per["train"]["above"] == per["test"]["above"] == 5
+    for relation, total in (("left of", 20), ("above", 10), ("right of", 30)):
+        assert per["train"][relation] + per["test"][relation] == total
+        assert abs(per["train"][relation] - per["test"][relation]) <= 2, (relation, per)
     one, two = load_from_disk(str(tmp_path / "one/dataset")), load_from_disk(str(tmp_path / "two/dataset"))
     assert one["train"]["image_id"] == two["train"]["image_id"]
-    for relation in ("left of", "above", "right of"):
-        train_ids = {r["image_id"] for r in one["train"] if r["relation"] == relation}
-        test_ids = {r["image_id"] for r in one["test"] if r["relation"] == relation}
-        assert train_ids and test_ids and not train_ids & test_ids
-    other = prepare([path], images, ["spatial"], tmp_path / "three", seed=4, progress=False)
+    assert not set(one["train"]["image_id"]) & set(one["test"]["image_id"])  # no image in both splits
+    prepare([path], images, ["spatial"], tmp_path / "three", seed=4, progress=False)
     assert load_from_disk(str(tmp_path / "three/dataset"))["train"]["image_id"] != one["train"]["image_id"]
-    assert other["tasks"] == first["tasks"]
+    per_relation = prepare([path], images, ["spatial"], tmp_path / "four", seed=3, progress=False, split="per_relation")
+    assert per_relation["tasks_per_relation"]["train"]["left of"] == 10
+
+
+def test_malformed_objects_and_missing_targets_are_counted(tmp_path, capsys):
+    graphs = {f"n{i}": good_image(i) for i in range(3)}
+    del graphs["n1"]["objects"]["1c"]["x"]  # an object without x
+    graphs["n2"]["objects"]["2c"]["relations"] = [{"name": "above", "object": "no-such-id"}]
+    summary = _summary(tmp_path, graphs)
+    assert summary["malformed_entries"] == 1 and "n1" in summary["malformed_examples"][0]
+    assert summary["malformed_by_kind"] == {"KeyError": 1}
+    assert summary["removed_relations"] == {"missing_object": 1}
+    assert summary["images_with_tasks"] == 2
+
+
+SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "gqa-agentic-sample"
+
+
+def _sample_images(tmp_path: Path) -> tuple[Path, Path]:
+    graphs = json.loads((SAMPLE / "sceneGraphs.json").read_text())
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for image_id, entry in graphs.items():
+        Image.new("RGB", (int(entry["width"]), int(entry["height"])), "white").save(folder / f"{image_id}.jpg")
+    return SAMPLE / "sceneGraphs.json", folder
+
+
+@pytest.mark.skipif(not SAMPLE.is_dir(), reason="the shared GQA sample is not next to this checkout")
+def test_authors_released_sample_prepares_to_its_published_counts(tmp_path):
+    graphs, images = _sample_images(tmp_path)
+    released = prepare([graphs], images, ["agentic"], tmp_path / "released",
+                       FilterSettings(min_objects=2, drop_ambiguous=False, blacklist=()), progress=False)
+    assert (released["images_with_tasks"], released["tasks"]) == (373, 494)
+    paper = prepare([graphs], images, ["agentic"], tmp_path / "paper", progress=False)
+    assert (paper["images_with_tasks"], paper["tasks"]) == (281, 332)
+    with pytest.warns(UserWarning, match="standing in"):
+        dm = GQARelationDataModule(str(tmp_path / "paper"), relations=["agentic"], shots=4)
+        sampler = dm.sampler("eval")
+    assert "standing in" in sampler.skipped
+    for index in range(len(sampler)):  # no relation aborts episode sampling; demos from distinct images
+        for mode in ("clean", "corrupted"):
+            episode = sampler.episode(index, mode)
+            assert len(episode.demonstrations) == 4
+    # Different filters over the same scene graphs: different data fingerprints, hence cache keys.
+    other = GQARelationDataModule(str(tmp_path / "released"), relations=["agentic"], shots=4)
+    assert dm.fingerprint("eval") != other.fingerprint("eval")
 
 
 def test_missing_images_are_skipped_and_counted(tmp_path, capsys):
@@ -167,3 +211,36 @@ def test_datamodule_episodes(tmp_path, tiny_adapter):
     assert sorted(corrupted.demo_relations) == ["above", "left of"]
     batch = next(iter(dm.dataloader("test", "clean")))
     assert batch.prompts.pixel_values.shape[1] == 3
+
+
+def test_episodes_use_distinct_images_other_than_the_query(tmp_path):
+    graphs = {f"l{i}": good_image(i) for i in range(8)}
+    graphs.update({f"a{i}": good_image(100 + i, relation="above") for i in range(8)})
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for number, image_id in enumerate(graphs):  # a colour per image, so images can be told apart
+        Image.new("RGB", (100, 100), (10 * number, 0, 0)).save(folder / f"{image_id}.png")
+    prepare([write(tmp_path, graphs)], folder, ["left of", "above"], tmp_path / "gqa", progress=False,
+            image_ext=".png")
+    dm = GQARelationDataModule(str(tmp_path / "gqa"), relations=["left of", "above"], shots=3, val_fraction=0.0)
+    sampler = dm.sampler("train")
+    for index in range(len(sampler)):
+        for mode in ("clean", "corrupted", "shuffled"):
+            episode = sampler.episode(index, mode)
+            colours = [e.image.getpixel((0, 0)) for e in (*episode.demonstrations, episode.query)]
+            assert len(set(colours)) == 4, (index, mode, colours)
+
+
+def test_two_gqa_preparations_get_different_cache_keys(tmp_path, tiny_adapter):
+    graphs = {f"l{i}": good_image(i) for i in range(12)}
+    graphs.update({f"a{i}": good_image(100 + i, relation="above") for i in range(12)})
+    graphs["a0"]["objects"]["100c"]["w"] = 8  # 3% of the image: only a looser min-area keeps it valid
+    path, images = write(tmp_path, graphs), images_for(tmp_path, graphs)
+    prepare([path], images, ["left of", "above"], tmp_path / "strict", progress=False)
+    prepare([path], images, ["left of", "above"], tmp_path / "loose", FilterSettings(min_area=0.01), progress=False)
+    keys = set()
+    for name in ("strict", "loose"):
+        dm = GQARelationDataModule(str(tmp_path / name), relations=["left of", "above"], shots=2)
+        settings = ExtractionSettings(relations=dm.relations, shots=2)
+        keys.add(cache_key(tiny_adapter, settings, dm.fingerprint("eval")))
+    assert len(keys) == 2

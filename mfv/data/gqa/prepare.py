@@ -1,4 +1,4 @@
-"""GQA relation set: scene-graph filtering, a relation-balanced split, episodes, DataModule.
+"""GQA preparation: scene-graph filtering and a relation-balanced, image-disjoint split.
 
     python -m mfv.data.gqa prepare --scene-graphs train_sceneGraphs.json val_sceneGraphs.json \\
         --images gqa/images --relations spatial --out data/gqa
@@ -8,28 +8,28 @@ Scene graphs are read as a stream (one image entry at a time), so GQA's full tra
 object area 5-50% of the image; 3-30 valid objects; 1-15 matching relations; no duplicate
 object names; no subject with the same predicate towards several objects; a blacklist
 of names. Relation names are normalised ("to the left of" -> "left of"). The output is a
-Hugging Face ``datasets`` DatasetDict (train/test, 50/50 per relation, seeded) plus
-``summary.json`` (tasks per relation, what each filter removed).
+Hugging Face ``datasets`` DatasetDict (train/test) plus ``summary.json`` (tasks and images
+per relation, what each filter removed, every malformed entry counted by kind). The split
+is image-disjoint and greedily balanced per relation (the authors'), or, as an option,
+50/50 within each relation (an image may then be train for one relation, test for another).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
+import shutil
 import sys
-import zlib
+import uuid
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-import numpy as np
-
-from mfv.data.datamodule import RelationDataModule, hash_files, split_seed
-from mfv.data.episodes import Episode, EpisodeSampler, Mode, Scene
 from mfv.errors import DataError
-from mfv.models.base import Example
+from mfv.io import atomic_write_text
 
 SPATIAL = ("above", "below", "left of", "right of", "next to", "behind", "in front of")
 AGENTIC = ("wearing", "holding", "carrying", "sitting on", "standing on", "standing in", "riding")
@@ -143,7 +143,9 @@ class PrepareReport:
 
     images_seen: int = 0
     removed: Counter = field(default_factory=Counter)
+    removed_relations: Counter = field(default_factory=Counter)
     malformed: list[str] = field(default_factory=list)
+    malformed_kinds: Counter = field(default_factory=Counter)
     missing_images: int = 0
 
 
@@ -151,7 +153,8 @@ def _valid_objects(entry: dict, settings: FilterSettings) -> dict[str, dict]:
     area = float(entry["width"]) * float(entry["height"])
     valid = {}
     for object_id, obj in entry["objects"].items():
-        ratio = float(obj["w"]) * float(obj["h"]) / area
+        box = [float(obj[k]) for k in ("x", "y", "w", "h")]  # a missing coordinate is malformed, not fatal
+        ratio = box[2] * box[3] / area
         name = str(obj["name"]).strip().lower()
         if settings.min_area <= ratio <= settings.max_area and name not in settings.blacklist:
             valid[object_id] = obj
@@ -161,7 +164,12 @@ def _valid_objects(entry: dict, settings: FilterSettings) -> dict[str, dict]:
 def tasks_of_image(
     image_id: str, entry: dict, relations: set[str], settings: FilterSettings, report: PrepareReport
 ) -> list[dict]:
-    """The (subject, relation, object) tasks an image contributes, after every filter."""
+    """The (subject, relation, object) tasks an image contributes, after every filter.
+
+    A malformed entry (missing field, wrong type) is recorded in ``report`` with its id and
+    skipped; a relation towards an object id the image does not have is counted
+    (``removed_relations['missing_object']``) and dropped.
+    """
     try:
         valid = _valid_objects(entry, settings)
         names = [str(o["name"]).strip().lower() for o in valid.values()]
@@ -175,10 +183,17 @@ def tasks_of_image(
         for subject_id, subject in valid.items():
             for relation in subject.get("relations", []):
                 predicate = normalise_relation(relation["name"])
-                if predicate in relations and relation["object"] in valid:
+                if predicate not in relations:
+                    continue
+                if relation["object"] not in entry["objects"]:
+                    report.removed_relations["missing_object"] += 1
+                elif relation["object"] in valid:
                     triples.append((subject_id, predicate, relation["object"]))
+        width, height = int(entry["width"]), int(entry["height"])
+        boxes = {i: [float(valid[i][k]) for k in ("x", "y", "w", "h")] for i in valid}
     except (KeyError, TypeError, ValueError, ZeroDivisionError, AttributeError) as exc:
         report.malformed.append(f"{image_id} ({type(exc).__name__}: {exc})")
+        report.malformed_kinds[type(exc).__name__] += 1
         return []
     triples = sorted(set(triples))
     if not settings.min_relations <= len(triples) <= settings.max_relations:
@@ -189,24 +204,48 @@ def tasks_of_image(
         if any(c > 1 for c in counts.values()):
             report.removed["ambiguous_subject_predicate"] += 1
             return []
-    tasks = []
-    for subject_id, predicate, object_id in triples:
-        subject, obj = valid[subject_id], valid[object_id]
-        tasks.append({
-            "image_id": image_id,
-            "relation": predicate,
-            "subject": str(subject["name"]).strip().lower(),
-            "object": str(obj["name"]).strip().lower(),
-            "subject_box": [float(subject[k]) for k in ("x", "y", "w", "h")],
-            "object_box": [float(obj[k]) for k in ("x", "y", "w", "h")],
-            "width": int(entry["width"]),
-            "height": int(entry["height"]),
-        })
-    return tasks
+    return [{
+        "image_id": image_id,
+        "relation": predicate,
+        "subject": str(valid[subject_id]["name"]).strip().lower(),
+        "object": str(valid[object_id]["name"]).strip().lower(),
+        "subject_box": boxes[subject_id],
+        "object_box": boxes[object_id],
+        "width": width,
+        "height": height,
+    } for subject_id, predicate, object_id in triples]
 
 
-def balanced_split(tasks: list[dict], seed: int) -> tuple[list[dict], list[dict]]:
-    """50/50 per relation, seeded; images never straddle the split within a relation."""
+SPLITS = ("image_disjoint", "per_relation")
+
+
+def image_disjoint_split(tasks: list[dict], seed: int) -> tuple[list[dict], list[dict]]:
+    """Every image's tasks go to one split; images are assigned greedily (seeded order) to
+    the split that most needs their relations to reach half of each relation's tasks."""
+    by_image: dict[str, list[dict]] = defaultdict(list)
+    for task in tasks:
+        by_image[task["image_id"]].append(task)
+    totals = Counter(t["relation"] for t in tasks)
+    images = sorted(by_image)
+    rng = random.Random(f"{seed}:image_disjoint")
+    rng.shuffle(images)
+    counts = {"train": Counter(), "test": Counter()}
+    parts: dict[str, list[dict]] = {"train": [], "test": []}
+    for image in images:
+        relations = Counter(t["relation"] for t in by_image[image])
+        need = {split: sum(n * (totals[r] / 2 - counts[split][r]) for r, n in relations.items()) for split in counts}
+        if need["train"] == need["test"]:
+            split = rng.choice(["train", "test"])
+        else:
+            split = max(need, key=need.get)
+        counts[split].update(relations)
+        parts[split].extend(by_image[image])
+    return parts["train"], parts["test"]
+
+
+def per_relation_split(tasks: list[dict], seed: int) -> tuple[list[dict], list[dict]]:
+    """50/50 per relation, seeded; images never straddle the split within a relation
+    (but may across relations)."""
     by_relation: dict[str, list[dict]] = defaultdict(list)
     for task in tasks:
         by_relation[task["relation"]].append(task)
@@ -230,6 +269,7 @@ def prepare(
     seed: int = 0,
     image_ext: str = ".jpg",
     progress: bool = True,
+    split: str = "image_disjoint",
 ) -> dict[str, Any]:
     """Filters scene graphs into tasks and writes the split dataset and its summary.
 
@@ -271,17 +311,30 @@ def prepare(
             f"ambiguous_subject_predicate {report.removed['ambiguous_subject_predicate']}; "
             f"{report.missing_images} had no image file, {len(report.malformed)} were malformed"
         )
-    train, test = balanced_split(tasks, seed)
+    if split not in SPLITS:
+        raise DataError(f"split = {split!r}; valid: {list(SPLITS)}")
+    train, test = (image_disjoint_split if split == "image_disjoint" else per_relation_split)(tasks, seed)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    DatasetDict({"train": Dataset.from_list(train), "test": Dataset.from_list(test)}).save_to_disk(str(out / "dataset"))
+    # Written beside the old dataset and swapped in whole: an interrupted prepare leaves the old one.
+    staging = out / f".dataset.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    DatasetDict({"train": Dataset.from_list(train), "test": Dataset.from_list(test)}).save_to_disk(str(staging))
+    if (out / "dataset").exists():
+        shutil.rmtree(out / "dataset")
+    staging.rename(out / "dataset")
     summary = {
         "images_seen": report.images_seen,
         "tasks": len(tasks),
         "images_with_tasks": len({t["image_id"] for t in tasks}),
         "tasks_per_relation": {split: dict(Counter(t["relation"] for t in part)) for split, part in
                                (("train", train), ("test", test))},
+        "images_per_relation": {split_name: {r: len({t["image_id"] for t in part if t["relation"] == r})
+                                             for r in sorted({t["relation"] for t in part})}
+                                for split_name, part in (("train", train), ("test", test))},
+        "split": split,
         "removed_images": dict(report.removed),
+        "removed_relations": dict(report.removed_relations),
+        "malformed_by_kind": dict(report.malformed_kinds),
         "missing_images": report.missing_images,
         "malformed_entries": len(report.malformed),
         "malformed_examples": report.malformed[:20],
@@ -289,141 +342,47 @@ def prepare(
         "filters": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(settings).items()},
         "seed": seed,
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     return summary
 
 
-# ----- episodes and DataModule ---------------------------------------------------------
-
-def scenes_of(rows: Sequence[dict]) -> list[Scene]:
-    """One scene per task: the subject is the anchor, the relation's object the answer."""
-    return [Scene(r["image_path"], r["subject"], {r["relation"]: r["object"]}, r["relation"]) for r in rows]
-
-
-class GQAEpisodeSampler(EpisodeSampler):
-    """Episodes over GQA tasks: demonstrations come from other images of the same relation;
-    corrupted prompts take each demonstration from a different relation."""
-
-    def __init__(self, scenes, relations, shots=4, seed=0, demo_scenes=None) -> None:
-        super().__init__(scenes, relations, shots, seed, demo_scenes)
-        self.by_relation: dict[str, list[Scene]] = defaultdict(list)
-        for scene in self.demo_pool:
-            self.by_relation[scene.relation].append(scene)
-
-    def episode(self, index: int, mode: Mode = "clean", shots: int | None = None, relation: str | None = None) -> Episode:
-        shots = self.shots if shots is None else shots
-        query = self.queries[index % len(self.queries)]
-        relation = relation or query.relation
-        rng = np.random.default_rng([self.seed, index])
-        demos, labels = [], []
-        if mode != "zero_shot":
-            if mode == "clean":
-                labels = [relation] * shots
-            else:  # corrupted / shuffled: labels from mixed relations
-                present = [r for r in self.relations if self.by_relation.get(r)]
-                labels = [present[i % len(present)] for i in rng.permutation(max(shots, len(present)))][:shots]
-            for label in labels:
-                pool = [s for s in self.by_relation.get(label, []) if s.image_path != query.image_path]
-                if not pool:
-                    raise DataError(f"no demonstration image for relation {label!r} other than the query's")
-                scene = pool[int(rng.integers(len(pool)))]
-                demos.append(Example(scene.load_image(), scene.anchor, scene.neighbours[label]))
-        return Episode(relation, tuple(demos), Example(query.load_image(), query.anchor),
-                       query.neighbours[relation], mode, tuple(labels))
-
-
-class GQARelationDataModule(RelationDataModule):
-    """Batches of GQA relation episodes, images loaded lazily with the adapter's preprocessing.
-
-    Args:
-        dataset_dir: Output folder of ``python -m mfv.data.gqa prepare``.
-        relations: Relations to use (``spatial``, ``agentic`` or names).
-        shots: Demonstrations per N-shot prompt.
-        batch_size: Prompts per batch.
-        num_workers: DataLoader workers.
-        seed: Episode seed.
-        val_fraction: Part of the train split held out to pick the best epoch.
-    """
-
-    def __init__(self, dataset_dir: str = "data/gqa", relations: Sequence[str] = ("spatial",), shots: int = 4,
-                 batch_size: int = 16, num_workers: int = 0, seed: int = 0, val_fraction: float = 0.2,
-                 shuffle_train: bool = True) -> None:
-        super().__init__()
-        self.dataset_dir = Path(dataset_dir)
-        self.relations = resolve_relations(relations)
-        self.shots, self.batch_size, self.num_workers = shots, batch_size, num_workers
-        self.seed, self.val_fraction, self.shuffle_train = seed, val_fraction, shuffle_train
-        self._samplers: dict[str, GQAEpisodeSampler] = {}
-
-    def has_split(self, split: str) -> bool:
-        return split in ("train", "val", "test", "eval")
-
-    def split_dir(self, split: str) -> Path:
-        return self.dataset_dir / "dataset"
-
-    def fingerprint(self, split: str) -> str:
-        """Hash of the prepared task table the split is drawn from (any other filter or
-        seed at prepare time gives other bytes) and how ``val`` is cut."""
-        source = "test" if split == "test" else "train"
-        files = [p for p in (self.dataset_dir / "dataset" / source).iterdir() if p.is_file()]
-        if not files:
-            raise DataError(f"{self.dataset_dir}/dataset/{source} is empty: run `python -m mfv.data.gqa prepare` again")
-        return hash_files(files, split, self.val_fraction)
-
-    def prepare_data(self) -> None:
-        if not (self.dataset_dir / "dataset").is_dir():
-            raise DataError(f"{self.dataset_dir}/dataset not found: run `python -m mfv.data.gqa prepare ...` first")
-
-    def sampler(self, split: str) -> GQAEpisodeSampler:
-        if split not in self._samplers:
-            from datasets import load_from_disk
-
-            data = load_from_disk(str(self.dataset_dir / "dataset"))
-            source = "test" if split == "test" else "train"
-            rows = [r for r in data[source] if r["relation"] in self.relations]
-            missing = sorted(set(self.relations) - {r["relation"] for r in rows})
-            if missing:
-                raise DataError(f"{self.dataset_dir}: no {source} task for relation(s) {missing}")
-            scenes = scenes_of(rows)
-            if split in ("train", "val"):
-                order = sorted(range(len(scenes)), key=lambda i: zlib.crc32(scenes[i].image_path.encode()))
-                cut = int(len(order) * (1 - self.val_fraction))
-                scenes = [scenes[i] for i in (order[:cut] if split == "train" else order[cut:])]
-            self._samplers[split] = GQAEpisodeSampler(scenes, self.relations, self.shots,
-                                                      seed=split_seed(self.seed, split))
-        return self._samplers[split]
-
-
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m mfv.data.gqa")
+    formatter = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(prog="python -m mfv.data.gqa", formatter_class=formatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    prep = commands.add_parser("prepare", help="filter scene graphs and write the split dataset")
-    prep.add_argument("--scene-graphs", nargs="+", required=True)
-    prep.add_argument("--images", required=True)
-    prep.add_argument("--relations", nargs="+", default=["spatial"])
-    prep.add_argument("--out", required=True)
-    prep.add_argument("--seed", type=int, default=0)
-    prep.add_argument("--image-ext", default=".jpg")
+    prep = commands.add_parser("prepare", help="filter scene graphs and write the split dataset",
+                               formatter_class=formatter)
+    prep.add_argument("--scene-graphs", nargs="+", required=True, help="GQA scene-graph JSON files (train, val)")
+    prep.add_argument("--images", required=True, help="folder of GQA images named <image_id><image-ext>")
+    prep.add_argument("--relations", nargs="+", default=["spatial"],
+                      help="'spatial', 'agentic' or relation names (GQA spelling is normalised)")
+    prep.add_argument("--out", required=True, help="output folder (dataset/ and summary.json)")
+    prep.add_argument("--seed", type=int, default=0, help="split seed")
+    prep.add_argument("--split", choices=SPLITS, default="image_disjoint",
+                      help="image-disjoint greedy balance (the authors') or 50/50 within each relation")
+    prep.add_argument("--image-ext", default=".jpg", help="image file extension")
     defaults = FilterSettings()
-    prep.add_argument("--min-area", type=float, default=defaults.min_area)
-    prep.add_argument("--max-area", type=float, default=defaults.max_area)
-    prep.add_argument("--min-objects", type=int, default=defaults.min_objects)
-    prep.add_argument("--max-objects", type=int, default=defaults.max_objects)
-    prep.add_argument("--min-relations", type=int, default=defaults.min_relations)
-    prep.add_argument("--max-relations", type=int, default=defaults.max_relations)
-    prep.add_argument("--allow-duplicate-names", action="store_true")
-    prep.add_argument("--keep-ambiguous", action="store_true")
-    prep.add_argument("--blacklist", nargs="*", default=list(BLACKLIST))
+    prep.add_argument("--min-area", type=float, default=defaults.min_area, help="smallest object area / image area")
+    prep.add_argument("--max-area", type=float, default=defaults.max_area, help="largest object area / image area")
+    prep.add_argument("--min-objects", type=int, default=defaults.min_objects, help="fewest valid objects per image")
+    prep.add_argument("--max-objects", type=int, default=defaults.max_objects, help="most valid objects per image")
+    prep.add_argument("--min-relations", type=int, default=defaults.min_relations,
+                      help="fewest matching relations per image")
+    prep.add_argument("--max-relations", type=int, default=defaults.max_relations,
+                      help="most matching relations per image")
+    prep.add_argument("--allow-duplicate-names", action="store_true", help="keep images that repeat an object name")
+    prep.add_argument("--keep-ambiguous", action="store_true",
+                      help="keep images where a subject has the same predicate towards several objects")
+    prep.add_argument("--blacklist", nargs="*", default=list(BLACKLIST),
+                      help="object names never used (give none for an empty list)")
     args = parser.parse_args(argv)
     settings = FilterSettings(args.min_area, args.max_area, args.min_objects, args.max_objects, args.min_relations,
                               args.max_relations, not args.allow_duplicate_names, not args.keep_ambiguous,
                               tuple(b.lower() for b in args.blacklist))
     try:
-        summary = prepare(args.scene_graphs, args.images, args.relations, args.out, settings, args.seed, args.image_ext)
+        summary = prepare(args.scene_graphs, args.images, args.relations, args.out, settings, args.seed,
+                          args.image_ext, split=args.split)
     except DataError as exc:
         parser.exit(2, f"error: {exc}\n")
-    print(json.dumps({k: summary[k] for k in ("images_seen", "tasks", "tasks_per_relation", "removed_images")}, indent=2))
-
-
-if __name__ == "__main__":
-    main()
+    print(json.dumps({k: summary[k] for k in ("images_seen", "tasks", "tasks_per_relation", "removed_images",
+                                              "removed_relations", "malformed_by_kind")}, indent=2))

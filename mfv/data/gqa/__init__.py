@@ -1,0 +1,16 @@
+"""GQA relation set: preparation from scene graphs (:mod:`.prepare`) and episodes (:mod:`.datamodule`)."""
+
+from mfv.data.gqa.datamodule import GQAEpisodeSampler, GQARelationDataModule, scenes_of
+from mfv.data.gqa.prepare import (
+    AGENTIC,
+    BLACKLIST,
+    SPATIAL,
+    FilterSettings,
+    iter_scene_graphs,
+    normalise_relation,
+    prepare,
+    resolve_relations,
+)
+
+__all__ = ["AGENTIC", "BLACKLIST", "SPATIAL", "FilterSettings", "GQAEpisodeSampler", "GQARelationDataModule",
+           "iter_scene_graphs", "normalise_relation", "prepare", "resolve_relations", "scenes_of"]
