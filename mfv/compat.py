@@ -1,4 +1,4 @@
-"""Import-time compatibility fixes for the pinned dependency set.
+"""Import-time and environment compatibility fixes for the pinned dependency set.
 
 PyPI only ships CUDA builds of torchvision. Against the CPU build of torch, its
 ``_meta_registrations`` and ``_autograd_registrations`` modules register kernels for
@@ -10,8 +10,11 @@ plain import fails. Call :func:`ensure_torchvision` before importing open_clip.
 
 from __future__ import annotations
 
+import os
 import sys
 import types
+from contextlib import contextmanager
+from typing import Iterator
 
 _STUBBED_MODULES = ("torchvision._meta_registrations", "torchvision._autograd_registrations")
 
@@ -31,3 +34,27 @@ def ensure_torchvision() -> None:
     for name in _STUBBED_MODULES:
         sys.modules[name] = types.ModuleType(name)
     import torchvision  # noqa: F401
+
+
+@contextmanager
+def offline_hub() -> Iterator[None]:
+    """No network for Hugging Face loaders inside the block (mfv never downloads weights).
+
+    ``HF_HUB_OFFLINE`` is read by huggingface_hub at import time, so both the environment
+    variable (for libraries that read it late, e.g. open_clip) and the imported constant are
+    set, and restored afterwards. Without this, a loader retries the network for minutes
+    before reporting a file that is simply not on disk.
+    """
+    import huggingface_hub.constants as hub_constants
+
+    previous_env, previous_constant = os.environ.get("HF_HUB_OFFLINE"), hub_constants.HF_HUB_OFFLINE
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    hub_constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        hub_constants.HF_HUB_OFFLINE = previous_constant
+        if previous_env is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = previous_env

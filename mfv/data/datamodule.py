@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from mfv.data.episodes import EpisodeDataset, EpisodeSampler, Mode, episode_collator, read_scenes
 from mfv.data.objects import builtin_library, folder_library
 from mfv.data.synthetic import RELATIONS, generate_split, validate_relations
+from mfv.errors import ConfigError
 from mfv.models.base import BackboneAdapter
 
 
@@ -46,6 +47,17 @@ def hash_files(paths: Sequence[Path], *extra: object) -> str:
 def split_seed(seed: int, split: str) -> int:
     """A per-split episode seed, stable across processes (unlike ``hash``)."""
     return seed * 1000 + zlib.crc32(split.encode()) % 997
+
+
+def validate_data_settings(owner: str, shots: int, batch_size: int, num_workers: int, val_fraction: float) -> None:
+    """Raises :class:`ConfigError` naming the field, at construction (before any compute)."""
+    checks = [("shots", shots, shots >= 1, "N-shot prompts (extraction, ICL) need shots >= 1"),
+              ("batch_size", batch_size, batch_size >= 1, "must be >= 1"),
+              ("num_workers", num_workers, num_workers >= 0, "must be >= 0"),
+              ("val_fraction", val_fraction, 0 <= val_fraction < 1, "must be in [0, 1)")]
+    for field, value, ok, rule in checks:
+        if not ok:
+            raise ConfigError(f"data.init_args.{field} = {value}: {rule} ({owner})")
 
 
 class RelationDataModule(L.LightningDataModule):
@@ -89,16 +101,16 @@ class RelationDataModule(L.LightningDataModule):
             raise RuntimeError("call attach(adapter) before asking for batches")
         sampler = self.sampler(split)
         dataset = EpisodeDataset(sampler, mode, shots, limit)
-        distributed = None
-        if dist.is_available() and dist.is_initialized():
-            # Shard here so the shuffle choice holds under DDP too (Lightning would
-            # always shuffle the training shard); Lightning keeps an existing one.
-            distributed = DistributedSampler(dataset, shuffle=shuffle, seed=self.seed)
+        # A DistributedSampler even on one process: its order is a function of (seed, epoch)
+        # (Lightning calls set_epoch), so a resumed run shuffles exactly as an uninterrupted
+        # one; under DDP it shards, and Lightning keeps it (and the shuffle choice).
+        distributed = dist.is_available() and dist.is_initialized()
+        order = DistributedSampler(dataset, shuffle=shuffle, seed=self.seed,
+                                   num_replicas=None if distributed else 1, rank=None if distributed else 0)
         return DataLoader(
             dataset,
             batch_size=batch_size or self.batch_size,
-            shuffle=shuffle if distributed is None else None,
-            sampler=distributed,
+            sampler=order,
             num_workers=self.num_workers,
             collate_fn=episode_collator(self.adapter, sampler.relations),
         )
@@ -145,6 +157,10 @@ class SyntheticRelationDataModule(RelationDataModule):
         shuffle_train: bool = True,
     ) -> None:
         super().__init__()
+        validate_data_settings(type(self).__name__, shots, batch_size, num_workers, val_fraction)
+        bad = {k: v for k, v in (num_images or {}).items() if not isinstance(v, int) or v < 1}
+        if bad:
+            raise ConfigError(f"data.init_args.num_images: {bad} must be positive image counts")
         self.data_dir = Path(data_dir)
         self.relations = validate_relations(list(relations))
         self.shots = shots

@@ -9,18 +9,18 @@ Images are capped at 256*28*28 pixels by default, as in the paper.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 
+from mfv.compat import offline_hub
 from mfv.errors import ConfigError, MissingWeightsError
 from mfv.models.base import BackboneAdapter, Example, PrefixState, Prompt, PromptBatch
 
-SYSTEM_PROMPT = (
-    "Each image comes with a question 'Q:<object>.' and its answer 'A:<object>.'. "
-    "Answer the last question in the same way, with the name of one object."
-)
+# The authors' system message and pixel budget (min = max: every image gets the same token count).
+SYSTEM_PROMPT = "Use the following template to answer the question:\nQ:object1. A:object2"
 PAPER_MAX_PIXELS = 256 * 28 * 28
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
@@ -177,6 +177,7 @@ def load_qwen3vl(
     cache_dir: str | None = None,
     dtype: str = "bfloat16",
     max_pixels: int = PAPER_MAX_PIXELS,
+    min_pixels: int = PAPER_MAX_PIXELS,
     system_prompt: str = SYSTEM_PROMPT,
 ) -> Qwen3VLAdapter:
     """Loads a Qwen3-VL model and processor from a local folder or the Hugging Face cache (no network)."""
@@ -184,12 +185,16 @@ def load_qwen3vl(
 
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    looks_local = model_path.startswith((".", "/", "~")) or Path(model_path).expanduser().exists()
+    if looks_local and not Path(model_path).expanduser().is_dir():
+        raise _processor_error(model_path, FileNotFoundError(model_path))
     try:
-        processor = AutoProcessor.from_pretrained(model_path, cache_dir=cache_dir, local_files_only=True,
-                                                  max_pixels=max_pixels)
-        model = Qwen3VLForConditionalGeneration.from_pretrained(
-            model_path, cache_dir=cache_dir, local_files_only=True, torch_dtype=getattr(torch, dtype)
-        )
+        with offline_hub():
+            processor = AutoProcessor.from_pretrained(model_path, cache_dir=cache_dir, local_files_only=True,
+                                                      min_pixels=min_pixels, max_pixels=max_pixels)
+            model = Qwen3VLForConditionalGeneration.from_pretrained(
+                model_path, cache_dir=cache_dir, local_files_only=True, torch_dtype=getattr(torch, dtype)
+            )
     except (OSError, ValueError) as exc:  # the hub raises ValueError subclasses for bad local paths
         raise _processor_error(model_path, exc) from exc
     adapter = Qwen3VLAdapter(model, processor, backbone_id=model_path.rstrip("/").split("/")[-1].lower(),

@@ -98,7 +98,7 @@ class AIEHeadSelection(L.Callback):
                                                                self.selection))
         # trainer.log_dir is a collective under DDP: every rank must ask for it.
         log_dir = Path(trainer.log_dir or trainer.default_root_dir)
-        if trainer.is_global_zero:
+        if trainer.is_global_zero and not trainer.fast_dev_run:
             self._report(trainer, result, log_dir)
 
     def _report(self, trainer: L.Trainer, result: Extraction, log_dir: Path) -> None:

@@ -15,8 +15,9 @@ from typing import Sequence
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
 
 from mfv.errors import MfvError
 from mfv.io import atomic_write_text
@@ -73,15 +74,34 @@ def build_cli(cli_class: type[LightningCLI], args: Sequence[str] | None, trainer
         raise SystemExit(2) from exc
 
 
+def _pin_run_folder(trainer: L.Trainer, ckpt_path: str | None) -> None:
+    """One run, one folder: a resumed run continues in its checkpoint's folder, and the
+    version is fixed before fit so spawned processes (ddp_spawn) agree on it."""
+    for logger in trainer.loggers:
+        if not isinstance(logger, TensorBoardLogger):
+            continue
+        if ckpt_path is not None:
+            run = Path(ckpt_path).resolve().parents[1]  # <save_dir>/<name>/<version>/checkpoints/last.ckpt
+            if run.parent == Path(logger.root_dir).resolve():
+                logger._version = run.name
+        _ = logger.version  # resolves (and so fixes) the next free version in this process
+
+
 def main(args: Sequence[str] | None = None) -> dict:
     """Runs the training job and returns the metrics written to ``metrics.json``."""
-    cli = build_cli(FunctionVectorCLI, args, {
-        "callbacks": [RichProgressBar(leave=True), LearningRateMonitor(logging_interval="step")]})
+    cli = build_cli(FunctionVectorCLI, args, {"callbacks": [LearningRateMonitor(logging_interval="step")]})
     model: FunctionVectorModule = cli.model
     datamodule = cli.datamodule
     datamodule.attach(model.adapter)
     trainer = cli.trainer
     ckpt_path = cli.config.get("ckpt_path")
+    _pin_run_folder(trainer, ckpt_path)
+    try:
+        next(c for c in trainer.callbacks if isinstance(c, AIEHeadSelection)).validate(
+            model.adapter, list(model.relations), datamodule)
+    except MfvError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from exc
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
 
     checkpoint = next(c for c in trainer.callbacks if isinstance(c, ModelCheckpoint) and c.monitor)
@@ -95,8 +115,12 @@ def main(args: Sequence[str] | None = None) -> dict:
     test = trainer.test(model, datamodule=datamodule, verbose=False)
     run_dir = Path(trainer.log_dir or trainer.default_root_dir)
     metrics: dict = {}
+    if trainer.fast_dev_run:
+        # A smoke test: like Lightning's own loggers, write nothing (no export, no metrics).
+        print(json.dumps(test[0] if test else {}, indent=2))
+        return {"test": test[0] if test else {}, "fast_dev_run": True}
     aie = next((c for c in trainer.callbacks if isinstance(c, AIEHeadSelection)), None)
-    if aie is not None and aie.result is None and trainer.is_global_zero:
+    if aie is not None and aie.result is None and trainer.is_global_zero and model.hparams.init == "extracted":
         # Under ddp_spawn the extraction ran in other processes; its cache makes this a load.
         aie.extract(model.adapter, list(model.relations), datamodule, progress=False)
     if trainer.is_global_zero:

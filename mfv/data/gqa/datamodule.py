@@ -16,10 +16,10 @@ from typing import Sequence
 
 import numpy as np
 
-from mfv.data.datamodule import RelationDataModule, hash_files, split_seed
+from mfv.data.datamodule import RelationDataModule, hash_files, split_seed, validate_data_settings
 from mfv.data.episodes import Episode, EpisodeSampler, Mode, Scene
 from mfv.data.gqa.prepare import resolve_relations
-from mfv.errors import DataError
+from mfv.errors import ConfigError, DataError
 from mfv.models.base import Example
 
 
@@ -124,6 +124,9 @@ class GQARelationDataModule(RelationDataModule):
                  batch_size: int = 16, num_workers: int = 0, seed: int = 0, val_fraction: float = 0.2,
                  shuffle_train: bool = True, tasks_per_relation: int | None = None) -> None:
         super().__init__()
+        validate_data_settings(type(self).__name__, shots, batch_size, num_workers, val_fraction)
+        if tasks_per_relation is not None and tasks_per_relation < 1:
+            raise ConfigError(f"data.init_args.tasks_per_relation = {tasks_per_relation} must be >= 1 (or unset)")
         self.dataset_dir = Path(dataset_dir)
         self.relations = resolve_relations(relations)
         self.shots, self.batch_size, self.num_workers = shots, batch_size, num_workers

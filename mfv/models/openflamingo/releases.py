@@ -8,13 +8,12 @@ cross-attention, embeddings).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from mfv.compat import ensure_torchvision
+from mfv.compat import ensure_torchvision, offline_hub
 from mfv.errors import ConfigError, MissingWeightsError
 from mfv.models.openflamingo.adapter import OpenFlamingoAdapter, assemble_flamingo
 
@@ -117,50 +116,50 @@ def load_openflamingo(
     if checkpoint_path is not None:
         if not Path(checkpoint_path).is_file():
             raise MissingWeightsError(
-                f"OpenFlamingo checkpoint not found: {checkpoint_path} (model.checkpoint_path). "
+                f"OpenFlamingo checkpoint not found: {checkpoint_path} (model.backbone_options.checkpoint_path). "
                 f"Download it with `huggingface-cli download {spec.hf_repo} checkpoint.pt` and point "
-                f"model.checkpoint_path at the file."
+                f"model.backbone_options.checkpoint_path at the file."
             )
     else:
         checkpoint_path = _resolve_hf_file(
-            spec.hf_repo, "checkpoint.pt", cache_dir, "set model.checkpoint_path to the file"
+            spec.hf_repo, "checkpoint.pt", cache_dir, "set model.backbone_options.checkpoint_path to the file"
         )
 
     ensure_torchvision()
     import open_clip
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if language_model_path is not None and not Path(language_model_path).is_dir():
+        raise MissingWeightsError(
+            f"language model folder not found: {language_model_path} (model.backbone_options.language_model_path). "
+            f"Download it with `huggingface-cli download {spec.language_model} --local-dir {language_model_path}` "
+            f"or leave the option unset to use the Hugging Face cache.")
     lm_source = language_model_path or spec.language_model
     try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            lm_source, local_files_only=True, trust_remote_code=True, cache_dir=cache_dir
-        )
-        lang = AutoModelForCausalLM.from_pretrained(
-            lm_source, local_files_only=True, trust_remote_code=True, cache_dir=cache_dir, torch_dtype=torch_dtype
-        )
+        with offline_hub():
+            tokenizer = AutoTokenizer.from_pretrained(
+                lm_source, local_files_only=True, trust_remote_code=True, cache_dir=cache_dir
+            )
+            lang = AutoModelForCausalLM.from_pretrained(
+                lm_source, local_files_only=True, trust_remote_code=True, cache_dir=cache_dir, torch_dtype=torch_dtype
+            )
     except OSError as exc:
         raise MissingWeightsError(
-            f"language model {lm_source} not found locally (model.language_model_path). Download it with "
-            f"`huggingface-cli download {spec.language_model}` or set model.language_model_path to its folder."
+            f"language model {lm_source} not found locally (model.backbone_options.language_model_path). Download it with "
+            f"`huggingface-cli download {spec.language_model}` or set model.backbone_options.language_model_path to its folder."
         ) from exc
 
-    previous_offline = os.environ.get("HF_HUB_OFFLINE")
-    os.environ["HF_HUB_OFFLINE"] = "1"  # open_clip must not try the network
     try:
-        clip, _, preprocess = open_clip.create_model_and_transforms(
-            "ViT-L-14-quickgelu", pretrained=clip_weights_path or "openai", cache_dir=cache_dir
-        )
+        with offline_hub():  # open_clip must not try the network
+            clip, _, preprocess = open_clip.create_model_and_transforms(
+                "ViT-L-14-quickgelu", pretrained=clip_weights_path or "openai", cache_dir=cache_dir
+            )
     except Exception as exc:
         raise MissingWeightsError(
             f"CLIP ViT-L/14 (openai) weights not found ({clip_weights_path or 'Hugging Face cache'}; "
-            f"model.clip_weights_path). Download `timm/vit_large_patch14_clip_224.openai` with "
-            f"huggingface-cli or set model.clip_weights_path to open_clip's weights file."
+            f"model.backbone_options.clip_weights_path). Download `timm/vit_large_patch14_clip_224.openai` with "
+            f"huggingface-cli or set model.backbone_options.clip_weights_path to open_clip's weights file."
         ) from exc
-    finally:
-        if previous_offline is None:
-            os.environ.pop("HF_HUB_OFFLINE", None)
-        else:
-            os.environ["HF_HUB_OFFLINE"] = previous_offline
     # OpenFlamingo was trained with the final LayerNorm applied after pooling.
     clip.visual.final_ln_after_pool = True
 
