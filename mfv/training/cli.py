@@ -112,6 +112,11 @@ def main(args: Sequence[str] | None = None) -> dict:
             model.function_vectors.copy_(saved["state_dict"][FV_PARAMETER])
         model.on_load_checkpoint(saved)  # the heads the FVs came from (set in another process under spawn)
         model.exported_epoch = int(saved.get("epoch", -1))
+        if checkpoint.best_model_score is None:
+            # ddp_spawn hands back the best path but not its score: read it from the checkpoint.
+            state = saved.get("callbacks", {}).get(checkpoint.state_key, {})
+            if state.get("best_model_score") is not None:
+                checkpoint.best_model_score = torch.as_tensor(state["best_model_score"])
     test = trainer.test(model, datamodule=datamodule, verbose=False)
     run_dir = Path(trainer.log_dir or trainer.default_root_dir)
     metrics: dict = {}
