@@ -15,6 +15,7 @@ from mfv.evaluation.conditions import Condition
 from mfv.evaluation.scoring import Score
 from mfv.hooks import add_to_residual
 from mfv.io import ensure_writable_dir
+from mfv.training.optim import RowwiseAdam
 from mfv.method.function_vector import FunctionVectorSet
 from mfv.models import load_backbone
 from mfv.models.base import BackboneAdapter
@@ -37,6 +38,10 @@ class FunctionVectorModule(L.LightningModule):
         fv_path: An FV file to start from (overrides the callback).
         lr: Adam learning rate.
         weight_decay: Adam weight decay.
+        scheduler_interval: Cosine annealing stepped per ``step`` (mfv's batched recipe) or per
+            ``epoch`` (the authors': ``T_max`` = epochs).
+        relation_training: ``joint`` (one Adam over all FVs) or ``separate`` (each relation's
+            FV with its own Adam state and steps, as if trained alone: the authors').
         backbone_dtype: ``float32`` or ``bfloat16`` for the frozen weights; FVs stay fp32.
         export_dir: Optional extra export folder (``<backbone>-finetuned.safetensors`` there);
             the best FVs always go to the run folder. An existing file there is an error at
@@ -53,6 +58,8 @@ class FunctionVectorModule(L.LightningModule):
         fv_path: str | None = None,
         lr: float = 1e-2,
         weight_decay: float = 0.0,
+        scheduler_interval: Literal["step", "epoch"] = "step",
+        relation_training: Literal["joint", "separate"] = "joint",
         backbone_dtype: Literal["float32", "bfloat16"] = "float32",
         export_dir: str | None = None,
     ) -> None:
@@ -60,6 +67,12 @@ class FunctionVectorModule(L.LightningModule):
         self.save_hyperparameters()
         if init not in ("extracted", "zeros", "random"):
             raise ConfigError(f"init must be one of ['extracted', 'zeros', 'random'], got {init!r}")
+        if scheduler_interval not in ("step", "epoch"):
+            raise ConfigError(f"model.scheduler_interval must be 'step' or 'epoch', got {scheduler_interval!r}")
+        if relation_training not in ("joint", "separate"):
+            raise ConfigError(f"model.relation_training must be 'joint' or 'separate', got {relation_training!r}")
+        if lr <= 0:
+            raise ConfigError(f"model.lr = {lr} must be > 0")
         if backbone_dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"backbone_dtype must be 'float32' or 'bfloat16', got {backbone_dtype!r}")
         # Which names are valid depends on the data (synthetic or GQA); the datamodule
@@ -168,6 +181,10 @@ class FunctionVectorModule(L.LightningModule):
         logits = self(batch)
         loss = nn.functional.cross_entropy(logits.float(), batch.answer_ids)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
+        optimizer = self.optimizers().optimizer if self._trainer is not None else None
+        if isinstance(optimizer, RowwiseAdam):
+            optimizer.present_rows = torch.zeros(len(self.relations), dtype=torch.bool).index_fill_(
+                0, batch.relation_ids.cpu().unique(), True)
         return loss
 
     # Evaluation records one outcome per dataset row (index-addressed), gathered across
@@ -259,10 +276,12 @@ class FunctionVectorModule(L.LightningModule):
                               Path(self.outcome_file))
 
     def configure_optimizers(self):
-        optimizer = torch.optim.Adam([self.function_vectors], lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        steps = max(1, int(self.trainer.estimated_stepping_batches))
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        optimizer_class = RowwiseAdam if self.hparams.relation_training == "separate" else torch.optim.Adam
+        optimizer = optimizer_class([self.function_vectors], lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        interval = self.hparams.scheduler_interval
+        periods = self.trainer.estimated_stepping_batches if interval == "step" else self.trainer.max_epochs
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, int(periods)))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
 
     # ----- checkpoints -------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
