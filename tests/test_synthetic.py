@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import hashlib
 from pathlib import Path
 
@@ -177,6 +179,31 @@ def test_objects_folder_generates(tmp_path):
         _write_png(folder / f"{name}.png", colour=["red", "blue", "green", "black", "orange", "purple", "pink"][i])
     split = generate_split(tmp_path / "out", "eval", 4, image_size=160, objects=str(folder), workers=1, progress=False)
     assert set(pd.read_parquet(split / "metadata.parquet").name) <= {"apple", "ball", "cat", "dog", "egg", "fish", "hat"}
+
+
+def test_photo_objects_orientation_from_opaque_box_and_fixed_size(tmp_path):
+    folder = tmp_path / "objs"
+    folder.mkdir()
+    # A long object on a large transparent square canvas: only the opaque box says it is long.
+    canvas = Image.new("RGBA", (100, 100), (0, 0, 0, 0))
+    canvas.paste(Image.new("RGBA", (80, 20), "red"), (10, 40))
+    canvas.save(folder / "pen.png")
+    for i, name in enumerate(["apple", "ball", "cat", "dog", "egg", "fish"]):
+        Image.new("RGBA", (30, 30), ["blue", "green", "black", "orange", "purple", "pink"][i]).save(folder / f"{name}.png")
+    (folder / "sizes.json").write_text(json.dumps({"pen": 180}))
+    library = folder_library(folder, 6)
+    pen = next(s for s in library.train if s.name == "pen")
+    assert pen.is_long and pen.aspect == pytest.approx(4.0) and pen.long_side == 180
+    assert next(s for s in library.train if s.name == "apple").long_side == 200
+    assert pen.render(100).size == (100, 25) and pen.render(100, rotate=True).size == (25, 100)
+    split = generate_split(tmp_path / "out", "eval", 40, image_size=800, objects=str(folder), workers=1,
+                           progress=False)
+    table = pd.read_parquet(split / "metadata.parquet")
+    pens = table[table.name == "pen"]
+    vertical = pens[pens.role.isin(["above", "below"])]
+    assert len(vertical) and ((vertical.y1 - vertical.y0) > (vertical.x1 - vertical.x0)).all()  # rotated
+    long_sides = pens.apply(lambda r: max(r.x1 - r.x0, r.y1 - r.y0), axis=1)
+    assert abs(long_sides.mean() - 180) < 12 and long_sides.std() < 15  # a fixed size plus sd-10 jitter
 
 
 def test_canvas_too_small_and_unknown_relation(tmp_path):

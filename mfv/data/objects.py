@@ -8,6 +8,7 @@ or a flat ``DIR/*.png`` that has training objects only.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from functools import lru_cache
@@ -78,6 +79,7 @@ class ObjectSprite:
     colour: str = "#000000"
     aspect: float = 1.0
     path: str | None = None
+    long_side: float | None = None  # fixed long side on the 800-px canvas (photos); None: drawn per placement
 
     @property
     def is_long(self) -> bool:
@@ -87,6 +89,7 @@ class ObjectSprite:
         """An RGBA image of the object whose longer side is ``long_side`` pixels."""
         if self.path is not None:
             image = _load_png(self.path)
+            image = image.crop(image.getchannel("A").getbbox() or (0, 0, *image.size))  # the opaque object only
             scale = long_side / max(image.size)
             image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))))
         else:
@@ -163,20 +166,40 @@ def all_object_names() -> list[str]:
     return list(OBJECT_NAMES)
 
 
+PHOTO_LONG_SIDE = 200.0  # the authors' most common long side (800-px canvas)
+
+
 def _folder_sprites(folder: Path) -> tuple[ObjectSprite, ...]:
+    """Photo objects: aspect from the opaque bounding box (so long objects are rotated when
+    placed above/below, as the built-ins are) and a fixed long side per object: 200 px, or the
+    object's entry in an optional ``sizes.json`` (name -> long side, 130-230 in the paper)."""
+    sizes_file = folder / "sizes.json"
+    sizes: dict = {}
+    if sizes_file.is_file():
+        try:
+            sizes = json.loads(sizes_file.read_text())
+            assert isinstance(sizes, dict) and all(isinstance(v, (int, float)) and v > 0 for v in sizes.values())
+        except (ValueError, AssertionError) as exc:
+            raise DataError(f"{sizes_file}: must map object names to positive long sides in pixels") from exc
     sprites = []
-    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+    for path in sorted(p for p in folder.iterdir() if p.is_file() and p.name != "sizes.json"):
         if path.suffix.lower() != ".png":
             raise DataError(f"{path}: not a PNG; the objects folder must hold only RGBA PNGs named by object")
         try:
             with Image.open(path) as image:
                 image.verify()
+            with Image.open(path) as image:
+                box = image.convert("RGBA").getchannel("A").getbbox()
         except Exception as exc:
             raise DataError(f"{path}: unreadable image ({exc}); replace or remove it") from exc
+        if box is None:
+            raise DataError(f"{path}: fully transparent; the object needs opaque pixels")
         name = path.stem.strip().lower()
         if not name.isalpha():
             raise DataError(f"{path}: object names must be single words of letters (got {path.stem!r})")
-        sprites.append(ObjectSprite(name=name, path=str(path)))
+        aspect = (box[2] - box[0]) / max(1, box[3] - box[1])
+        sprites.append(ObjectSprite(name=name, aspect=aspect, path=str(path),
+                                    long_side=float(sizes.get(name, PHOTO_LONG_SIDE))))
     return tuple(sprites)
 
 

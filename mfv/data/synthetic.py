@@ -111,7 +111,10 @@ def layout_scene(spec: SceneSpec, index: int) -> tuple[Image.Image, list[dict]]:
     for _ in range(_MAX_TRIES):
         chosen = rng.choice(len(pool), size=spec.objects_per_scene, replace=False)
         sprites = [pool[i] for i in chosen]
-        long_sides = (rng.uniform(130, 230, len(sprites)) + rng.normal(0, 10, len(sprites))) * scale
+        # Built-ins draw a long side per placement; photo objects keep their own, plus the same jitter.
+        drawn = rng.uniform(130, 230, len(sprites))
+        base = np.array([s.long_side if s.long_side is not None else d for s, d in zip(sprites, drawn)])
+        long_sides = (base + rng.normal(0, 10, len(sprites))) * scale
         long_sides = np.maximum(long_sides, 3).round().astype(int)
         roles = ["anchor", *directions, "distractor"]
         images = {}
