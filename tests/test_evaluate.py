@@ -106,3 +106,17 @@ def test_fv_for_a_layer_beyond_the_model_is_a_clear_error(config_path, tmp_path,
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert "bad.safetensors" in err and "'layer' = 7" in err and "0..2" in err
+
+
+def test_seeds_report_mean_and_spread_over_runs(config_path, tmp_path):
+    from mfv.seeds import main as seeds_main
+
+    summary = seeds_main(["--config", str(config_path), "--seeds", "2", "--out", str(tmp_path), "--limit", "4", "--",
+                          "--trainer.max_epochs", "1", "--model.init", "random", "--evaluation.analogies", "false",
+                          "--evaluation.max_k", "2", "--evaluation.sweep_limit", "4", "--evaluation.shots", "[1]",
+                          "--trainer.enable_progress_bar", "false", "--trainer.accelerator", "cpu"])
+    zero = summary["conditions"]["zero_shot_fv"]
+    assert len(zero["values"]) == 2 and zero["min"] <= zero["mean"] <= zero["max"]
+    assert (tmp_path / "seeds.md").read_text().count("|") > 10
+    first = json.loads((tmp_path / "seed0" / "eval" / "metrics.json").read_text())
+    assert first["summary"]["zero_shot_fv"] == zero["values"][0]
