@@ -1,21 +1,43 @@
-# `make test` and `make demo` set themselves up on a fresh machine.
+# `make test` and `make demo` set themselves up on a fresh machine, with or without a GPU.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.mfv-installed
+# The torch build: cuda where an NVIDIA driver answers, cpu otherwise; override with TORCH=cpu|cuda.
+TORCH ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
+TORCH_VERSION := $(shell sed -n 's/^torch==//p' constraints.txt)
+CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: setup test test-fast test-recipe demo bench clean
+.PHONY: setup torch-cpu torch-cuda test test-fast test-recipe demo bench clean
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(MAKE) --no-print-directory torch-$(TORCH) PY=$(PY)
 	$(PIP) install --quiet -c constraints.txt -e ".[dev]"
 	# open-flamingo pins torch==2.0.1; its real needs are in pyproject.toml.
 	$(PIP) install --quiet --no-deps -c constraints.txt open-flamingo==2.0.1
-	@! $(PIP) freeze | grep -i '^nvidia-' || (echo "CUDA wheels were installed; check constraints.txt" && false)
+	# Any import order of lightning / torchmetrics / open_clip works in this venv (mfv/compat.py).
+	echo "import mfv.compat as _mfv_compat; _mfv_compat.install_torchvision_hook()" > \
+	  "$$($(PY) -c 'import site; print(site.getsitepackages()[0])')/mfv_compat.pth"
+ifeq ($(TORCH),cpu)
+	@! $(PIP) freeze | grep -i '^nvidia-' || (echo "CUDA wheels were installed into a CPU-only venv" && false)
+endif
 	touch $(STAMP)
+
+# GPU machines: the public index's torch (CUDA wheels and their nvidia-* packages).
+torch-cuda:
+	$(PIP) install --quiet torch==$(TORCH_VERSION)
+
+# CPU-only: torch without its CUDA dependencies; a CUDA build found on the index is replaced
+# by the CPU build from PyTorch's CPU index, then torch's remaining (CPU) dependencies follow.
+torch-cpu:
+	$(PIP) install --quiet --no-deps torch==$(TORCH_VERSION)
+	$(PY) -c "import importlib.metadata as m, sys; sys.exit('+cpu' not in m.version('torch'))" || \
+	  $(PIP) install --quiet --force-reinstall --no-deps --index-url $(CPU_INDEX) torch==$(TORCH_VERSION)
+	$(PIP) install --quiet torch==$(TORCH_VERSION)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
@@ -23,7 +45,7 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
-# Retrains a shortened model organism (about 20 minutes on 2 cores); not part of `make test`.
+# Retrains a shortened model organism; not part of `make test`.
 test-recipe: $(STAMP)
 	$(PY) -m pytest -q -m recipe tests/test_organism.py
 

@@ -19,6 +19,46 @@ from typing import Iterator
 _STUBBED_MODULES = ("torchvision._meta_registrations", "torchvision._autograd_registrations")
 
 
+def _needs_stubs() -> bool:
+    """Whether torchvision's C++ registrations would fail: a CUDA torchvision over CPU torch."""
+    from importlib import metadata
+
+    import torch
+
+    try:
+        vision = metadata.version("torchvision")
+    except metadata.PackageNotFoundError:
+        return False
+    return torch.version.cuda is None and "+cpu" not in vision
+
+
+class _TorchvisionHook:
+    """A meta-path finder that, on the first ``import torchvision`` from anywhere (lightning,
+    torchmetrics, open_clip, a notebook), stubs the two registration modules if they would
+    fail, then steps aside so the normal import runs. Installing it costs nothing."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "torchvision":
+            return None
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)
+        if _needs_stubs():
+            for stub in _STUBBED_MODULES:
+                sys.modules.setdefault(stub, types.ModuleType(stub))
+        return None  # the regular finders import torchvision itself
+
+
+def install_torchvision_hook() -> None:
+    """Makes any later ``import torchvision`` work on CPU torch, whoever imports it first.
+
+    Called by ``import mfv`` and, in the project's venv, at interpreter start-up (a ``.pth``
+    file written by ``make setup``), so that ``import lightning`` before ``mfv`` works too.
+    """
+    if "torchvision" in sys.modules or any(isinstance(f, _TorchvisionHook) for f in sys.meta_path):
+        return
+    sys.meta_path.insert(0, _TorchvisionHook())
+
+
 def ensure_torchvision() -> None:
     """Make ``import torchvision`` work on CPU-only torch; a no-op where it already does."""
     if "torchvision" in sys.modules:

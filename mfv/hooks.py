@@ -113,7 +113,9 @@ def _is_prompt_pass(kwargs: dict[str, Any]) -> bool:
 
 
 @contextmanager
-def add_to_residual(adapter: BackboneAdapter, layer: int, vector: torch.Tensor) -> Iterator[None]:
+def add_to_residual(
+    adapter: BackboneAdapter, layer: int, vector: torch.Tensor, every_generated_position: bool = False
+) -> Iterator[None]:
     """Adds ``vector`` to the residual stream after ``layer`` at the last prompt position.
 
     Args:
@@ -121,15 +123,14 @@ def add_to_residual(adapter: BackboneAdapter, layer: int, vector: torch.Tensor) 
         layer: Decoder layer after which the vector is added.
         vector: ``(hidden,)`` for every row, or ``(B, hidden)`` one per row. Gradients
             flow into it (fine-tuning).
-
-    Generated tokens never receive the vector: calls that continue a cached prefix are
-    left alone.
+        every_generated_position: Also add it at each token generated after the prompt
+            (calls that continue a cached prefix); by default they are left alone.
     """
     if not 0 <= layer < adapter.num_layers:
         raise ValueError(f"layer {layer} out of range: the backbone has layers 0..{adapter.num_layers - 1}")
 
     def hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
-        if not _is_prompt_pass(kwargs):
+        if not (every_generated_position or _is_prompt_pass(kwargs)):
             return output
         hidden = output[0] if isinstance(output, tuple) else output
         last = hidden[:, -1] + vector.to(hidden.device, hidden.dtype)

@@ -15,9 +15,9 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
+import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -247,6 +247,16 @@ def generate_split(
 ) -> Path:
     """Generates ``num_images`` scenes of ``split`` under ``out/split``.
 
+    Args:
+        out: Output folder (a sub-folder per split).
+        split: One of eval, train, test, novel, composite.
+        num_images: Scenes to draw.
+        image_size: Canvas size in pixels (the paper's: 800).
+        seed: Generation seed.
+        objects: Folder of RGBA PNGs named by object (``train/``, ``heldout/``); default: built-ins.
+        workers: Processes (default: all cores, at most 8).
+        progress: Show a progress bar.
+
     Returns:
         The split folder, holding ``images/``, ``metadata.parquet`` and ``meta.json``.
 
@@ -296,24 +306,20 @@ def generate_split(
     return split_dir
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m mfv.data.synthetic", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", required=True, help="output folder (a sub-folder per split)")
-    parser.add_argument("--split", required=True, choices=SPLITS)
-    parser.add_argument("--num-images", type=int, default=None, help="default: the paper's size of the split")
-    parser.add_argument("--image-size", type=int, default=BASE_CANVAS)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--objects", default=None, help="folder of RGBA PNGs named by object (train/, heldout/)")
-    parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
-    args = parser.parse_args(argv)
+def main(argv: Sequence[str] | None = None) -> Path:
+    """``python -m mfv.data.synthetic`` / ``mfv generate-synthetic``: one split, by hand.
+
+    To generate exactly what a config's DataModule reads, use ``mfv prepare-data --config X``.
+    """
+    from jsonargparse import CLI
+
     try:
-        path = generate_split(
-            args.out, args.split, args.num_images or PAPER_SIZES[args.split], args.image_size, args.seed,
-            args.objects, args.workers,
-        )
+        path = CLI(generate_split, args=argv, as_positional=False)
     except DataError as exc:
-        parser.exit(2, f"error: {exc}\n")
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from exc
     print(f"wrote {path}")
+    return path
 
 
 if __name__ == "__main__":

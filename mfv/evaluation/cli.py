@@ -47,6 +47,14 @@ def evaluation_trainer(trainer_config) -> L.Trainer:
     return L.Trainer(**options, logger=False, enable_checkpointing=False, enable_model_summary=False)
 
 
+def tensorboard_dir(fv: str | None, out: Path) -> Path:
+    """The training run's folder when ``fv`` was exported there (one TensorBoard run for
+    training and evaluation), else ``out/tensorboard``."""
+    if fv is not None and any(Path(fv).parent.glob("events.out.tfevents.*")):
+        return Path(fv).parent
+    return Path(out) / "tensorboard"
+
+
 def main(args: Sequence[str] | None = None) -> dict:
     """Runs the evaluation and returns the metrics written to ``metrics.json``."""
     cli = build_cli(EvaluateCLI, args)
@@ -65,7 +73,7 @@ def main(args: Sequence[str] | None = None) -> dict:
                           aie.k, aie.selection, finetuned)
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(Path(out) / "tensorboard"))
+        writer = SummaryWriter(str(tensorboard_dir(config.fv, out)))
         try:
             metrics = write_report(result, out, extraction, writer)
         finally:

@@ -221,6 +221,15 @@ class BackboneAdapter(ABC):
         :meth:`forward` on the same rows.
         """
 
+    def generate(self, batch: PromptBatch, max_new_tokens: int = 5) -> torch.Tensor:
+        """Greedy generation; returns the new tokens ``(B, <= max_new_tokens)``.
+
+        Interventions active around the call apply as they are written
+        (:func:`mfv.hooks.add_to_residual` adds at the prompt's last position, and
+        optionally at every generated position).
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not implement generate")
+
     # ----- conveniences ------------------------------------------------------------
     @property
     def device(self) -> torch.device:

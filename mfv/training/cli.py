@@ -45,8 +45,9 @@ class FunctionVectorCLI(LightningCLI):
 
 
 TRAINER_DEFAULTS = {
+    # hp_metric is logged once with the final test accuracy (not Lightning's placeholder -1).
     "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-               "init_args": {"save_dir": "runs", "name": "train"}},
+               "init_args": {"save_dir": "runs", "name": "train", "default_hp_metric": False}},
     "log_every_n_steps": 5,
 }
 
@@ -85,6 +86,7 @@ def _pin_run_folder(trainer: L.Trainer, ckpt_path: str | None) -> None:
             if run.parent == Path(logger.root_dir).resolve():
                 logger._version = run.name
         _ = logger.version  # resolves (and so fixes) the next free version in this process
+        logger._default_hp_metric = False  # hp_metric is logged once, with the final test accuracy
 
 
 def main(args: Sequence[str] | None = None) -> dict:
@@ -142,6 +144,8 @@ def main(args: Sequence[str] | None = None) -> dict:
             "aie": aie.result.summary(aie.k, aie.selection) if aie is not None and aie.result is not None else None,
         }
         atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2))
+        if test and trainer.logger is not None:
+            trainer.logger.log_hyperparams(dict(model.hparams), {"hp_metric": test[0]["test/acc"]})
         print(json.dumps(metrics["test"], indent=2))
         print(f"run directory: {run_dir}")
     return metrics

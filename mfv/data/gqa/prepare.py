@@ -16,7 +16,6 @@ is image-disjoint and greedily balanced per relation (the authors'), or, as an o
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -43,7 +42,19 @@ BLACKLIST = ("sky", "wall", "floor", "ceiling", "building", "trees", "grass", "o
 
 @dataclass
 class FilterSettings:
-    """The paper's filters; every bound is configurable."""
+    """The paper's filters; every bound is configurable.
+
+    Attributes:
+        min_area: Smallest object area / image area.
+        max_area: Largest object area / image area.
+        min_objects: Fewest valid objects per image.
+        max_objects: Most valid objects per image.
+        min_relations: Fewest matching relations per image.
+        max_relations: Most matching relations per image.
+        unique_names: Drop images that repeat an object name.
+        drop_ambiguous: Drop images where a subject has the same predicate towards several objects.
+        blacklist: Object names never used.
+    """
 
     min_area: float = 0.05
     max_area: float = 0.50
@@ -273,6 +284,18 @@ def prepare(
 ) -> dict[str, Any]:
     """Filters scene graphs into tasks and writes the split dataset and its summary.
 
+    Args:
+        scene_graphs: GQA scene-graph JSON files (e.g. train and val), streamed.
+        images: Folder of images named ``<image_id><image_ext>``.
+        relations: ``spatial``, ``agentic`` or relation names (GQA spellings are normalised).
+        out: Output folder (``dataset/`` and ``summary.json``).
+        settings: The filters (default: the paper's).
+        seed: Split seed.
+        image_ext: Image file extension.
+        progress: Show a progress bar per file.
+        split: ``image_disjoint`` (the authors': greedy balance, no image in both splits) or
+            ``per_relation`` (50/50 within each relation).
+
     Raises:
         DataError: unreadable input, or nothing left after filtering (the message says
         which filter removed what).
@@ -346,43 +369,18 @@ def prepare(
     return summary
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    formatter = argparse.ArgumentDefaultsHelpFormatter
-    parser = argparse.ArgumentParser(prog="python -m mfv.data.gqa", formatter_class=formatter)
-    commands = parser.add_subparsers(dest="command", required=True)
-    prep = commands.add_parser("prepare", help="filter scene graphs and write the split dataset",
-                               formatter_class=formatter)
-    prep.add_argument("--scene-graphs", nargs="+", required=True, help="GQA scene-graph JSON files (train, val)")
-    prep.add_argument("--images", required=True, help="folder of GQA images named <image_id><image-ext>")
-    prep.add_argument("--relations", nargs="+", default=["spatial"],
-                      help="'spatial', 'agentic' or relation names (GQA spelling is normalised)")
-    prep.add_argument("--out", required=True, help="output folder (dataset/ and summary.json)")
-    prep.add_argument("--seed", type=int, default=0, help="split seed")
-    prep.add_argument("--split", choices=SPLITS, default="image_disjoint",
-                      help="image-disjoint greedy balance (the authors') or 50/50 within each relation")
-    prep.add_argument("--image-ext", default=".jpg", help="image file extension")
-    defaults = FilterSettings()
-    prep.add_argument("--min-area", type=float, default=defaults.min_area, help="smallest object area / image area")
-    prep.add_argument("--max-area", type=float, default=defaults.max_area, help="largest object area / image area")
-    prep.add_argument("--min-objects", type=int, default=defaults.min_objects, help="fewest valid objects per image")
-    prep.add_argument("--max-objects", type=int, default=defaults.max_objects, help="most valid objects per image")
-    prep.add_argument("--min-relations", type=int, default=defaults.min_relations,
-                      help="fewest matching relations per image")
-    prep.add_argument("--max-relations", type=int, default=defaults.max_relations,
-                      help="most matching relations per image")
-    prep.add_argument("--allow-duplicate-names", action="store_true", help="keep images that repeat an object name")
-    prep.add_argument("--keep-ambiguous", action="store_true",
-                      help="keep images where a subject has the same predicate towards several objects")
-    prep.add_argument("--blacklist", nargs="*", default=list(BLACKLIST),
-                      help="object names never used (give none for an empty list)")
-    args = parser.parse_args(argv)
-    settings = FilterSettings(args.min_area, args.max_area, args.min_objects, args.max_objects, args.min_relations,
-                              args.max_relations, not args.allow_duplicate_names, not args.keep_ambiguous,
-                              tuple(b.lower() for b in args.blacklist))
+def main(argv: Sequence[str] | None = None) -> dict:
+    """``python -m mfv.data.gqa prepare ...`` / ``mfv prepare-gqa ...``: :func:`prepare` from the command line."""
+    from jsonargparse import CLI
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["prepare"]:
+        argv = argv[1:]
     try:
-        summary = prepare(args.scene_graphs, args.images, args.relations, args.out, settings, args.seed,
-                          args.image_ext, split=args.split)
+        summary = CLI(prepare, args=argv, as_positional=False)
     except DataError as exc:
-        parser.exit(2, f"error: {exc}\n")
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from exc
     print(json.dumps({k: summary[k] for k in ("images_seen", "tasks", "tasks_per_relation", "removed_images",
                                               "removed_relations", "malformed_by_kind")}, indent=2))
+    return summary

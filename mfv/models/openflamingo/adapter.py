@@ -233,6 +233,15 @@ class OpenFlamingoAdapter(BackboneAdapter):
             )
         return out.logits[:, -1]
 
+    @torch.no_grad()
+    def generate(self, batch: PromptBatch, max_new_tokens: int = 5) -> torch.Tensor:
+        batch = batch.to(self.device)
+        out = self.model.generate(
+            vision_x=batch.pixel_values.to(self.dtype), lang_x=batch.input_ids, attention_mask=batch.attention_mask,
+            max_new_tokens=max_new_tokens, num_beams=1, do_sample=False, pad_token_id=self.tokenizer.pad_token_id,
+        )
+        return out[:, batch.input_ids.shape[1]:]
+
     def prefill(self, batch: PromptBatch) -> PrefixState:
         from transformers import DynamicCache
 

@@ -1,0 +1,113 @@
+"""Where researchers work: one CLI convention, the Python API of the README, install logic,
+import order, TensorBoard contents."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_python_api_block_of_the_readme_runs_as_is(tmp_path, monkeypatch, capsys):
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Python API", 1)[1]
+    block = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert len(block.strip().splitlines()) <= 8
+    (tmp_path / "checkpoints").symlink_to(ROOT / "checkpoints")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block, "README.md", "exec"), {})
+    printed = capsys.readouterr().out
+    assert "expected" in printed
+
+
+def test_lightning_before_mfv_imports_in_the_venv():
+    for order in ("import lightning, mfv", "import torchmetrics, open_clip, mfv", "import mfv, lightning"):
+        done = subprocess.run([sys.executable, "-c", order], capture_output=True, text=True)
+        assert done.returncode == 0, (order, done.stderr[-1500:])
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate", "prepare-data", "prepare-gqa", "generate-synthetic", "demo",
+                                     "train-organism"])
+def test_every_command_shows_defaults_in_its_help(command):
+    done = subprocess.run([sys.executable, "-m", "mfv.cli", command, "--help"], capture_output=True, text=True,
+                          cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-1500:]
+    assert "default" in done.stdout and "--config" in done.stdout
+
+
+def test_evaluate_accepts_train_overrides_and_prints_its_config(tmp_path):
+    common = ["--config", "configs/toy.yaml", "--data.init_args.data_dir", str(tmp_path / "data"),
+              "--aie.cache_dir", str(tmp_path / "cache")]
+    printed = subprocess.run([sys.executable, "evaluate.py", *common, "--model.layer", "2", "--print_config"],
+                             capture_output=True, text=True, cwd=ROOT)
+    assert printed.returncode == 0, printed.stderr[-1500:]
+    config = yaml.safe_load(printed.stdout)
+    assert config["model"]["layer"] == 2 and config["model"]["backbone"] == "openflamingo-tiny"
+    assert config["evaluation"]["max_k"] == 50 and config["aie"]["k"] == 6
+
+
+@pytest.mark.slow
+def test_evaluate_runs_with_a_train_override(tmp_path):
+    done = subprocess.run([sys.executable, "evaluate.py", "--config", "configs/toy.yaml", "--model.layer", "2",
+                           "--out", str(tmp_path / "eval"), "--limit", "8", "--data.init_args.data_dir",
+                           str(tmp_path / "data"), "--aie.cache_dir", str(tmp_path / "cache"),
+                           "--evaluation.max_k", "4", "--trainer.enable_progress_bar", "false"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["settings"]["layer"] == 2 and metrics["conditions"]["zero_shot"]["n"] == 8
+
+
+@pytest.mark.parametrize("gpu, expected, unexpected", [
+    (True, "pip install --quiet torch==", "--index-url"),
+    (False, "--index-url https://download.pytorch.org/whl/cpu", None),
+])
+def test_makefile_picks_the_torch_build_from_the_machine(tmp_path, gpu, expected, unexpected):
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "nvidia-smi").write_text("#!/bin/sh\n" + ("echo 'GPU 0: NVIDIA H100'\n" if gpu else "exit 9\n"))
+    (fake / "nvidia-smi").chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "VENV": str(tmp_path / "venv")}
+    env.pop("TORCH", None)
+    done = subprocess.run(["make", "-n", "-B", f"{tmp_path}/venv/.mfv-installed", f"VENV={tmp_path}/venv"], cwd=ROOT,
+                          env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert expected in done.stdout
+    if unexpected:
+        assert unexpected not in done.stdout
+    guard = "grep -i '^nvidia-'"
+    assert (guard in done.stdout) == (not gpu)  # the no-CUDA-wheel guard only where CPU-only is chosen
+    forced = subprocess.run(["make", "-n", "-B", f"{tmp_path}/venv/.mfv-installed", f"VENV={tmp_path}/venv",
+                             "TORCH=cpu"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert "whl/cpu" in forced.stdout and guard in forced.stdout
+
+
+def test_tensorboard_holds_training_and_evaluation_in_one_run(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from mfv.evaluation.cli import main as evaluate_main
+    from mfv.training.cli import main as train_main
+    from tests.test_drills import write_config
+
+    path = write_config(tmp_path)
+    metrics = train_main(["--config", str(path), "--trainer.max_epochs", "1", "--trainer.log_every_n_steps", "1"])
+    evaluate_main(["--config", str(path), "--fv", metrics["exported_fv"], "--out", str(tmp_path / "eval"), "--limit",
+                   "4", "--evaluation.max_k", "2", "--evaluation.sweep_limit", "4"])
+    run = Path(metrics["exported_fv"]).parent
+    tags = {"scalars": set(), "images": set()}
+    for events in run.glob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(events), size_guidance={"images": 0, "scalars": 0})
+        accumulator.Reload()
+        for kind in tags:
+            tags[kind] |= set(accumulator.Tags()[kind])
+    assert {"aie/heatmap", "eval/conditions", "eval/layer_sweep", "eval/k_sweep", "eval/aie_heatmap"} <= tags["images"]
+    assert {"train/loss", "val/acc", "test/acc", "eval_test/zero_shot", "eval_test/zero_shot_fv", "hp_metric"} <= tags["scalars"]
+    assert [t for t in tags["scalars"] if "lr" in t.lower().split("/")[-1]] == ["lr-Adam"]  # learning rate once
