@@ -16,7 +16,7 @@ import torch
 from mfv.data.episodes import Episode, EpisodeSampler
 from mfv.models.base import Example
 
-VectorIndex = Literal["all", "relation", "row"]
+VectorIndex = Literal["all", "relation", "row", "distributed"]
 
 
 @dataclass
@@ -29,7 +29,8 @@ class Condition:
         split: The data split its prompts come from.
         dataset: ``(index, episode)`` items with a ``relations`` attribute.
         vectors: ``None`` (no injection), ``(hidden,)`` for every row, ``(relations, hidden)``
-            indexed by each row's relation, or ``(rows, hidden)`` indexed by row.
+            indexed by each row's relation, ``(rows, hidden)`` indexed by row, or
+            ``(layers, relations, hidden)`` added after every layer (distributed steering).
         vector_index: Which of those ``vectors`` is.
         layer: Injection layer.
         description: Human-readable label for tables and plots.

@@ -3,7 +3,8 @@
 Conditions (names are the keys of ``metrics.json``), on the test split and, prefixed
 ``novel_``, on held-out objects:
 
-* ``zero_shot``; ``zero_shot_fv`` (extracted FVs); ``zero_shot_finetuned_fv`` (given FVs);
+* ``zero_shot``; ``zero_shot_fv`` (extracted FVs); ``zero_shot_fv_distributed`` (each
+  selected head's projected mean added after its own layer); ``zero_shot_finetuned_fv``;
 * ``icl_N`` for N in ``shots``; ``icl_shuffled_S`` and ``icl_shuffled_S_fv`` (S = the
   datamodule's shots; labels permuted so that every demonstration is wrong where possible);
 * sweeps of the injection layer and of K on the validation split (where the choice is
@@ -128,7 +129,8 @@ def run_conditions(trainer: L.Trainer, module, conditions: Sequence[Condition], 
 
 
 def _split_conditions(datamodule, split: str, prefix: str, extracted: torch.Tensor, layer: int,
-                      finetuned: FunctionVectorSet | None, settings: EvaluationSettings) -> list[Condition]:
+                      finetuned: FunctionVectorSet | None, settings: EvaluationSettings,
+                      distributed: torch.Tensor) -> list[Condition]:
     sampler = datamodule.sampler(split)
     relations = list(sampler.relations)
 
@@ -140,6 +142,8 @@ def _split_conditions(datamodule, split: str, prefix: str, extracted: torch.Tens
         Condition(f"{prefix}zero_shot", split, split, zero, description="zero-shot"),
         Condition(f"{prefix}zero_shot_fv", split, split, zero, extracted, "relation", layer,
                   "zero-shot + extracted FV"),
+        Condition(f"{prefix}zero_shot_fv_distributed", split, split, zero, distributed, "distributed", None,
+                  "zero-shot + extracted FV, distributed (each head at its layer)"),
     ]
     if finetuned is not None:
         conditions.append(Condition(f"{prefix}zero_shot_finetuned_fv", split, split, zero,
@@ -193,9 +197,11 @@ def evaluate(
     batch_size = settings.batch_size or datamodule.batch_size
     meta: dict[str, dict] = {}
 
-    conditions = _split_conditions(datamodule, "test", "", extracted, layer, finetuned, settings)
+    distributed = extraction.distributed_vectors(adapter, k, selection)
+    conditions = _split_conditions(datamodule, "test", "", extracted, layer, finetuned, settings, distributed)
     if datamodule.has_split("novel"):
-        conditions += _split_conditions(datamodule, "novel", "novel_", extracted, layer, finetuned, settings)
+        conditions += _split_conditions(datamodule, "novel", "novel_", extracted, layer, finetuned, settings,
+                                        distributed)
 
     # Sweeps: chosen on validation, reported on test.
     sweep_limit = min(settings.limit or settings.sweep_limit, settings.sweep_limit)
@@ -303,7 +309,7 @@ def _sweeps(scores: dict[str, Score], splits: list[str], num_layers: int, max_k:
 
 
 def _comparisons(scores: dict[str, Score], shots: int) -> dict[str, dict]:
-    pairs = [("zero_shot_fv", "zero_shot"), ("zero_shot_finetuned_fv", f"icl_{shots}"),
+    pairs = [("zero_shot_fv", "zero_shot"), ("zero_shot_fv_distributed", "zero_shot_fv"), ("zero_shot_finetuned_fv", f"icl_{shots}"),
              ("zero_shot_finetuned_fv", "zero_shot_fv"), ("novel_zero_shot_fv", "novel_zero_shot"),
              ("analogy_composite_normalized", "analogy_icl_1"), ("analogy_composite_normalized", "analogy_icl_4"),
              ("analogy_composite_normalized_one_shot", "analogy_icl_1")]

@@ -51,7 +51,8 @@ class ExtractionSettings:
         shots: Demonstrations in clean and corrupted prompts (>= 1).
         num_mean_prompts: Clean prompts for the mean activations (over all relations).
         num_aie_prompts: Corrupted prompts for the AIE (over all relations).
-        algorithm: ``fast`` or ``reference`` (equal to float rounding).
+        algorithm: ``fast`` or ``reference`` (exact, equal to float rounding) or
+            ``attribution`` (gradient estimate, see :mod:`mfv.method.aie`).
         aie_filter: ``clean_correct`` (the authors': IE averaged only over prompts whose
             clean N-shot version the model answers correctly; a relation with none falls
             back to all its prompts, recorded in ``aie_fallback``) or ``all``.
@@ -76,8 +77,8 @@ class ExtractionSettings:
         for name in ("num_mean_prompts", "num_aie_prompts", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"aie.{name} = {getattr(self, name)} must be >= 1")
-        if self.algorithm not in ("fast", "reference"):
-            raise ConfigError(f"aie.algorithm = {self.algorithm!r}; valid: ['fast', 'reference']")
+        if self.algorithm not in ("fast", "reference", "attribution"):
+            raise ConfigError(f"aie.algorithm = {self.algorithm!r}; valid: ['fast', 'reference', 'attribution']")
         if self.aie_filter not in ("clean_correct", "all"):
             raise ConfigError(f"aie.aie_filter = {self.aie_filter!r}; valid: ['clean_correct', 'all']")
         if not self.relations:
@@ -152,6 +153,21 @@ class Extraction:
                       "aie_prompts": dict(zip(self.relations, self.aie_prompts)),
                       "data_fingerprint": self.data_fingerprint},
         )
+
+    def distributed_vectors(self, adapter: BackboneAdapter, k: int, selection: Selection = "per_relation") -> torch.Tensor:
+        """Each selected head's projected mean output at its own layer (distributed steering).
+
+        Returns:
+            ``(layers, relations, hidden)``: row ``l`` is added after layer ``l``; summed over
+            layers it equals the single-layer FV.
+        """
+        validate_head_choice(k, selection, adapter)
+        heads = self.heads(k, selection)
+        out = torch.zeros(adapter.num_layers, len(self.relations), adapter.hidden_size)
+        for r, relation in enumerate(self.relations):
+            for layer in sorted({l for l, _ in heads[relation]}):
+                out[layer, r] = build_function_vector(adapter, self.means[r], [h for h in heads[relation] if h[0] == layer])
+        return out
 
     def summary(self, k: int, selection: Selection = "per_relation") -> dict:
         """JSON-ready facts: heads, prompt counts, sparsity of the positive AIE."""

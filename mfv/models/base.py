@@ -221,8 +221,8 @@ class BackboneAdapter(ABC):
         :meth:`forward` on the same rows.
         """
 
-    def generate(self, batch: PromptBatch, max_new_tokens: int = 5) -> torch.Tensor:
-        """Greedy generation; returns the new tokens ``(B, <= max_new_tokens)``.
+    def generate(self, batch: PromptBatch, max_new_tokens: int = 5, min_new_tokens: int = 0) -> torch.Tensor:
+        """Greedy generation; returns the new tokens ``(B, min_new_tokens..max_new_tokens)``.
 
         Interventions active around the call apply as they are written
         (:func:`mfv.hooks.add_to_residual` adds at the prompt's last position, and

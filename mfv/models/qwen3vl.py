@@ -130,10 +130,11 @@ class Qwen3VLAdapter(BackboneAdapter):
         return out.logits[:, -1]
 
     @torch.no_grad()
-    def generate(self, batch: PromptBatch, max_new_tokens: int = 5) -> torch.Tensor:
+    def generate(self, batch: PromptBatch, max_new_tokens: int = 5, min_new_tokens: int = 0) -> torch.Tensor:
         batch = batch.to(self.device)
         out = self.model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                  **self._vision_kwargs(batch), max_new_tokens=max_new_tokens, do_sample=False,
+                                  **self._vision_kwargs(batch), max_new_tokens=max_new_tokens,
+                                  min_new_tokens=min_new_tokens, do_sample=False,
                                   pad_token_id=self.tokenizer.pad_token_id)
         return out[:, batch.input_ids.shape[1]:]
 

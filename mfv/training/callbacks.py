@@ -38,7 +38,7 @@ class AIEHeadSelection(L.Callback):
         k: Heads per FV.
         selection: ``per_relation`` (the authors': top-K of each relation's AIE) or
             ``pooled`` (one head set from the AIE pooled over relations).
-        algorithm: ``fast`` or ``reference``.
+        algorithm: ``fast`` or ``reference`` (exact) or ``attribution`` (gradient estimate).
         aie_filter: ``clean_correct`` (the authors') or ``all`` corrupted prompts.
         batch_size: Prompts per chunk.
         cache_dir: Cache folder of extraction results.
@@ -50,7 +50,7 @@ class AIEHeadSelection(L.Callback):
         num_aie_prompts: int = _DEFAULTS.num_aie_prompts,
         k: int = DEFAULT_K,
         selection: Literal["per_relation", "pooled"] = DEFAULT_SELECTION,
-        algorithm: Literal["fast", "reference"] = _DEFAULTS.algorithm,
+        algorithm: Literal["fast", "reference", "attribution"] = _DEFAULTS.algorithm,
         aie_filter: Literal["clean_correct", "all"] = _DEFAULTS.aie_filter,
         batch_size: int = _DEFAULTS.batch_size,
         cache_dir: str = "runs/aie_cache",

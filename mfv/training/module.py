@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
@@ -203,9 +204,15 @@ class FunctionVectorModule(L.LightningModule):
             logits = self.adapter.forward(batch.prompts)
         else:
             vectors = condition.vectors.to(self.device)
-            rows = {"all": lambda: vectors, "relation": lambda: vectors[batch.relation_ids],
-                    "row": lambda: vectors[batch.indices]}[condition.vector_index]()
-            with add_to_residual(self.adapter, condition.layer, rows):
+            with ExitStack() as stack:
+                if condition.vector_index == "distributed":
+                    for layer in range(vectors.shape[0]):
+                        if vectors[layer].any():
+                            stack.enter_context(add_to_residual(self.adapter, layer, vectors[layer][batch.relation_ids]))
+                else:
+                    rows = {"all": lambda: vectors, "relation": lambda: vectors[batch.relation_ids],
+                            "row": lambda: vectors[batch.indices]}[condition.vector_index]()
+                    stack.enter_context(add_to_residual(self.adapter, condition.layer, rows))
                 logits = self.adapter.forward(batch.prompts)
         probability = logits.float().softmax(-1).gather(-1, batch.answer_ids[:, None]).squeeze(-1)
         buffer = self._outcomes[dataloader_idx]

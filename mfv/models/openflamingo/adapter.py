@@ -234,11 +234,12 @@ class OpenFlamingoAdapter(BackboneAdapter):
         return out.logits[:, -1]
 
     @torch.no_grad()
-    def generate(self, batch: PromptBatch, max_new_tokens: int = 5) -> torch.Tensor:
+    def generate(self, batch: PromptBatch, max_new_tokens: int = 5, min_new_tokens: int = 0) -> torch.Tensor:
         batch = batch.to(self.device)
         out = self.model.generate(
             vision_x=batch.pixel_values.to(self.dtype), lang_x=batch.input_ids, attention_mask=batch.attention_mask,
-            max_new_tokens=max_new_tokens, num_beams=1, do_sample=False, pad_token_id=self.tokenizer.pad_token_id,
+            max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, num_beams=1, do_sample=False,
+            pad_token_id=self.tokenizer.pad_token_id,
         )
         return out[:, batch.input_ids.shape[1]:]
 
