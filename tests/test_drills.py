@@ -276,3 +276,24 @@ def test_fast_dev_run_writes_nothing(tmp_path, monkeypatch):
     train_main(["--config", str(path), "--trainer.fast_dev_run", "true"])
     written = {p for p in set(tmp_path.rglob("*")) - before if p.suffix in (".json", ".png", ".safetensors")}
     assert not written, written
+
+
+def test_a_failed_checkpoint_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    """A full disk mid-write: the .ckpt is absent (or the previous one), never 0 bytes."""
+    import errno
+
+    import lightning.fabric.utilities.cloud_io as cloud_io
+
+    from mfv.training.callbacks import AtomicCheckpointIO
+
+    target = tmp_path / "best-epoch=00.ckpt"
+
+    def disk_full(checkpoint, path):
+        Path(path).write_bytes(b"")  # what a full disk leaves behind
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cloud_io, "_atomic_save", disk_full)
+    monkeypatch.setattr("lightning.fabric.plugins.io.torch_io._atomic_save", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        AtomicCheckpointIO().save_checkpoint({"state_dict": {}}, target)
+    assert not target.exists() and not list(tmp_path.iterdir())

@@ -160,3 +160,20 @@ def test_bf16_backbone_keeps_fp32_fvs():
     module = FunctionVectorModule("openflamingo-random", BACKBONE, layer=1, init="zeros", backbone_dtype="bfloat16")
     assert module.function_vectors.dtype == torch.float32
     assert next(module.backbone.parameters()).dtype == torch.bfloat16
+
+
+def test_train_test_accuracy_equals_evaluate_on_the_same_prompts_and_fvs(tmp_path):
+    """One accuracy definition (mean over relations) and one scoring path for both commands."""
+    from mfv.evaluation.cli import main as evaluate_main
+    from tests.test_drills import write_config
+
+    path = write_config(tmp_path)
+    trained = main(["--config", str(path), "--trainer.max_epochs", "1"])
+    evaluated = evaluate_main(["--config", str(path), "--fv", trained["exported_fv"], "--out", str(tmp_path / "eval"),
+                               "--evaluation.analogies", "false", "--evaluation.max_k", "1",
+                               "--evaluation.sweep_limit", "2"])
+    condition = evaluated["conditions"]["zero_shot_finetuned_fv"]
+    assert condition["n"] == 12  # every test prompt
+    assert condition["accuracy"] == pytest.approx(trained["test"]["test/acc"], abs=1e-7)
+    for relation, entry in condition["per_relation"].items():
+        assert entry["accuracy"] == pytest.approx(trained["test"][f"test/acc_{relation}"], abs=1e-7)

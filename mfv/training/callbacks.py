@@ -1,4 +1,4 @@
-"""Lightning callbacks: AIE head selection at setup."""
+"""Lightning callbacks and plugins: AIE head selection at setup, atomic checkpoint writes."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Literal
 
 import lightning as L
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from mfv.evaluation import plots
-from mfv.io import atomic_write_text
+from mfv.io import atomic_write, atomic_write_text
 from mfv.method.extraction import (
     DEFAULT_K,
     DEFAULT_SELECTION,
@@ -115,3 +116,12 @@ class AIEHeadSelection(L.Callback):
         settings = self.settings(result.relations, trainer.datamodule)
         summary = {"settings": asdict(settings), **result.summary(self.k, self.selection)}
         atomic_write_text(log_dir / "aie_summary.json", json.dumps(summary, indent=2))
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, made atomic: a full disk or a kill mid-write leaves the
+    previous checkpoint (or none), never a 0-byte or truncated ``.ckpt``."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda tmp: super(AtomicCheckpointIO, self).save_checkpoint(checkpoint, tmp, storage_options))

@@ -21,7 +21,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from mfv.errors import MfvError
 from mfv.io import atomic_write_text
-from mfv.training.callbacks import AIEHeadSelection
+from mfv.training.callbacks import AIEHeadSelection, AtomicCheckpointIO
 from mfv.training.module import FV_PARAMETER, FunctionVectorModule
 
 
@@ -91,7 +91,8 @@ def _pin_run_folder(trainer: L.Trainer, ckpt_path: str | None) -> None:
 
 def main(args: Sequence[str] | None = None) -> dict:
     """Runs the training job and returns the metrics written to ``metrics.json``."""
-    cli = build_cli(FunctionVectorCLI, args, {"callbacks": [LearningRateMonitor(logging_interval="step")]})
+    cli = build_cli(FunctionVectorCLI, args, {"callbacks": [LearningRateMonitor(logging_interval="step")],
+                                              "plugins": [AtomicCheckpointIO()]})
     model: FunctionVectorModule = cli.model
     datamodule = cli.datamodule
     datamodule.attach(model.adapter)
