@@ -220,3 +220,26 @@ def test_fv_injection_changes_zero_shot_logits(adapter, sampler, tmp_path):
     with add_to_residual(adapter, fvs.layer, fvs.stacked()[batch.relation_ids]):
         steered = adapter.forward(batch.prompts)
     assert (steered - plain).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("parallel_residual", [True, False])
+def test_minimal_path_equals_reference_with_sparse_cross_attention_and_mixed_lengths(sampler, parallel_residual):
+    """The minimal path (layers from the patched one up, shared prefix and image keys/values)
+    on a model with cross-attention every 2nd layer (as OpenFlamingo-4B), both residual
+    layouts (4B's RedPajama is sequential), and prompts of 3, 1 and 2 images."""
+    from mfv.models.openflamingo import last_position
+    from mfv.vocabulary import OBJECT_NAMES
+
+    model = build_tiny_openflamingo(tiny_config(words=list(OBJECT_NAMES), num_layers=4, num_heads=4,
+                                                cross_attn_every_n_layers=2))
+    for layer in model._layers:
+        layer.decoder_layer.use_parallel_residual = parallel_residual
+    assert last_position.supports(model)
+    clean = _batch(model, sampler, "clean", range(4))
+    means = 30 * mean_head_activations(model, [clean], 4, progress=False).means
+    episodes = [sampler.episode(0, "corrupted"), sampler.episode(1, "zero_shot"), sampler.episode(2, "corrupted", 1)]
+    corrupted = encode_episodes(model, episodes, RELATIONS)
+    fast = indirect_effects(model, corrupted, means, "fast")
+    reference = indirect_effects(model, corrupted, means, "reference")
+    assert fast.abs().max() > 1e-4
+    torch.testing.assert_close(fast, reference, atol=1e-6, rtol=0)

@@ -221,6 +221,15 @@ class BackboneAdapter(ABC):
         :meth:`forward` on the same rows.
         """
 
+    def single_head_patch_probabilities(
+        self, batch: PromptBatch, values: torch.Tensor, answers: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Optional minimal exact path for fast AIE: answer probabilities unpatched ``(P,)``
+        and with each single head ``(l, h)`` patched to ``values[p, l, h]`` at the last
+        position ``(P, L, H)``. ``None`` (the default) means "use the generic cached path"
+        (:meth:`prefill` + :meth:`forward_last`)."""
+        return None
+
     def generate(self, batch: PromptBatch, max_new_tokens: int = 5, min_new_tokens: int = 0) -> torch.Tensor:
         """Greedy generation; returns the new tokens ``(B, min_new_tokens..max_new_tokens)``.
 

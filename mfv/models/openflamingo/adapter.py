@@ -233,6 +233,14 @@ class OpenFlamingoAdapter(BackboneAdapter):
             )
         return out.logits[:, -1]
 
+    def single_head_patch_probabilities(self, batch, values, answers):
+        """The minimal exact computation (:mod:`mfv.models.openflamingo.last_position`)."""
+        from mfv.models.openflamingo import last_position
+
+        if not last_position.supports(self):
+            return None
+        return last_position.single_head_patch_logits(self, batch, values, answers)
+
     @torch.no_grad()
     def generate(self, batch: PromptBatch, max_new_tokens: int = 5, min_new_tokens: int = 0) -> torch.Tensor:
         batch = batch.to(self.device)

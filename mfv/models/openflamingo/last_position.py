@@ -1,0 +1,156 @@
+"""The minimal exact computation of single-head patches at the last position (OpenFlamingo).
+
+Patching head ``h`` of layer ``l`` at the last position changes nothing before layer ``l``
+and nothing at earlier positions, so the patched logits need only: one full forward of the
+prompt (which yields every layer's last-position input, every layer's prefix keys/values and
+the query image's latents), then, per patched site, the last position of layers ``l..L-1``.
+This module does exactly that, for all ``layers x heads`` sites of a batch at once:
+
+* the query image's cross-attention keys/values are computed once per prompt and layer
+  (the last token attends only to the latest image) and shared by the prompt's rows;
+* rows attend to their prompt's cached prefix keys/values by a batched product
+  (``(prompt, row, ...)`` against ``(prompt, ...)``), never a per-row copy;
+* rows patched at layer ``l`` join at layer ``l``, starting from the full forward's state;
+  every layer is run once over all rows that have joined so far.
+
+GPT-NeoX language models (OpenFlamingo-4B, tiny and organism models) are covered; other
+families fall back to the generic cached path (:meth:`BackboneAdapter.forward_last`).
+Equal to the reference loop to float rounding (contract test).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from einops import rearrange
+
+
+@dataclass
+class _Prefix:
+    inputs: list[torch.Tensor]  # per layer: (P, D) last-position input of the layer
+    keys: list[torch.Tensor]  # per layer: (P, heads, S-1, hs), rotary applied
+    values: list[torch.Tensor]
+    mask: torch.Tensor  # (P, 1, 1, S-1) additive: 0 or dtype min
+    cos: torch.Tensor  # (P, 1, 1, rot)
+    sin: torch.Tensor
+    image_kv: dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer -> (P, xheads, n, dh) each
+    base_logits: torch.Tensor  # (P, vocab)
+
+
+def supports(adapter) -> bool:
+    """Whether the minimal path applies: a GPT-NeoX Flamingo attending to its latest image only."""
+    layers = adapter._layers
+    if adapter.family.layers_attr != "gpt_neox.layers":
+        return False
+    blocks = [layer.gated_cross_attn_layer for layer in layers if layer.gated_cross_attn_layer is not None]
+    return all(block.attn.only_attend_immediate_media for block in blocks)
+
+
+def _prefill(adapter, batch) -> _Prefix:
+    from transformers import DynamicCache
+
+    lang = adapter.model.lang_encoder
+    kwargs = adapter._lm_kwargs(batch.input_ids, batch.attention_mask)
+    with adapter._conditioned(batch.pixel_values):
+        first = adapter._layers[0]
+        latents, media_locations = first.vis_x, None
+        out = lang(**kwargs, past_key_values=DynamicCache(), use_cache=True, output_hidden_states=True,
+                   logits_to_keep=1)
+        media_locations = first.media_locations
+    cache = out.past_key_values
+    num_layers = len(adapter._layers)
+    inputs = [out.hidden_states[layer][:, -1] for layer in range(num_layers)]
+    keys = [cache.layers[layer].keys[:, :, :-1] for layer in range(num_layers)]
+    values = [cache.layers[layer].values[:, :, :-1] for layer in range(num_layers)]
+    dtype = inputs[0].dtype
+    mask = torch.zeros(batch.attention_mask[:, :-1].shape, dtype=dtype, device=adapter.device)
+    mask = mask.masked_fill(batch.attention_mask[:, :-1] == 0, torch.finfo(dtype).min)[:, None, None]
+    position = kwargs["position_ids"][:, -1:]
+    cos, sin = lang.gpt_neox.rotary_emb(inputs[0][:, None], position)
+    # The last token attends to the latest image only: the count of images in its prefix.
+    latest = media_locations.sum(-1) - 1
+    query_latents = latents[torch.arange(len(latest), device=latents.device), latest]  # (P, n, d_visual)
+    image_kv = {}
+    for index, layer in enumerate(adapter._layers):
+        block = layer.gated_cross_attn_layer
+        if block is not None:
+            k, v = block.attn.to_kv(query_latents).chunk(2, dim=-1)
+            image_kv[index] = (rearrange(k, "p n (h d) -> p h n d", h=block.attn.heads),
+                               rearrange(v, "p n (h d) -> p h n d", h=block.attn.heads))
+    return _Prefix(inputs, keys, values, mask, cos[:, None], sin[:, None], image_kv, out.logits[:, -1])
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    from transformers.models.gpt_neox.modeling_gpt_neox import rotate_half
+
+    rotary = cos.shape[-1]
+    head, tail = x[..., :rotary], x[..., rotary:]
+    return torch.cat([head * cos + rotate_half(head) * sin, tail], dim=-1)
+
+
+def _layer(adapter, index: int, x: torch.Tensor, prefix: _Prefix, patch: tuple[torch.Tensor, torch.Tensor] | None):
+    """Layer ``index`` at the last position for rows ``x`` ``(P, M, D)``.
+
+    Args:
+        patch: ``(mask (M,), values (P, M, hs))``: rows in ``mask`` get their own head
+            (row ``m`` patches head ``m % heads``) replaced by ``values`` at this layer.
+    """
+    layer = adapter._layers[index]
+    block = layer.gated_cross_attn_layer
+    if block is not None:
+        attn = block.attn
+        q = rearrange(attn.to_q(attn.norm(x)), "p m (h d) -> p m h d", h=attn.heads) * attn.scale
+        k, v = prefix.image_kv[index]
+        weights = torch.einsum("pmhd,phnd->pmhn", q, k).softmax(dim=-1)
+        out = rearrange(torch.einsum("pmhn,phnd->pmhd", weights, v), "p m h d -> p m (h d)")
+        x = attn.to_out(out) * block.attn_gate.tanh() + x
+        x = block.ff(x) * block.ff_gate.tanh() + x
+    decoder = layer.decoder_layer
+    attention = decoder.attention
+    heads, size = adapter.num_heads, attention.head_size
+    qkv = attention.query_key_value(decoder.input_layernorm(x)).view(*x.shape[:2], heads, 3 * size)
+    q, k, v = qkv.chunk(3, dim=-1)
+    q, k = _rotate(q, prefix.cos, prefix.sin), _rotate(k, prefix.cos, prefix.sin)
+    scores = torch.einsum("pmhd,phsd->pmhs", q, prefix.keys[index]) * attention.scaling + prefix.mask
+    own = (q * k).sum(-1, keepdim=True) * attention.scaling
+    weights = torch.cat([scores, own], dim=-1).softmax(dim=-1, dtype=torch.float32).to(q.dtype)
+    heads_out = torch.einsum("pmhs,phsd->pmhd", weights[..., :-1], prefix.values[index]) + weights[..., -1:] * v
+    if patch is not None:
+        mask, values = patch
+        rows = mask.nonzero().flatten()
+        heads_out[:, rows, rows % heads] = values[:, rows].to(heads_out.dtype)
+    attn_out = attention.dense(heads_out.reshape(*x.shape[:2], heads * size))
+    if decoder.use_parallel_residual:
+        return decoder.mlp(decoder.post_attention_layernorm(x)) + attn_out + x
+    attn_out = attn_out + x
+    return decoder.mlp(decoder.post_attention_layernorm(attn_out)) + attn_out
+
+
+@torch.no_grad()
+def single_head_patch_logits(adapter, batch, values: torch.Tensor, answers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Answer probabilities unpatched ``(P,)`` and with each single head patched ``(P, L, H)``.
+
+    Args:
+        values: ``(P, L, H, head_dim)``: the activation written into head ``(l, h)`` of prompt ``p``.
+        answers: ``(P,)`` answer token ids.
+    """
+    batch = batch.to(adapter.device)
+    prefix = _prefill(adapter, batch)
+    lang = adapter.model.lang_encoder
+    num_prompts, num_layers, heads = values.shape[:3]
+    values = values.to(adapter.device, adapter.dtype)
+    rows = None
+    for index in range(num_layers):
+        joining = prefix.inputs[index][:, None].expand(num_prompts, heads, -1)
+        rows = joining if rows is None else torch.cat([rows, joining], dim=1)
+        mask = torch.zeros(rows.shape[1], dtype=torch.bool, device=adapter.device)
+        mask[-heads:] = True
+        padded = torch.zeros(num_prompts, rows.shape[1], values.shape[-1], dtype=values.dtype, device=adapter.device)
+        padded[:, -heads:] = values[:, index]
+        rows = _layer(adapter, index, rows, prefix, (mask, padded))
+    logits = lang.get_output_embeddings()(lang.gpt_neox.final_layer_norm(rows))  # (P, L*H, vocab)
+    answers = answers.to(adapter.device)
+    patched = logits.float().softmax(-1).gather(-1, answers[:, None, None].expand(-1, logits.shape[1], 1))[..., 0]
+    base = prefix.base_logits.float().softmax(-1).gather(-1, answers[:, None])[:, 0]
+    return base.cpu(), patched.reshape(num_prompts, num_layers, heads).cpu()
