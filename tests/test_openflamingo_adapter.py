@@ -216,3 +216,20 @@ def test_registry_rejects_unknown_names_and_options():
         load_backbone("no-such-model")
     with pytest.raises(ConfigError, match="valid options"):
         load_backbone("openflamingo-tiny", directory="x", colour="red")
+
+
+def test_vision_cache_encodes_each_image_once_and_changes_nothing(tiny_adapter, prompts):
+    batch = tiny_adapter.collate(prompts)
+    plain = tiny_adapter.forward(batch)
+    calls = []
+    handle = tiny_adapter.model.vision_encoder.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
+    try:
+        with tiny_adapter.vision_cache():
+            first = tiny_adapter.forward(batch)
+            again = tiny_adapter.forward(batch)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(first, plain, atol=1e-6, rtol=0)
+    torch.testing.assert_close(again, plain, atol=1e-6, rtol=0)
+    # 6 image slots, 5 distinct images (the zero padding is one more): encoded in one call, never again.
+    assert calls == [6]

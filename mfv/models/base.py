@@ -8,6 +8,7 @@ itself in :mod:`mfv.models` (see README, "Adding a backbone").
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -238,6 +239,11 @@ class BackboneAdapter(ABC):
         optionally at every generated position).
         """
         raise NotImplementedError(f"{type(self).__name__} does not implement generate")
+
+    def vision_cache(self):
+        """A context in which each distinct image is encoded once (frozen vision tower).
+        Default: no cache (a no-op context); OpenFlamingo keeps resampler latents by content."""
+        return nullcontext()
 
     # ----- conveniences ------------------------------------------------------------
     @property

@@ -112,6 +112,8 @@ class FunctionVectorModule(L.LightningModule):
         self.scores: dict[int, Score] = {}
         self.outcome_file: str | None = None
         self.eval_loader_options: dict[str, int] = {"batch_size": 16, "num_workers": 0}
+        self.vision_cache = False  # evaluation turns it on: each distinct image encoded once per test run
+        self._vision_context = None
         self._outcomes: list[torch.Tensor] = []
 
     def _build_backbone(self) -> None:
@@ -264,11 +266,17 @@ class FunctionVectorModule(L.LightningModule):
 
     def on_test_epoch_start(self) -> None:
         self._start_outcomes(self.trainer.test_dataloaders)
+        if self.vision_cache:
+            self._vision_context = self.adapter.vision_cache()
+            self._vision_context.__enter__()
 
     def test_step(self, batch: EncodedBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._record(batch, dataloader_idx)
 
     def on_test_epoch_end(self) -> None:
+        if self._vision_context is not None:
+            self._vision_context.__exit__(None, None, None)
+            self._vision_context = None
         if self.conditions is None:
             self.scores = self._finish_outcomes([self.relations])
             self._log_score("test", self.scores[0])

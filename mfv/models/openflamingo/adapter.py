@@ -7,6 +7,7 @@ here (:func:`assemble_flamingo`) and wrap it in :class:`OpenFlamingoAdapter`.
 
 from __future__ import annotations
 
+import hashlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
@@ -148,6 +149,7 @@ class OpenFlamingoAdapter(BackboneAdapter):
         self.family = LANGUAGE_FAMILIES[family]
         self.backbone_id = backbone_id
         self.tiny_config = tiny_config
+        self._vision_cache: dict[bytes, torch.Tensor] | None = None
         config = model.lang_encoder.config
         self._num_heads = int(getattr(config, self.family.heads_key))
         self._hidden = int(getattr(config, self.family.hidden_key))
@@ -219,11 +221,48 @@ class OpenFlamingoAdapter(BackboneAdapter):
     def _conditioned(self, pixel_values: torch.Tensor) -> Iterator[None]:
         """Encodes each prompt's images once and conditions every cross-attention layer."""
         try:
-            self.model._encode_vision_x(vision_x=pixel_values.to(self.device, self.dtype))
+            latents = self._encode_images(pixel_values.to(self.device, self.dtype))
+            for layer in self._layers:
+                layer.condition_vis_x(latents)
             yield
         finally:
             self.model.lang_encoder.clear_conditioned_layers()
             self.model.lang_encoder._use_cached_vision_x = False
+
+    @contextmanager
+    def vision_cache(self) -> Iterator[None]:
+        """Inside the block each distinct image is encoded (ViT + resampler) once: the frozen
+        vision tower's latents are kept by image content and reused by every later batch."""
+        outer = self._vision_cache
+        self._vision_cache = {} if outer is None else outer
+        try:
+            yield
+        finally:
+            self._vision_cache = outer
+
+    def _encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``(B, T, 1, C, H, W)`` images -> ``(B, T, latents, d)`` resampler latents, as
+        open_flamingo's ``_encode_vision_x`` computes them (through the cache when active)."""
+        b, t = pixel_values.shape[:2]
+        flat = pixel_values.reshape(b * t, *pixel_values.shape[3:])
+
+        def encode(images: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                tokens = self.model.vision_encoder(images)[1]
+            return self.model.perceiver(tokens[:, None, None])[:, 0]  # (n, latents, d)
+
+        if self._vision_cache is None:
+            latents = encode(flat)
+            return latents.reshape(b, t, *latents.shape[1:])
+        keys = [hashlib.blake2b(image.detach().cpu().numpy().tobytes(), digest_size=16).digest() for image in flat]
+        unique: dict[bytes, int] = {}
+        for index, key in enumerate(keys):
+            if key not in self._vision_cache and key not in unique:
+                unique[key] = index
+        if unique:
+            for key, latent in zip(unique, encode(flat[list(unique.values())])):
+                self._vision_cache[key] = latent.detach()
+        return torch.stack([self._vision_cache[key] for key in keys]).reshape(b, t, *self._vision_cache[keys[0]].shape)
 
     def forward(self, batch: PromptBatch) -> torch.Tensor:
         batch = batch.to(self.device)
