@@ -177,3 +177,53 @@ def test_train_test_accuracy_equals_evaluate_on_the_same_prompts_and_fvs(tmp_pat
     assert condition["accuracy"] == pytest.approx(trained["test"]["test/acc"], abs=1e-7)
     for relation, entry in condition["per_relation"].items():
         assert entry["accuracy"] == pytest.approx(trained["test"][f"test/acc_{relation}"], abs=1e-7)
+
+
+def _saved_graph_bytes(module, batch) -> tuple[int, torch.Tensor]:
+    """Bytes autograd keeps for backward, excluding tensors that need no gradient path of their
+    own (the frozen weights and the prompt's cached keys/values, which exist anyway)."""
+    seen, total = set(), [0]
+
+    def pack(tensor):
+        if tensor.requires_grad or tensor.grad_fn is not None:
+            key = (tensor.untyped_storage().data_ptr(), tensor.untyped_storage().nbytes())
+            if key not in seen:
+                seen.add(key)
+                total[0] += key[1]
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        logits = module(batch)
+    return total[0], logits
+
+
+def test_fine_tuning_graph_scales_with_layers_after_injection_not_prompt_length():
+    from mfv.data.episodes import EpisodeSampler, encode_episodes, read_scenes
+    from mfv.data.synthetic import generate_split
+    from mfv.hooks import add_to_residual
+    import tempfile
+
+    module = FunctionVectorModule("openflamingo-random", {**BACKBONE, "num_layers": 4}, layer=1, init="random")
+    with tempfile.TemporaryDirectory() as tmp:
+        sampler = EpisodeSampler(read_scenes(generate_split(tmp, "eval", 12, image_size=32, workers=1,
+                                                            progress=False)), ["above", "below", "left", "right"])
+        short = encode_episodes(module.adapter, [sampler.episode(i, "zero_shot", 0) for i in range(4)], module.relations)
+        long = encode_episodes(module.adapter, [sampler.episode(i, "clean", 4) for i in range(4)], module.relations)
+    class FullGraph(torch.nn.Module):  # the hook path: every position after the injection layer in the graph
+        def forward(self, batch):
+            with add_to_residual(module.adapter, module.layer, module.function_vectors[batch.relation_ids]):
+                return module.adapter.forward(batch.prompts)
+
+    sizes, full = {}, {}
+    for name, batch in (("short", short), ("long", long)):
+        sizes[name], logits = _saved_graph_bytes(module, batch)
+        full[name], reference = _saved_graph_bytes(FullGraph(), batch)
+        torch.testing.assert_close(logits, reference, atol=1e-5, rtol=0)  # same logits as the hook path
+    extra_token_rows = (long.prompts.input_ids.shape[1] - short.prompts.input_ids.shape[1]) * len(short)
+    layers_after = module.adapter.num_layers - module.layer - 1
+    # Per extra prompt token: only the last position's attention weights over it (a few
+    # scalars per head per layer), never a hidden-size activation.
+    assert (sizes["long"] - sizes["short"]) / extra_token_rows <= 2 * 4 * module.adapter.num_heads * layers_after
+    assert (full["long"] - full["short"]) / extra_token_rows >= 4 * module.adapter.hidden_size * layers_after
+    module.layer = 2  # fewer layers after injection: a smaller graph
+    assert _saved_graph_bytes(module, short)[0] < sizes["short"]

@@ -240,6 +240,12 @@ class BackboneAdapter(ABC):
         """
         raise NotImplementedError(f"{type(self).__name__} does not implement generate")
 
+    def steered_logits(self, batch: PromptBatch, vectors: torch.Tensor, layer: int) -> torch.Tensor | None:
+        """Optional: last-position logits with ``vectors`` added after ``layer``, with a graph
+        only over what depends on them (FV fine-tuning). ``None``: use :meth:`forward` under
+        :func:`mfv.hooks.add_to_residual`."""
+        return None
+
     def vision_cache(self):
         """A context in which each distinct image is encoded once (frozen vision tower).
         Default: no cache (a no-op context); OpenFlamingo keeps resampler latents by content."""

@@ -177,6 +177,11 @@ class FunctionVectorModule(L.LightningModule):
         if not use_fv:
             return self.adapter.forward(batch.prompts)
         vectors = self.function_vectors[batch.relation_ids]
+        if torch.is_grad_enabled():
+            # Training: a graph over the last position from the injection layer up only.
+            logits = self.adapter.steered_logits(batch.prompts, vectors, self.layer)
+            if logits is not None:
+                return logits
         with add_to_residual(self.adapter, self.layer, vectors):
             return self.adapter.forward(batch.prompts)
 

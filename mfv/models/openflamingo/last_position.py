@@ -154,3 +154,20 @@ def single_head_patch_logits(adapter, batch, values: torch.Tensor, answers: torc
     patched = logits.float().softmax(-1).gather(-1, answers[:, None, None].expand(-1, logits.shape[1], 1))[..., 0]
     base = prefix.base_logits.float().softmax(-1).gather(-1, answers[:, None])[:, 0]
     return base.cpu(), patched.reshape(num_prompts, num_layers, heads).cpu()
+
+
+def steered_logits(adapter, batch, vectors: torch.Tensor, layer: int) -> torch.Tensor | None:
+    """Last-position logits with ``vectors`` ``(B, D)`` added after ``layer``, differentiable in
+    ``vectors`` only: the prompt runs once without a graph, then the last position of layers
+    ``layer+1..L-1`` runs with one. The graph (and what backward keeps) is those layers at one
+    position, whatever the prompt length. ``None`` where this path does not apply."""
+    if not supports(adapter) or layer >= adapter.num_layers - 1:
+        return None
+    batch = batch.to(adapter.device)
+    with torch.no_grad():
+        prefix = _prefill(adapter, batch)
+    x = (prefix.inputs[layer + 1] + vectors.to(prefix.inputs[0].dtype))[:, None]
+    for index in range(layer + 1, adapter.num_layers):
+        x = _layer(adapter, index, x, prefix, None)
+    lang = adapter.model.lang_encoder
+    return lang.get_output_embeddings()(lang.gpt_neox.final_layer_norm(x))[:, 0]
