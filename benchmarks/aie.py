@@ -170,6 +170,15 @@ def project_4b(small: dict, large: dict) -> dict:
                        f"their sizes; executed = minimal / measured flop efficiency at {l2} layers")}
 
 
+def benchmark_model():
+    """The benchmark shape: a random OpenFlamingo with 8 layers x 16 heads, hidden 512."""
+    return build_tiny_openflamingo(TinyFlamingoConfig(
+        words=list(OBJECT_NAMES), image_size=64, patch_size=8, vision_width=128, vision_layers=2,
+        vision_head_width=32, perceiver_depth=2, perceiver_latents=16, perceiver_heads=4, perceiver_dim_head=32,
+        xattn_heads=4, xattn_dim_head=32, cross_attn_every_n_layers=2, hidden_size=512, num_layers=8,
+        num_heads=16, intermediate_size=2048))
+
+
 def four_b_width(layers: int) -> TinyFlamingoConfig:
     return TinyFlamingoConfig(
         words=list(OBJECT_NAMES), image_size=64, patch_size=16, vision_width=256, vision_layers=1,
@@ -197,11 +206,7 @@ def main() -> None:
             split = generate_split(Path(tmp) / name, "eval", 24, size, seed=3, workers=1, progress=False)
             return EpisodeSampler(read_scenes(split), RELATIONS, shots=4, seed=0)
 
-        bench = build_tiny_openflamingo(TinyFlamingoConfig(
-            words=list(OBJECT_NAMES), image_size=64, patch_size=8, vision_width=128, vision_layers=2,
-            vision_head_width=32, perceiver_depth=2, perceiver_latents=16, perceiver_heads=4, perceiver_dim_head=32,
-            xattn_heads=4, xattn_dim_head=32, cross_attn_every_n_layers=2, hidden_size=512, num_layers=8,
-            num_heads=16, intermediate_size=2048))
+        bench = benchmark_model()
         shapes["benchmark"] = measure("benchmark", bench, sampler_for(bench, "bench"), args)
         organism = load_tiny_openflamingo(args.organism)
         shapes["organism"] = measure("organism", organism, sampler_for(organism, "organism"), args)

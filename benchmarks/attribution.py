@@ -26,8 +26,9 @@ from mfv.evaluation.scoring import Score
 from mfv.hooks import add_to_residual
 from mfv.method.aie import indirect_effects, mean_head_activations, top_heads
 from mfv.method.function_vector import build_function_vector
-from mfv.models.openflamingo import TinyFlamingoConfig, build_tiny_openflamingo, load_tiny_openflamingo
-from mfv.vocabulary import OBJECT_NAMES
+from mfv.models.openflamingo import load_tiny_openflamingo
+
+from aie import benchmark_model  # the same benchmark shape (run as `python benchmarks/attribution.py`)
 
 RELATIONS = ["above", "below", "left", "right"]
 
@@ -103,11 +104,7 @@ def main() -> None:
     torch.manual_seed(0)
     result: dict = {"threads": 1, "clock": "process_time", "shapes": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        bench = build_tiny_openflamingo(TinyFlamingoConfig(
-            words=list(OBJECT_NAMES), image_size=64, patch_size=8, vision_width=128, vision_layers=2,
-            vision_head_width=32, perceiver_depth=2, perceiver_latents=16, perceiver_heads=4, perceiver_dim_head=32,
-            xattn_heads=4, xattn_dim_head=32, cross_attn_every_n_layers=2, hidden_size=512, num_layers=8,
-            num_heads=16, intermediate_size=2048))
+        bench = benchmark_model()
         organism = load_tiny_openflamingo(args.organism)
         for name, adapter in (("benchmark", bench), ("organism", organism)):
             size = adapter.tiny_config.image_size

@@ -38,7 +38,6 @@ class EvaluateCLI(FunctionVectorCLI):
         parser.add_argument("--out", type=str, default="runs/eval", help="output folder (metrics, report, figures)")
         parser.add_argument("--limit", type=int | None, default=None,
                             help="prompts per condition (>= 1); unset: every prompt of each split")
-        parser.add_class_arguments(EvaluationSettings, "evaluation", skip={"limit"})
 
 
 def evaluation_trainer(trainer_config) -> L.Trainer:

@@ -41,6 +41,10 @@ class FunctionVectorCLI(LightningCLI):
         )
         parser.add_lightning_class_args(AIEHeadSelection, "aie")
         parser.add_argument("--ckpt_path", type=str | None, default=None, help="resume this run from a checkpoint")
+        # The evaluation section lives in the same config file (used by evaluate.py; train.py ignores it).
+        from mfv.evaluation.protocol import EvaluationSettings
+
+        parser.add_class_arguments(EvaluationSettings, "evaluation", skip={"limit"})
         parser.link_arguments("model.relations", "data.init_args.relations")
 
 
