@@ -51,8 +51,10 @@ def report_markdown(metrics: dict) -> str:
     finetuned = metrics["injected"].get("finetuned")
     if finetuned:
         parts.append(f"Fine-tuned FVs injected after layer {finetuned['layer']}. ")
+    total_heads = round(extraction['heads_for_half_positive_aie'] / extraction['heads_for_half_positive_aie_share']) \
+        if extraction['heads_for_half_positive_aie_share'] else 0
     parts.append(
-        f"{extraction['heads_for_half_positive_aie']} of the LM's heads "
+        f"{extraction['heads_for_half_positive_aie']} of the LM's {total_heads} heads "
         f"({extraction['heads_for_half_positive_aie_share']:.1%}) carry half of the positive AIE; the top 10 "
         f"carry {extraction['top10_positive_aie_share']:.0%}.\n\nAccuracy is the mean over relations of the "
         f"first answer token's top-1 accuracy; intervals are 95% (per relation: Wilson; mean: stratified "
@@ -65,7 +67,8 @@ def report_markdown(metrics: dict) -> str:
         parts.append("\n## Paired comparisons (same prompts)\n\n| comparison | difference [95% CI] | p | n |\n"
                      "|---|---|---|---|\n")
         for name, c in metrics["comparisons"].items():
-            parts.append(f"| {name} | {_fmt(c['difference'], c['ci95'])} | {c['p_value']:.3g} | {c['n']} |\n")
+            p = f"{c['p_value']:.3g}" if c["p_value"] > 1 / 2000 else "< 0.001"
+            parts.append(f"| {name} | {_fmt(c['difference'], c['ci95'])} | {p} | {c['n']} |\n")
     if metrics.get("analogy_weights"):
         trained = list(next(iter(metrics["analogy_weights"].values())))
         parts.append("\nMean composite weights (normalised):\n\n| diagonal | " + " | ".join(trained) + " |\n|---|"

@@ -127,7 +127,8 @@ def paired_comparison(a: Score, b: Score, samples: int = BOOTSTRAP_SAMPLES, seed
     diff = _bootstrap_macro(a.correct, strata) - _bootstrap_macro(b.correct, strata)
     observed = a.accuracy - b.accuracy
     low, high = np.percentile(diff, [2.5, 97.5])
-    # Two-sided: how often the resampled difference falls on the other side of zero.
-    p = min(1.0, 2 * min(float((diff <= 0).mean()), float((diff >= 0).mean()))) if samples else 1.0
+    # Two-sided: how often the resampled difference falls on the other side of zero; never
+    # reported below the bootstrap's resolution (1 / samples).
+    p = min(1.0, max(1.0 / samples, 2 * min(float((diff <= 0).mean()), float((diff >= 0).mean()))))
     return {"difference": observed, "ci95": [float(min(low, observed)), float(max(high, observed))],
             "p_value": p, "n": a.n, "method": "paired stratified bootstrap"}
