@@ -1,6 +1,6 @@
 """Fine-tune function vectors: ``python train.py --config configs/toy.yaml`` (see README)."""
 
-from mfv.training.cli import main
+from mfv.commands.train import main
 
 if __name__ == "__main__":
     main()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from mfv.evaluation.cli import main as evaluate_main
+from mfv.commands.evaluate import main as evaluate_main
 
 
 def main() -> None:

@@ -38,13 +38,13 @@ def _commands() -> dict[str, Callable[[Sequence[str]], object]]:
     import importlib
 
     from mfv import demo, seeds
+    from mfv.commands import evaluate, train
     from mfv.data import synthetic
-    from mfv.evaluation import cli as evaluate
     from mfv.organism import train as organism
-    from mfv.training import cli as train
 
     return {"train": train.main, "evaluate": evaluate.main, "prepare-data": _prepare_data,
-            "prepare-gqa": importlib.import_module("mfv.data.gqa.prepare").main, "generate-synthetic": synthetic.main, "demo": demo.main,
+            "prepare-gqa": importlib.import_module("mfv.data.gqa.prepare").main,
+            "generate-synthetic": synthetic.main, "demo": demo.main,
             "train-organism": organism.main, "seeds": seeds.main}
 
 

@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from mfv.evaluation import cli as eval_cli
-from mfv.training import cli as train_cli
+from mfv.commands import evaluate as eval_cli
+from mfv.commands import train as train_cli
 
 
 def run_demo(config: str = "configs/toy.yaml", out: str = "runs/demo", limit: int | None = None) -> dict:

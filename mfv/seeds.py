@@ -15,9 +15,9 @@ import statistics
 from pathlib import Path
 from typing import Sequence
 
-from mfv.evaluation.cli import main as evaluate_main
+from mfv.commands.evaluate import main as evaluate_main
+from mfv.commands.train import main as train_main
 from mfv.io import atomic_write_text, ensure_writable_dir
-from mfv.training.cli import main as train_main
 
 
 def split_overrides(overrides: Sequence[str]) -> tuple[list[str], list[str]]:

@@ -20,10 +20,10 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from mfv.errors import MissingWeightsError
-from mfv.evaluation.cli import main as evaluate_main
+from mfv.commands.evaluate import main as evaluate_main
 from mfv.method.function_vector import FunctionVectorSet
 from mfv.models import load_backbone
-from mfv.training.cli import main as train_main
+from mfv.commands.train import main as train_main
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKBONE = {"image_size": 32, "patch_size": 8, "hidden_size": 32, "num_layers": 3, "num_heads": 4, "intermediate_size": 64}

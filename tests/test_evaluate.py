@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from mfv.evaluation import composite_vectors
-from mfv.evaluation.cli import main
+from mfv.commands.evaluate import main
 from mfv.method.function_vector import FunctionVectorSet
 from mfv.models import load_backbone
 

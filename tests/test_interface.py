@@ -93,8 +93,8 @@ def test_makefile_picks_the_torch_build_from_the_machine(tmp_path, gpu, expected
 def test_tensorboard_holds_training_and_evaluation_in_one_run(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from mfv.evaluation.cli import main as evaluate_main
-    from mfv.training.cli import main as train_main
+    from mfv.commands.evaluate import main as evaluate_main
+    from mfv.commands.train import main as train_main
     from tests.test_drills import write_config
 
     path = write_config(tmp_path)

@@ -8,9 +8,9 @@ import pytest
 import yaml
 
 from mfv.errors import MissingWeightsError
-from mfv.evaluation.cli import main as evaluate_main
+from mfv.commands.evaluate import main as evaluate_main
 from mfv.models.qwen3vl import load_qwen3vl
-from mfv.training.cli import main as train_main
+from mfv.commands.train import main as train_main
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mfv.training.cli import main
+from mfv.commands.train import main
 from mfv.training.module import FunctionVectorModule
 
 BACKBONE = {"image_size": 32, "patch_size": 8, "hidden_size": 32, "num_layers": 3, "num_heads": 4, "intermediate_size": 64}
@@ -164,7 +164,7 @@ def test_bf16_backbone_keeps_fp32_fvs():
 
 def test_train_test_accuracy_equals_evaluate_on_the_same_prompts_and_fvs(tmp_path):
     """One accuracy definition (mean over relations) and one scoring path for both commands."""
-    from mfv.evaluation.cli import main as evaluate_main
+    from mfv.commands.evaluate import main as evaluate_main
     from tests.test_drills import write_config
 
     path = write_config(tmp_path)

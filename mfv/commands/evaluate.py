@@ -16,13 +16,13 @@ from typing import Sequence
 
 import lightning as L
 
+from mfv.commands.train import FunctionVectorCLI, build_cli
 from mfv.errors import MfvError
 from mfv.evaluation.protocol import EvaluationSettings, evaluate
 from mfv.evaluation.report import report_markdown, write_report
 from mfv.io import ensure_writable_dir
 from mfv.method.function_vector import FunctionVectorSet
 from mfv.training.callbacks import AIEHeadSelection
-from mfv.training.cli import FunctionVectorCLI, build_cli
 
 # Trainer settings that describe where to compute; the rest (epochs, loggers) is training's.
 _COMPUTE_KEYS = ("accelerator", "devices", "num_nodes", "strategy", "precision")

@@ -20,6 +20,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from mfv.errors import MfvError
+from mfv.evaluation.protocol import EvaluationSettings
 from mfv.io import atomic_write_text
 from mfv.training.callbacks import AIEHeadSelection, AtomicCheckpointIO
 from mfv.training.module import FV_PARAMETER, FunctionVectorModule
@@ -42,8 +43,6 @@ class FunctionVectorCLI(LightningCLI):
         parser.add_lightning_class_args(AIEHeadSelection, "aie")
         parser.add_argument("--ckpt_path", type=str | None, default=None, help="resume this run from a checkpoint")
         # The evaluation section lives in the same config file (used by evaluate.py; train.py ignores it).
-        from mfv.evaluation.protocol import EvaluationSettings
-
         parser.add_class_arguments(EvaluationSettings, "evaluation", skip={"limit"})
         parser.link_arguments("model.relations", "data.init_args.relations")
 

@@ -1,0 +1,1 @@
+"""Command-line entry points: train, evaluate (LightningCLI over the library modules)."""
