@@ -15,19 +15,20 @@ from mfv.commands import evaluate as eval_cli
 from mfv.commands import train as train_cli
 
 
-def run_demo(config: str = "configs/toy.yaml", out: str = "runs/demo", limit: int | None = None) -> dict:
+def run_demo(configs: Sequence[str] = ("configs/toy.yaml",), out: str = "runs/demo", limit: int | None = None) -> dict:
     """Trains and evaluates function vectors on the model organism.
 
     Args:
-        config: The train/evaluate config.
+        configs: train/evaluate configs (later ones override earlier ones).
         out: Output folder (TensorBoard run under ``train/``, evaluation under ``eval/``).
         limit: Prompts per evaluation condition (default: every prompt).
     """
     start = time.perf_counter()
-    metrics = train_cli.main(["--config", config, "--trainer.logger.init_args.save_dir", out,
+    config_args = [a for c in configs for a in ("--config", c)]
+    metrics = train_cli.main([*config_args, "--trainer.logger.init_args.save_dir", out,
                               "--trainer.logger.init_args.name", "train"])
     trained = time.perf_counter() - start
-    eval_args = ["--config", config, "--fv", metrics["exported_fv"], "--out", str(Path(out) / "eval")]
+    eval_args = [*config_args, "--fv", metrics["exported_fv"], "--out", str(Path(out) / "eval")]
     if limit:
         eval_args += ["--limit", str(limit)]
     result = eval_cli.main(eval_args)
