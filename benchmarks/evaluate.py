@@ -1,11 +1,12 @@
-"""Demo-size evaluation with and without the vision-feature cache, side by side.
+"""Demo-size evaluation with and without reuse (image cache, shared prompt passes), side by side.
 
     python benchmarks/evaluate.py --json runs/bench/evaluate.json [--fv RUN/function_vectors_finetuned.safetensors]
 
 Runs ``evaluate.py --config configs/toy.yaml`` twice in this process (one thread, CPU time):
-``--evaluation.vision_cache false`` (every condition re-encodes its images, as before the
-cache) and ``true`` (each distinct image encoded once). Reports both times, the ratio, and
-whether every accuracy in ``metrics.json`` is identical.
+``--evaluation.reuse false`` (every condition re-encodes its images and runs its prompts from
+scratch, as before) and ``true`` (each distinct image encoded once; conditions over the same
+prompts share one prompt pass and recompute only the last position from their injection
+layer). Reports both times, the ratio, and whether every accuracy in ``metrics.json`` is identical.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for cached in (False, True):
             argv = ["--config", args.config, "--out", str(Path(tmp) / str(cached)), "--trainer.enable_progress_bar",
-                    "false", "--evaluation.vision_cache", str(cached).lower()]
+                    "false", "--evaluation.reuse", str(cached).lower()]
             argv += ["--fv", args.fv] if args.fv else []
             argv += ["--limit", str(args.limit)] if args.limit else []
             evaluate_main(argv)  # the first call also fills the AIE cache; both then load it
@@ -43,7 +44,7 @@ def main() -> None:
                             "summary": metrics["summary"]}
     result = {
         "config": args.config, "threads": 1, "clock": "process_time",
-        "without_cache_cpu_seconds": runs[False]["cpu_seconds"], "with_cache_cpu_seconds": runs[True]["cpu_seconds"],
+        "without_reuse_cpu_seconds": runs[False]["cpu_seconds"], "with_reuse_cpu_seconds": runs[True]["cpu_seconds"],
         "speedup": runs[False]["cpu_seconds"] / runs[True]["cpu_seconds"],
         "identical_accuracies": runs[False]["summary"] == runs[True]["summary"],
         "differing": {k: (v, runs[True]["summary"][k]) for k, v in runs[False]["summary"].items()

@@ -70,8 +70,8 @@ def main() -> None:
         print(attribution_table(json.loads((bench / "attribution.json").read_text())), "\n")
     if (bench / "evaluate.json").is_file():
         e = json.loads((bench / "evaluate.json").read_text())
-        print(f"Evaluation ({e['conditions']} conditions): {e['without_cache_cpu_seconds']:.0f} s without the vision "
-              f"cache, {e['with_cache_cpu_seconds']:.0f} s with it ({e['speedup']:.2f}x), identical accuracies: "
+        print(f"Evaluation ({e['conditions']} conditions): {e['without_reuse_cpu_seconds']:.0f} s CPU from scratch, "
+              f"{e['with_reuse_cpu_seconds']:.0f} s with reuse ({e['speedup']:.2f}x), identical accuracies: "
               f"{e['identical_accuracies']}\n")
     if Path(args.demo).is_file():
         metrics = json.loads(Path(args.demo).read_text())

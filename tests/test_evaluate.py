@@ -120,3 +120,14 @@ def test_seeds_report_mean_and_spread_over_runs(config_path, tmp_path):
     assert (tmp_path / "seeds.md").read_text().count("|") > 10
     first = json.loads((tmp_path / "seed0" / "eval" / "metrics.json").read_text())
     assert first["summary"]["zero_shot_fv"] == zero["values"][0]
+
+
+def test_reuse_changes_no_accuracy(config_path, finetuned_fv, tmp_path):
+    """Shared prompt passes and the image cache give the same metrics as computing every
+    condition from scratch (benchmarks/evaluate.py measures the time)."""
+    common = ["--config", str(config_path), "--fv", str(finetuned_fv), "--limit", "6", "--evaluation.max_k", "3",
+              "--evaluation.sweep_limit", "6", "--evaluation.shots", "[1]", "--trainer.enable_progress_bar", "false"]
+    scratch = main([*common, "--out", str(tmp_path / "scratch"), "--evaluation.reuse", "false"])
+    reused = main([*common, "--out", str(tmp_path / "reused")])
+    assert scratch["summary"] == reused["summary"]
+    assert scratch["sweeps"] == reused["sweeps"]

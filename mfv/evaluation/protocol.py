@@ -56,7 +56,9 @@ class EvaluationSettings:
         analogies: Evaluate the analogy conditions (needs a ``composite`` split).
         composite_modes: Composite FV variants.
         batch_size: Prompts per batch (default: the datamodule's).
-        vision_cache: Encode each distinct image once across all conditions (frozen vision).
+        reuse: Compute nothing twice: each distinct image encoded once across conditions, and
+            conditions over the same prompts share one prompt pass (each recomputes only the
+            last position from its injection layer). ``false``: every condition from scratch.
     """
 
     limit: int | None = None
@@ -66,7 +68,7 @@ class EvaluationSettings:
     analogies: bool = True
     composite_modes: list[str] = field(default_factory=lambda: list(COMPOSITE_MODES))
     batch_size: int | None = None
-    vision_cache: bool = True
+    reuse: bool = True
 
     def validate(self) -> None:
         """Raises :class:`ConfigError` naming the field and the allowed range."""
@@ -114,12 +116,12 @@ class EvaluationResult:
 
 
 def run_conditions(trainer: L.Trainer, module, conditions: Sequence[Condition], batch_size: int,
-                   num_workers: int = 0, vision_cache: bool = True) -> dict[str, Score]:
+                   num_workers: int = 0, reuse: bool = True) -> dict[str, Score]:
     """Runs ``conditions`` as the module's test loop and returns their scores by name."""
     if not conditions:
         return {}
     module.conditions = list(conditions)
-    module.vision_cache = vision_cache  # the same images recur across conditions: encode each once
+    module.reuse = reuse  # the same images and prompts recur across conditions: compute each once
     module.eval_loader_options = {"batch_size": batch_size, "num_workers": num_workers}
     with tempfile.TemporaryDirectory(prefix="mfv-eval-") as tmp:
         module.outcome_file = str(Path(tmp) / "scores.pt")
@@ -127,7 +129,7 @@ def run_conditions(trainer: L.Trainer, module, conditions: Sequence[Condition], 
             trainer.test(module, verbose=False)
             saved = torch.load(module.outcome_file, weights_only=True)
         finally:
-            module.conditions, module.outcome_file, module.vision_cache = None, None, False
+            module.conditions, module.outcome_file, module.reuse = None, None, False
     return {c.name: Score.from_tensors(c.dataset.relations, *saved[i]) for i, c in enumerate(conditions)}
 
 
@@ -241,7 +243,7 @@ def evaluate(
                                             finetuned.vectors[relation], "all", finetuned.layer))
 
     scores = run_conditions(trainer, module, conditions, batch_size, datamodule.num_workers,
-                            settings.vision_cache)
+                            settings.reuse)
     for c in conditions:
         meta[c.name] = {"split": c.split, "group": c.group, "description": c.description,
                         **({"layer": c.layer} if c.vectors is not None else {})}
@@ -270,7 +272,7 @@ def evaluate(
                     if rows:
                         analogy_weights[d] = dict(zip(relations, normalised[rows].mean(0).tolist()))
         scores.update(run_conditions(trainer, module, phase_two, batch_size, datamodule.num_workers,
-                                     settings.vision_cache))
+                                     settings.reuse))
         for c in phase_two:
             meta[c.name] = {"split": c.split, "group": c.group, "description": c.description, "layer": c.layer}
 

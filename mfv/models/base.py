@@ -240,9 +240,17 @@ class BackboneAdapter(ABC):
         """
         raise NotImplementedError(f"{type(self).__name__} does not implement generate")
 
-    def steered_logits(self, batch: PromptBatch, vectors: torch.Tensor, layer: int) -> torch.Tensor | None:
-        """Optional: last-position logits with ``vectors`` added after ``layer``, with a graph
-        only over what depends on them (FV fine-tuning). ``None``: use :meth:`forward` under
+    def last_position_prefix(self, batch: PromptBatch) -> Any | None:
+        """Optional: the prompt run once, for :meth:`steered_logits` to continue from (many
+        injected vectors, one prompt pass). Its ``base_logits`` are the unsteered logits.
+        ``None``: no such path."""
+        return None
+
+    def steered_logits(self, batch: PromptBatch, vectors: torch.Tensor, layer: int, prefix: Any = None
+                       ) -> torch.Tensor | None:
+        """Optional: last-position logits with ``vectors`` ``(B, hidden)`` added after ``layer``,
+        recomputing only the last position from ``layer + 1`` up (a graph only over what
+        depends on the vectors: FV fine-tuning). ``None``: use :meth:`forward` under
         :func:`mfv.hooks.add_to_residual`."""
         return None
 

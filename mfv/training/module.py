@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
@@ -12,10 +11,9 @@ from torch import nn
 
 from mfv.data.episodes import EncodedBatch
 from mfv.errors import ConfigError
-from mfv.evaluation.conditions import Condition
-from mfv.evaluation.scoring import Score
 from mfv.hooks import add_to_residual
 from mfv.io import ensure_writable_dir
+from mfv.training.loops import ConditionLoops
 from mfv.training.optim import RowwiseAdam
 from mfv.method.function_vector import FunctionVectorSet
 from mfv.models import load_backbone
@@ -24,7 +22,7 @@ from mfv.models.base import BackboneAdapter
 FV_PARAMETER = "function_vectors"
 
 
-class FunctionVectorModule(L.LightningModule):
+class FunctionVectorModule(ConditionLoops, L.LightningModule):
     """Fine-tunes one function vector per relation inside a frozen backbone.
 
     The FV of a row's relation is added after ``layer`` at the last prompt position of a
@@ -107,14 +105,7 @@ class FunctionVectorModule(L.LightningModule):
                                   f"(the run folder always gets the FVs)")
             ensure_writable_dir(export_dir, "model.export_dir")
         self.strict_loading = False  # checkpoints hold only the FVs
-        # Evaluation conditions for the test loop (see mfv.evaluation); None = test the trained FVs.
-        self.conditions: list[Condition] | None = None
-        self.scores: dict[int, Score] = {}
-        self.outcome_file: str | None = None
-        self.eval_loader_options: dict[str, int] = {"batch_size": 16, "num_workers": 0}
-        self.vision_cache = False  # evaluation turns it on: each distinct image encoded once per test run
-        self._vision_context = None
-        self._outcomes: list[torch.Tensor] = []
+        self.init_condition_loops()
 
     def _build_backbone(self) -> None:
         self.adapter = load_backbone(self.hparams.backbone, **(self.hparams.backbone_options or {}))
@@ -194,106 +185,6 @@ class FunctionVectorModule(L.LightningModule):
             optimizer.present_rows = torch.zeros(len(self.relations), dtype=torch.bool).index_fill_(
                 0, batch.relation_ids.cpu().unique(), True)
         return loss
-
-    # Evaluation records one outcome per dataset row (index-addressed), gathered across
-    # ranks with max: exact counts under DDP, whatever padding the sampler adds.
-    def _start_outcomes(self, dataloaders) -> None:
-        loaders = dataloaders if isinstance(dataloaders, (list, tuple)) else [dataloaders]
-        # rows: seen, correct, relation id, answer probability
-        self._outcomes = [torch.tensor([[0.0], [0.0], [-1.0], [0.0]], device=self.device).repeat(1, len(d.dataset))
-                          for d in loaders]
-
-    def _record(self, batch: EncodedBatch, dataloader_idx: int) -> None:
-        condition = self.conditions[dataloader_idx] if self.conditions is not None else None
-        if condition is None:
-            logits = self(batch)
-        elif condition.vectors is None:
-            logits = self.adapter.forward(batch.prompts)
-        else:
-            vectors = condition.vectors.to(self.device)
-            with ExitStack() as stack:
-                if condition.vector_index == "distributed":
-                    for layer in range(vectors.shape[0]):
-                        if vectors[layer].any():
-                            stack.enter_context(add_to_residual(self.adapter, layer, vectors[layer][batch.relation_ids]))
-                else:
-                    rows = {"all": lambda: vectors, "relation": lambda: vectors[batch.relation_ids],
-                            "row": lambda: vectors[batch.indices]}[condition.vector_index]()
-                    stack.enter_context(add_to_residual(self.adapter, condition.layer, rows))
-                logits = self.adapter.forward(batch.prompts)
-        probability = logits.float().softmax(-1).gather(-1, batch.answer_ids[:, None]).squeeze(-1)
-        buffer = self._outcomes[dataloader_idx]
-        buffer[0, batch.indices] = 1.0
-        buffer[1, batch.indices] = (logits.argmax(-1) == batch.answer_ids).float()
-        buffer[2, batch.indices] = batch.relation_ids.float()
-        buffer[3, batch.indices] = probability.detach()
-
-    def _finish_outcomes(self, relations_of: list[list[str]]) -> dict[int, Score]:
-        scores = {}
-        for index, buffer in enumerate(self._outcomes):
-            gathered = self.all_gather(buffer)
-            if gathered.dim() == 3:
-                gathered = gathered.max(0).values
-            seen = gathered[0] > 0
-            scores[index] = Score.from_tensors(relations_of[index], gathered[1][seen], gathered[2][seen],
-                                               gathered[3][seen])
-        self._outcomes = []
-        return scores
-
-    def _log_score(self, stage: str, score: Score) -> None:
-        # Identical on every rank after the gather: no further reduction.
-        for relation, entry in score.per_relation().items():
-            self.log(f"{stage}/acc_{relation}", entry["accuracy"], sync_dist=False)
-        self.log(f"{stage}/acc", score.accuracy, prog_bar=True, sync_dist=False)
-
-    def on_validation_epoch_start(self) -> None:
-        self._start_outcomes(self.trainer.val_dataloaders)
-
-    def validation_step(self, batch: EncodedBatch, batch_idx: int) -> None:
-        self._record(batch, 0)
-
-    def on_validation_epoch_end(self) -> None:
-        if self.trainer.sanity_checking:
-            self._outcomes = []
-            return
-        self._log_score("val", self._finish_outcomes([self.relations])[0])
-
-    def test_dataloader(self) -> list[torch.utils.data.DataLoader]:
-        """One loader per evaluation condition (built here so that spawned processes build
-        them around their own backbone)."""
-        from mfv.data.episodes import episode_collator
-
-        if self.conditions is None:
-            raise RuntimeError("trainer.test(module) without a datamodule needs module.conditions (mfv.evaluation)")
-        return [torch.utils.data.DataLoader(c.dataset, shuffle=False, **self.eval_loader_options,
-                                            collate_fn=episode_collator(self.adapter, c.dataset.relations))
-                for c in self.conditions]
-
-    def on_test_epoch_start(self) -> None:
-        self._start_outcomes(self.trainer.test_dataloaders)
-        if self.vision_cache:
-            self._vision_context = self.adapter.vision_cache()
-            self._vision_context.__enter__()
-
-    def test_step(self, batch: EncodedBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._record(batch, dataloader_idx)
-
-    def on_test_epoch_end(self) -> None:
-        if self._vision_context is not None:
-            self._vision_context.__exit__(None, None, None)
-            self._vision_context = None
-        if self.conditions is None:
-            self.scores = self._finish_outcomes([self.relations])
-            self._log_score("test", self.scores[0])
-        else:
-            self.scores = self._finish_outcomes([c.dataset.relations for c in self.conditions])
-        if self.outcome_file is not None and self.trainer.is_global_zero:
-            # Spawned processes (ddp_spawn) hand their scores back to the caller through this file.
-            from mfv.io import atomic_torch_save
-
-            atomic_torch_save({i: [torch.from_numpy(a) for a in (s.correct, s.relation, s.probability)]
-                               for i, s in self.scores.items()},
-                              Path(self.outcome_file))
 
     def configure_optimizers(self):
         optimizer_class = RowwiseAdam if self.hparams.relation_training == "separate" else torch.optim.Adam

@@ -280,12 +280,17 @@ class OpenFlamingoAdapter(BackboneAdapter):
             return None
         return last_position.single_head_patch_logits(self, batch, values, answers)
 
-    def steered_logits(self, batch, vectors, layer):
-        """Only the last position from ``layer + 1`` up carries a graph
+    def last_position_prefix(self, batch):
+        from mfv.models.openflamingo import last_position
+
+        return last_position.prefix_of(self, batch)
+
+    def steered_logits(self, batch, vectors, layer, prefix=None):
+        """Only the last position from ``layer + 1`` up is recomputed (and carries a graph)
         (:func:`mfv.models.openflamingo.last_position.steered_logits`)."""
         from mfv.models.openflamingo import last_position
 
-        return last_position.steered_logits(self, batch, vectors, layer)
+        return last_position.steered_logits(self, batch, vectors, layer, prefix)
 
     @torch.no_grad()
     def generate(self, batch: PromptBatch, max_new_tokens: int = 5, min_new_tokens: int = 0) -> torch.Tensor:

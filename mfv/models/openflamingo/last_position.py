@@ -156,16 +156,24 @@ def single_head_patch_logits(adapter, batch, values: torch.Tensor, answers: torc
     return base.cpu(), patched.reshape(num_prompts, num_layers, heads).cpu()
 
 
-def steered_logits(adapter, batch, vectors: torch.Tensor, layer: int) -> torch.Tensor | None:
+def prefix_of(adapter, batch) -> _Prefix | None:
+    """The prompt run once (no graph): what :func:`steered_logits` continues from."""
+    if not supports(adapter):
+        return None
+    with torch.no_grad():
+        return _prefill(adapter, batch.to(adapter.device))
+
+
+def steered_logits(adapter, batch, vectors: torch.Tensor, layer: int, prefix: _Prefix | None = None) -> torch.Tensor | None:
     """Last-position logits with ``vectors`` ``(B, D)`` added after ``layer``, differentiable in
-    ``vectors`` only: the prompt runs once without a graph, then the last position of layers
-    ``layer+1..L-1`` runs with one. The graph (and what backward keeps) is those layers at one
-    position, whatever the prompt length. ``None`` where this path does not apply."""
+    ``vectors`` only: the prompt runs once without a graph (or ``prefix`` is reused), then the
+    last position of layers ``layer+1..L-1`` runs with one. The graph (and what backward keeps)
+    is those layers at one position, whatever the prompt length. ``None`` where this path does
+    not apply."""
     if not supports(adapter) or layer >= adapter.num_layers - 1:
         return None
-    batch = batch.to(adapter.device)
-    with torch.no_grad():
-        prefix = _prefill(adapter, batch)
+    if prefix is None:
+        prefix = prefix_of(adapter, batch)
     x = (prefix.inputs[layer + 1] + vectors.to(prefix.inputs[0].dtype))[:, None]
     for index in range(layer + 1, adapter.num_layers):
         x = _layer(adapter, index, x, prefix, None)
