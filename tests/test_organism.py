@@ -26,6 +26,7 @@ def test_committed_organism_reproduces_its_recorded_accuracies(tmp_path):
         assert measured[name] == pytest.approx(expected, abs=0.02), name
     # The property the organism exists for: demonstrations, not the query alone, give the relation.
     assert measured["icl_4"] >= 0.8 and measured["icl_0"] <= 0.4
+    assert measured["novel_icl_4"] >= 0.6  # it knows the held-out names from its pretraining
 
 
 def test_committed_organism_is_small_enough_to_commit():
@@ -49,5 +50,7 @@ def test_recipe_runs_through_lightning_and_resumes(tmp_path):
     main([*common, "--trainer.max_epochs", "3"])
     resumed = json.loads((tmp_path / "out" / "training.json").read_text())
     assert resumed["steps_done"] == 9 and set(resumed["final_validation"]) >= {"val/icl_4", "val/novel_icl_4"}
+    curves = [json.loads(line) for line in (tmp_path / "work" / "curves.jsonl").read_text().splitlines()]
+    assert [c["step"] for c in curves] == [3, 6, 9]  # one line per validation, kept across the resume
     adapter = load_tiny_openflamingo(tmp_path / "out")
     assert adapter.num_layers == 2 and adapter.backbone_id == "openflamingo-organism"

@@ -6,20 +6,22 @@ LightningCLI over :class:`~mfv.organism.module.OrganismModule` and
 is ``data.steps_per_epoch`` steps; the cosine schedule spans ``model.total_steps`` whatever
 ``trainer.max_epochs`` stops at. Each epoch ends with a validation on held-out scenes (the
 paper's prompts, trained and novel objects) and a checkpoint in ``WORK/checkpoints``; running
-the same command again resumes from its ``last.ckpt``. At the end the model (no training
-heads) is saved to ``--out`` with ``training.json`` and ``reference.json``.
+the same command again resumes from its ``last.ckpt``; ``WORK/curves.jsonl`` collects every
+validation. At the end the model (no training heads) is saved to ``--out`` with
+``training.json`` and ``reference.json``.
 """
 
 from __future__ import annotations
 
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Sequence
 
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from mfv.io import atomic_write_text
@@ -27,6 +29,22 @@ from mfv.models.openflamingo import save_tiny_openflamingo
 from mfv.organism.data import OrganismDataModule
 from mfv.organism.module import OrganismModule
 from mfv.organism.reference import write_reference
+
+
+class _Curves(Callback):
+    """Appends every validation's accuracies to ``curves.jsonl`` (kept across resumes)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        record = {"step": int(trainer.global_step),
+                  **{k: round(float(v), 4) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
 
 
 class OrganismCLI(LightningCLI):
@@ -40,10 +58,8 @@ def main(args: Sequence[str] | None = None) -> Path:
         OrganismModule, OrganismDataModule, run=False, args=args, save_config_kwargs={"overwrite": True},
         trainer_defaults={
             "max_epochs": 20, "gradient_clip_val": 1.0, "log_every_n_steps": 25, "num_sanity_val_steps": 0,
-            "logger": [{"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                        "init_args": {"save_dir": "data/organism", "name": "logs", "version": "run"}},
-                       {"class_path": "lightning.pytorch.loggers.CSVLogger",
-                        "init_args": {"save_dir": "data/organism", "name": "logs", "version": "run"}}],
+            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                       "init_args": {"save_dir": "data/organism", "name": "logs", "version": "run"}},
         },
     )
     if cli.config.threads:
@@ -53,7 +69,7 @@ def main(args: Sequence[str] | None = None) -> Path:
     # One file rewritten after every validation (Lightning 2.6 refreshes save_last only on top-k changes).
     checkpoints = ModelCheckpoint(dirpath=work / "checkpoints", filename="last", monitor=None, save_top_k=1,
                                   enable_version_counter=False, save_on_train_epoch_end=False)
-    trainer.callbacks.append(checkpoints)
+    trainer.callbacks.extend([checkpoints, _Curves(work / "curves.jsonl")])
     last = work / "checkpoints" / "last.ckpt"
     started = time.time()
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last.is_file() else None)
@@ -61,7 +77,7 @@ def main(args: Sequence[str] | None = None) -> Path:
     module.to("cpu")
     out = save_tiny_openflamingo(module.adapter, cli.config.out)
     record = {
-        "command": "python -m mfv.organism.train " + " ".join(args or []),
+        "command": "python -m mfv.organism.train " + " ".join(sys.argv[1:] if args is None else args),
         "config": json.loads(json.dumps(cli.config.as_dict(), default=str)),
         "steps_done": int(trainer.global_step),
         "epochs_done": int(trainer.current_epoch),
