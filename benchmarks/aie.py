@@ -55,8 +55,11 @@ def flops(function) -> tuple[object, int]:
 
 
 def timed(function) -> tuple[object, float, float]:
+    """CPU and wall seconds of ``function`` (on a GPU, the wall time after synchronising)."""
     cpu, wall = time.process_time(), time.perf_counter()
     out = function()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     return out, time.process_time() - cpu, time.perf_counter() - wall
 
 
@@ -207,12 +210,15 @@ def main() -> None:
             return EpisodeSampler(read_scenes(split), RELATIONS, shots=4, seed=0)
 
         bench = benchmark_model()
+        bench.model.to(args.device)
         shapes["benchmark"] = measure("benchmark", bench, sampler_for(bench, "bench"), args)
         organism = load_tiny_openflamingo(args.organism)
+        organism.model.to(args.device)
         shapes["organism"] = measure("organism", organism, sampler_for(organism, "organism"), args)
         wide = {}
         for layers in (2, 4):
             adapter = build_tiny_openflamingo(four_b_width(layers))
+            adapter.model.to(args.device)
             wide[layers] = measure(f"4B width, {layers} layers", adapter, sampler_for(adapter, f"w{layers}"), args,
                                    sampled_sites=args.sampled_sites)
             del adapter
