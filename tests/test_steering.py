@@ -92,3 +92,27 @@ def test_generation_steers_the_last_prompt_position_or_every_generated_one(adapt
         EpisodeSampler(scenes, RELATIONS, shots=1).episode(0, "clean")))]), max_new_tokens=3, min_new_tokens=3)
     zero, _ = _steered_generation(adapter, scenes, torch.zeros(adapter.hidden_size), every_position=True)
     assert torch.equal(zero, plain)
+
+
+def test_distributed_steering_trains_exports_and_evaluates(tmp_path):
+    """The training option: one trainable vector per layer holding a selected head, exported as
+    a distributed FV file that evaluate.py injects layer by layer."""
+    from mfv.commands.evaluate import main as evaluate_main
+    from mfv.commands.train import main as train_main
+    from mfv.method.function_vector import FunctionVectorSet
+    from tests.test_drills import write_config
+
+    path = write_config(tmp_path)
+    metrics = train_main(["--config", str(path), "--model.injection", "distributed", "--model.init", "extracted",
+                          "--trainer.max_epochs", "1"])
+    fvs = FunctionVectorSet.load(metrics["exported_fv"])
+    assert fvs.distributed and fvs.vectors["above"].shape == (3, 32)
+    active = fvs.metadata["layers"]
+    heads = {layer for hs in fvs.heads.values() for layer, _ in hs}
+    assert set(active) == heads
+    for layer in set(range(3)) - heads:  # never injected, never trained
+        assert all(v[layer].abs().max() == 0 for v in fvs.vectors.values())
+    result = evaluate_main(["--config", str(path), "--fv", metrics["exported_fv"], "--out", str(tmp_path / "eval"),
+                            "--limit", "4", "--evaluation.max_k", "2", "--evaluation.sweep_limit", "4"])
+    assert result["conditions"]["zero_shot_finetuned_fv"]["layer"] is None
+    assert "analogy_composite_finetuned_normalized" not in result["summary"]  # composites use single-layer FVs

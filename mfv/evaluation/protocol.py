@@ -150,7 +150,11 @@ def _split_conditions(datamodule, split: str, prefix: str, extracted: torch.Tens
         Condition(f"{prefix}zero_shot_fv_distributed", split, split, zero, distributed, "distributed", None,
                   "zero-shot + extracted FV, distributed (each head at its layer)"),
     ]
-    if finetuned is not None:
+    if finetuned is not None and finetuned.distributed:
+        conditions.append(Condition(f"{prefix}zero_shot_finetuned_fv", split, split, zero,
+                                    finetuned.stacked(relations).permute(1, 0, 2), "distributed", None,
+                                    "zero-shot + fine-tuned FV (distributed)"))
+    elif finetuned is not None:
         conditions.append(Condition(f"{prefix}zero_shot_finetuned_fv", split, split, zero,
                                     finetuned.stacked(relations), "relation", finetuned.layer,
                                     "zero-shot + fine-tuned FV"))
@@ -238,7 +242,7 @@ def evaluate(
                                         extracted[r], "all", layer, f"FV of {relation}"))
             conditions.append(Condition(f"weights_extracted_{relation}", "weights", "composite", sources,
                                         extracted[r], "all", layer))
-            if finetuned is not None:
+            if finetuned is not None and not finetuned.distributed:
                 conditions.append(Condition(f"weights_finetuned_{relation}", "weights", "composite", sources,
                                             finetuned.vectors[relation], "all", finetuned.layer))
 
@@ -253,7 +257,7 @@ def evaluate(
         phase_two = []
         one_shot = EpisodeList(analogy_episodes(problems, 1, composite), diagonal)
         sets = [("", extracted, layer, "extracted")]
-        if finetuned is not None:
+        if finetuned is not None and not finetuned.distributed:  # composites combine single-layer FVs
             sets.append(("finetuned_", finetuned.stacked(relations), finetuned.layer, "finetuned"))
         for tag, trained, inject_layer, kind in sets:
             probabilities = torch.stack([torch.from_numpy(scores[f"weights_{kind}_{r}"].probability)

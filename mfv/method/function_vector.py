@@ -66,6 +66,11 @@ class FunctionVectorSet:
     def relations(self) -> list[str]:
         return list(self.vectors)
 
+    @property
+    def distributed(self) -> bool:
+        """One vector per layer (``(layers, hidden)`` each) rather than one after :attr:`layer`."""
+        return self.metadata.get("injection") == "distributed"
+
     def stacked(self, relations: Sequence[str] | None = None) -> torch.Tensor:
         """``(len(relations), hidden)`` in the given order (default: stored order)."""
         return torch.stack([self.vectors[r] for r in (relations or self.relations)])
@@ -121,8 +126,14 @@ class FunctionVectorSet:
                 f"{path}: unreadable function-vector file (field {field_name!r}: {type(exc).__name__}: {exc}); "
                 f"re-export it with train.py") from exc
         hidden = values["shape"].get("hidden_size") if isinstance(values["shape"], dict) else None
+        layers = values["shape"].get("num_layers") if isinstance(values["shape"], dict) else None
+        distributed = isinstance(values["metadata"], dict) and values["metadata"].get("injection") == "distributed"
         for relation, vector in vectors.items():
-            if vector.dim() != 1 or (hidden is not None and vector.numel() != hidden):
+            if distributed and tuple(vector.shape) != (layers, hidden):
+                raise IncompatibleVectorError(
+                    f"{path}: distributed tensor fv.{relation} has shape {tuple(vector.shape)}, expected "
+                    f"(num_layers, hidden_size) = ({layers}, {hidden}); the file was edited or is damaged")
+            if not distributed and (vector.dim() != 1 or (hidden is not None and vector.numel() != hidden)):
                 raise IncompatibleVectorError(
                     f"{path}: tensor fv.{relation} has shape {tuple(vector.shape)} but field 'shape' says hidden_size "
                     f"{hidden}; the file was edited or is damaged")

@@ -95,8 +95,12 @@ class AIEHeadSelection(L.Callback):
         datamodule = trainer.datamodule
         pl_module.adapter.model.to(trainer.strategy.root_device)
         result = self.extract(pl_module.adapter, list(pl_module.relations), datamodule, trainer.is_global_zero)
-        pl_module.set_function_vectors(result.function_vectors(pl_module.adapter, self.k, pl_module.layer,
-                                                               self.selection))
+        if pl_module.hparams.injection == "distributed":
+            pl_module.set_distributed_vectors(result.distributed_vectors(pl_module.adapter, self.k, self.selection),
+                                              result.heads(self.k, self.selection))
+        else:
+            pl_module.set_function_vectors(result.function_vectors(pl_module.adapter, self.k, pl_module.layer,
+                                                                   self.selection))
         # trainer.log_dir is a collective under DDP: every rank must ask for it.
         log_dir = Path(trainer.log_dir or trainer.default_root_dir)
         if trainer.is_global_zero and not trainer.fast_dev_run:

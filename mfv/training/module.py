@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
@@ -41,6 +42,9 @@ class FunctionVectorModule(ConditionLoops, L.LightningModule):
             ``epoch`` (the authors': ``T_max`` = epochs).
         relation_training: ``joint`` (one Adam over all FVs) or ``separate`` (each relation's
             FV with its own Adam state and steps, as if trained alone: the authors').
+        injection: ``single`` (one summed vector after ``layer``) or ``distributed`` (each
+            selected head's projected mean at its own layer, one trainable vector per layer
+            that holds a selected head).
         backbone_dtype: ``float32`` or ``bfloat16`` for the frozen weights; FVs stay fp32.
         export_dir: Optional extra export folder (``<backbone>-finetuned.safetensors`` there);
             the best FVs always go to the run folder. An existing file there is an error at
@@ -59,6 +63,7 @@ class FunctionVectorModule(ConditionLoops, L.LightningModule):
         weight_decay: float = 0.0,
         scheduler_interval: Literal["step", "epoch"] = "step",
         relation_training: Literal["joint", "separate"] = "joint",
+        injection: Literal["single", "distributed"] = "single",
         backbone_dtype: Literal["float32", "bfloat16"] = "float32",
         export_dir: str | None = None,
     ) -> None:
@@ -70,6 +75,8 @@ class FunctionVectorModule(ConditionLoops, L.LightningModule):
             raise ConfigError(f"model.scheduler_interval must be 'step' or 'epoch', got {scheduler_interval!r}")
         if relation_training not in ("joint", "separate"):
             raise ConfigError(f"model.relation_training must be 'joint' or 'separate', got {relation_training!r}")
+        if injection not in ("single", "distributed"):
+            raise ConfigError(f"model.injection must be 'single' or 'distributed', got {injection!r}")
         if lr <= 0:
             raise ConfigError(f"model.lr = {lr} must be > 0")
         if backbone_dtype not in ("float32", "bfloat16"):
@@ -89,7 +96,9 @@ class FunctionVectorModule(ConditionLoops, L.LightningModule):
             raise ConfigError(
                 f"model.layer = {self.layer} is out of range; valid layers: 0..{self.adapter.num_layers - 1}"
             )
-        initial = torch.zeros(len(self.relations), self.adapter.hidden_size)
+        width = self.adapter.hidden_size * (self.adapter.num_layers if injection == "distributed" else 1)
+        initial = torch.zeros(len(self.relations), width)  # distributed: (relations, layers * hidden)
+        self.active_layers = list(range(self.adapter.num_layers)) if injection == "distributed" else [self.layer]
         if init == "random":
             initial.normal_(0, 0.02, generator=torch.Generator().manual_seed(0))
         self.function_vectors = nn.Parameter(initial)  # always fp32
@@ -144,22 +153,44 @@ class FunctionVectorModule(ConditionLoops, L.LightningModule):
         missing = [r for r in self.relations if r not in fvs.vectors]
         if missing:
             raise ConfigError(f"the FV set has no vector for {missing}; it has {fvs.relations}")
+        if fvs.distributed != (self.hparams.injection == "distributed"):
+            raise ConfigError(f"the FV file is {'distributed' if fvs.distributed else 'single-layer'} but "
+                              f"model.injection = {self.hparams.injection!r}")
         with torch.no_grad():
-            self.function_vectors.copy_(fvs.stacked(self.relations))
+            self.function_vectors.copy_(fvs.stacked(self.relations).reshape(len(self.relations), -1))
+        if fvs.distributed:
+            self.active_layers = list(fvs.metadata.get("layers", range(self.adapter.num_layers)))
         if fvs.layer != self.layer:
             raise ConfigError(f"the FVs were extracted for layer {fvs.layer} but model.layer = {self.layer}")
         self.source_heads = {r: fvs.heads.get(r, []) for r in self.relations}
         self.fv_initialized = True
 
+    def set_distributed_vectors(self, vectors: torch.Tensor, heads: dict[str, list[tuple[int, int]]]) -> None:
+        """Initialises distributed FVs from ``(layers, relations, hidden)`` per-layer vectors
+        (:meth:`mfv.method.extraction.Extraction.distributed_vectors`); only layers holding a
+        selected head are injected (and so trained)."""
+        with torch.no_grad():
+            self.function_vectors.copy_(vectors.permute(1, 0, 2).reshape(len(self.relations), -1))
+        self.active_layers = sorted({layer for hs in heads.values() for layer, _ in hs})
+        self.source_heads = {r: list(heads.get(r, [])) for r in self.relations}
+        self.fv_initialized = True
+
+    def _per_layer(self) -> torch.Tensor:
+        """Distributed FVs as ``(relations, layers, hidden)``."""
+        return self.function_vectors.view(len(self.relations), self.adapter.num_layers, self.adapter.hidden_size)
+
     def function_vector_set(self, kind: str = "finetuned") -> FunctionVectorSet:
-        """The current FVs as a saveable set."""
+        """The current FVs as a saveable set (distributed: one ``(layers, hidden)`` tensor each)."""
+        distributed = self.hparams.injection == "distributed"
+        source = self._per_layer() if distributed else self.function_vectors
         return FunctionVectorSet(
-            vectors={r: self.function_vectors[i].detach().float().cpu().clone() for i, r in enumerate(self.relations)},
+            vectors={r: source[i].detach().float().cpu().clone() for i, r in enumerate(self.relations)},
             layer=self.layer,
             heads=self.source_heads or {r: [] for r in self.relations},
             backbone_id=self.adapter.backbone_id,
             shape=self.adapter.shape_signature(),
-            metadata={"kind": kind, "epoch": self.exported_epoch},
+            metadata={"kind": kind, "epoch": self.exported_epoch,
+                      **({"injection": "distributed", "layers": self.active_layers} if distributed else {})},
         )
 
     # ----- steps -------------------------------------------------------------------
@@ -167,6 +198,12 @@ class FunctionVectorModule(ConditionLoops, L.LightningModule):
         """Last-position logits, with each row's relation FV injected."""
         if not use_fv:
             return self.adapter.forward(batch.prompts)
+        if self.hparams.injection == "distributed":
+            per_layer = self._per_layer()[batch.relation_ids]  # (B, layers, hidden)
+            with ExitStack() as stack:
+                for layer in self.active_layers:
+                    stack.enter_context(add_to_residual(self.adapter, layer, per_layer[:, layer]))
+                return self.adapter.forward(batch.prompts)
         vectors = self.function_vectors[batch.relation_ids]
         if torch.is_grad_enabled():
             # Training: a graph over the last position from the injection layer up only.
@@ -204,6 +241,7 @@ class FunctionVectorModule(ConditionLoops, L.LightningModule):
             "backbone_id": self.adapter.backbone_id,
             "shape": self.adapter.shape_signature(),
             "source_heads": {r: [list(h) for h in hs] for r, hs in self.source_heads.items()},
+            "active_layers": self.active_layers,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -214,6 +252,7 @@ class FunctionVectorModule(ConditionLoops, L.LightningModule):
                 f"this run's backbone has shape {self.adapter.shape_signature()}"
             )
         self.source_heads = {r: [tuple(h) for h in hs] for r, hs in meta.get("source_heads", {}).items()}
+        self.active_layers = meta.get("active_layers", self.active_layers)
         self.fv_initialized = True
 
     def export_path(self, kind: str = "finetuned") -> Path:
