@@ -51,7 +51,7 @@ def test_evaluate_accepts_train_overrides_and_prints_its_config(tmp_path):
     assert printed.returncode == 0, printed.stderr[-1500:]
     config = yaml.safe_load(printed.stdout)
     assert config["model"]["layer"] == 2 and config["model"]["backbone"] == "openflamingo-tiny"
-    assert config["evaluation"]["max_k"] == 8 and config["aie"]["k"] == 6
+    assert config["evaluation"]["max_k"] == 20 and config["aie"]["k"] == 18
 
 
 @pytest.mark.slow
