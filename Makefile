@@ -9,7 +9,7 @@ TORCH ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
 TORCH_VERSION := $(shell sed -n 's/^torch==//p' constraints.txt)
 CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: setup torch-cpu torch-cuda test test-fast test-recipe demo bench clean
+.PHONY: setup torch-cpu torch-cuda test test-fast demo bench clean
 
 setup: $(STAMP)
 
@@ -44,10 +44,6 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
-
-# Retrains a shortened model organism; not part of `make test`.
-test-recipe: $(STAMP)
-	$(PY) -m pytest -q -m recipe tests/test_organism.py
 
 demo: $(STAMP)
 	$(PY) -m mfv.demo --out runs/demo

@@ -76,7 +76,8 @@ def test_makefile_picks_the_torch_build_from_the_machine(tmp_path, gpu, expected
     (fake / "nvidia-smi").write_text("#!/bin/sh\n" + ("echo 'GPU 0: NVIDIA H100'\n" if gpu else "exit 9\n"))
     (fake / "nvidia-smi").chmod(0o755)
     env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "VENV": str(tmp_path / "venv")}
-    env.pop("TORCH", None)
+    for inherited in ("TORCH", "MAKEFLAGS", "MAKEOVERRIDES", "MFLAGS", "MAKELEVEL"):
+        env.pop(inherited, None)  # `make test TORCH=cpu` (CI) passes its choice down to sub-makes
     done = subprocess.run(["make", "-n", "-B", f"{tmp_path}/venv/.mfv-installed", f"VENV={tmp_path}/venv"], cwd=ROOT,
                           env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
