@@ -63,8 +63,9 @@ def main() -> None:
         for i in range(args.images):
             (images / f"{2_000_000 + i}.jpg").symlink_to(blank)
         start = time.perf_counter()
-        child = subprocess.run([sys.executable, "-m", "mfv.data.gqa", "prepare", "--scene-graphs", str(sg), "--images",
-                                str(images), "--relations", "spatial", "--out", str(tmp / "out")],
+        child = subprocess.run([sys.executable, "-m", "mfv.data.gqa", "prepare", "--scene_graphs", json.dumps([str(sg)]),
+                                "--images", str(images), "--relations", '["spatial"]', "--out", str(tmp / "out"),
+                                "--progress", "false"],
                                capture_output=True, text=True)
         seconds = time.perf_counter() - start
         if child.returncode:
