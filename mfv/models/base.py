@@ -246,12 +246,12 @@ class BackboneAdapter(ABC):
         ``None``: no such path."""
         return None
 
-    def steered_logits(self, batch: PromptBatch, vectors: torch.Tensor, layer: int, prefix: Any = None
+    def steered_logits(self, batch: PromptBatch, vectors: torch.Tensor, layer: int | list[int], prefix: Any = None
                        ) -> torch.Tensor | None:
-        """Optional: last-position logits with ``vectors`` ``(B, hidden)`` added after ``layer``,
-        recomputing only the last position from ``layer + 1`` up (a graph only over what
-        depends on the vectors: FV fine-tuning). ``None``: use :meth:`forward` under
-        :func:`mfv.hooks.add_to_residual`."""
+        """Optional: last-position logits with ``vectors`` ``(B, hidden)`` added after ``layer``
+        (or ``(B, len(layers), hidden)``, one after each of a list of layers), recomputing only
+        the last position from the first of them up (a graph only over what depends on the
+        vectors: FV fine-tuning). ``None``: use :meth:`forward` under :func:`mfv.hooks.add_to_residual`."""
         return None
 
     def vision_cache(self):

@@ -66,10 +66,15 @@ class ConditionLoops:
                     return logits
             with add_to_residual(self.adapter, condition.layer, rows):
                 return self.adapter.forward(batch.prompts)
+        layers = [layer for layer in range(vectors.shape[0]) if vectors[layer].any()]
+        rows = vectors[layers][:, batch.relation_ids].transpose(0, 1)  # (B, len(layers), hidden)
+        if prefix is not None:
+            logits = self.adapter.steered_logits(batch.prompts, rows, layers, prefix=prefix)
+            if logits is not None:
+                return logits
         with ExitStack() as stack:
-            for layer in range(vectors.shape[0]):
-                if vectors[layer].any():
-                    stack.enter_context(add_to_residual(self.adapter, layer, vectors[layer][batch.relation_ids]))
+            for position, layer in enumerate(layers):
+                stack.enter_context(add_to_residual(self.adapter, layer, rows[:, position]))
             return self.adapter.forward(batch.prompts)
 
     def _record(self, batch: EncodedBatch, dataloader_idx: int) -> None:

@@ -164,18 +164,25 @@ def prefix_of(adapter, batch) -> _Prefix | None:
         return _prefill(adapter, batch.to(adapter.device))
 
 
-def steered_logits(adapter, batch, vectors: torch.Tensor, layer: int, prefix: _Prefix | None = None) -> torch.Tensor | None:
+def steered_logits(adapter, batch, vectors: torch.Tensor, layer: int | list[int], prefix: _Prefix | None = None
+                   ) -> torch.Tensor | None:
     """Last-position logits with ``vectors`` ``(B, D)`` added after ``layer``, differentiable in
     ``vectors`` only: the prompt runs once without a graph (or ``prefix`` is reused), then the
     last position of layers ``layer+1..L-1`` runs with one. The graph (and what backward keeps)
-    is those layers at one position, whatever the prompt length. ``None`` where this path does
-    not apply."""
-    if not supports(adapter) or layer >= adapter.num_layers - 1:
+    is those layers at one position, whatever the prompt length. With a list of layers,
+    ``vectors`` is ``(B, len(layers), D)``: one vector added after each (distributed steering).
+    ``None`` where this path does not apply."""
+    layers = [layer] if isinstance(layer, int) else sorted(layer)
+    vectors = vectors[:, None] if isinstance(layer, int) else vectors
+    if not supports(adapter) or not layers or layers[-1] >= adapter.num_layers - 1:
         return None
     if prefix is None:
         prefix = prefix_of(adapter, batch)
-    x = (prefix.inputs[layer + 1] + vectors.to(prefix.inputs[0].dtype))[:, None]
-    for index in range(layer + 1, adapter.num_layers):
+    dtype = prefix.inputs[0].dtype
+    x = (prefix.inputs[layers[0] + 1] + vectors[:, 0].to(dtype))[:, None]
+    for index in range(layers[0] + 1, adapter.num_layers):
         x = _layer(adapter, index, x, prefix, None)
+        if index in layers:
+            x = x + vectors[:, layers.index(index)].to(dtype)[:, None]
     lang = adapter.model.lang_encoder
     return lang.get_output_embeddings()(lang.gpt_neox.final_layer_norm(x))[:, 0]
