@@ -81,10 +81,12 @@ class ConditionLoops:
         if self.conditions is None:
             outcomes = [(0, self(batch))]
         else:
+            group = self._groups[dataloader_idx]
+            # A shared prompt pass pays off only where some condition injects a vector.
+            steered = any(self.conditions[i].vectors is not None for i in group)
             with torch.no_grad():
-                prefix = self.adapter.last_position_prefix(batch.prompts) if self.reuse else None
-                outcomes = [(i, self._condition_logits(self.conditions[i], batch, prefix))
-                            for i in self._groups[dataloader_idx]]
+                prefix = self.adapter.last_position_prefix(batch.prompts) if self.reuse and steered else None
+                outcomes = [(i, self._condition_logits(self.conditions[i], batch, prefix)) for i in group]
         for index, logits in outcomes:
             probability = logits.float().softmax(-1).gather(-1, batch.answer_ids[:, None]).squeeze(-1)
             buffer = self._outcomes[index]
