@@ -243,3 +243,28 @@ def test_minimal_path_equals_reference_with_sparse_cross_attention_and_mixed_len
     reference = indirect_effects(model, corrupted, means, "reference")
     assert fast.abs().max() > 1e-4
     torch.testing.assert_close(fast, reference, atol=1e-6, rtol=0)
+
+
+def test_clean_correct_filter_on_a_model_that_answers_some_prompts(tmp_path):
+    """On the trained organism some clean prompts are answered and some are not: the AIE of
+    each relation averages exactly the corrupted prompts whose clean version was answered."""
+    from pathlib import Path
+
+    from mfv.models.openflamingo import load_tiny_openflamingo
+
+    organism = load_tiny_openflamingo(Path(__file__).resolve().parents[1] / "checkpoints" / "organism")
+    split = generate_split(tmp_path / "scenes", "eval", 40, image_size=64, workers=1, progress=False)
+    sampler = EpisodeSampler(read_scenes(split), RELATIONS, shots=1, seed=3)
+    count = 24
+    clean = encode_episodes(organism, [sampler.episode(i, "clean") for i in range(count)], RELATIONS)
+    correct = organism.forward(clean.prompts).argmax(-1) == clean.answer_ids
+    assert 0 < int(correct.sum()) < count  # a real filter: some kept, some dropped
+    settings = ExtractionSettings(relations=RELATIONS, shots=1, num_mean_prompts=count, num_aie_prompts=count,
+                                  batch_size=count, aie_filter="clean_correct")
+    result = extract(organism, sampler, settings, tmp_path / "cache", "data", progress=False)
+    corrupted = encode_episodes(organism, [sampler.episode(i, "corrupted") for i in range(count)], RELATIONS)
+    effects = indirect_effects(organism, corrupted, result.means)
+    for r, relation in enumerate(RELATIONS):
+        kept = correct & (corrupted.relation_ids == r)
+        assert result.aie_prompts[r] == int(kept.sum()) > 0
+        torch.testing.assert_close(result.aie_per_relation[r], effects[kept].mean(0), atol=1e-6, rtol=0)
