@@ -17,6 +17,13 @@ def _temporary(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
 
 
+def new_file_mode() -> int:
+    """The permissions the umask gives a new file (some writers, e.g. safetensors, use 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None], mode: int | None = None) -> Path:
     """Calls ``write(tmp)`` and renames ``tmp`` onto ``path`` only if it succeeded.
 
@@ -27,11 +34,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None], mode: int | No
     tmp = _temporary(path)
     try:
         write(tmp)
-        if mode is None:
-            umask = os.umask(0)
-            os.umask(umask)
-            mode = 0o666 & ~umask
-        os.chmod(tmp, mode)
+        os.chmod(tmp, new_file_mode() if mode is None else mode)
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)

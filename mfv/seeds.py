@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-from pathlib import Path
 from typing import Sequence
 
 from mfv.commands.evaluate import main as evaluate_main

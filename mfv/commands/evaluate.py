@@ -65,8 +65,6 @@ def main(args: Sequence[str] | None = None) -> dict:
         module, datamodule = cli.model, cli.datamodule
         finetuned = FunctionVectorSet.load(config.fv, module.adapter) if config.fv else None
         aie = next(c for c in cli.trainer.callbacks if isinstance(c, AIEHeadSelection))
-        aie.validate(module.adapter, list(module.relations), datamodule)
-        datamodule.attach(module.adapter)
         extraction = aie.extract(module.adapter, list(module.relations), datamodule)
         result = evaluate(evaluation_trainer(config.trainer), module, datamodule, extraction, settings,
                           aie.k, aie.selection, finetuned)

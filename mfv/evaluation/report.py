@@ -51,10 +51,8 @@ def report_markdown(metrics: dict) -> str:
     finetuned = metrics["injected"].get("finetuned")
     if finetuned:
         parts.append(f"Fine-tuned FVs injected after layer {finetuned['layer']}. ")
-    total_heads = round(extraction['heads_for_half_positive_aie'] / extraction['heads_for_half_positive_aie_share']) \
-        if extraction['heads_for_half_positive_aie_share'] else 0
     parts.append(
-        f"{extraction['heads_for_half_positive_aie']} of the LM's {total_heads} heads "
+        f"{extraction['heads_for_half_positive_aie']} of the LM's {extraction['lm_heads']} heads "
         f"({extraction['heads_for_half_positive_aie_share']:.1%}) carry half of the positive AIE; the top 10 "
         f"carry {extraction['top10_positive_aie_share']:.0%}.\n\nAccuracy is the mean over relations of the "
         f"first answer token's top-1 accuracy; intervals are 95% (per relation: Wilson; mean: stratified "

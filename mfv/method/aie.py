@@ -101,7 +101,8 @@ def mean_head_activations(
     return finalize_means(*accumulate_means(adapter, batches, num_relations, progress))
 
 
-def _answer_probability(logits: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:
+def answer_probability(logits: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:
+    """The softmax probability of each row's answer token, ``(B,)`` fp32."""
     return logits.float().softmax(-1).gather(-1, answers[:, None].to(logits.device)).squeeze(-1)
 
 
@@ -147,11 +148,11 @@ def indirect_effects(
     if algorithm == "reference":
         for p in range(num_prompts):
             single = adapter.select_rows(batch.prompts, torch.tensor([p]))
-            base = _answer_probability(adapter.forward(single), answers[p : p + 1])
+            base = answer_probability(adapter.forward(single), answers[p : p + 1])
             for s in range(num_sites):
                 patch = HeadPatch(torch.tensor([0]), layer_index[s : s + 1], head_index[s : s + 1], values[p, s : s + 1])
                 with patch_heads(adapter, patch):
-                    patched = _answer_probability(adapter.forward(single), answers[p : p + 1])
+                    patched = answer_probability(adapter.forward(single), answers[p : p + 1])
                 effects[p, s] = (patched - base).cpu()
         return effects.reshape(num_prompts, len(layers), adapter.num_heads)
 
@@ -166,7 +167,7 @@ def indirect_effects(
             base, patched = minimal
             return patched - base[:, None, None]
     state = adapter.prefill(batch.prompts)
-    base = _answer_probability(adapter.forward_last(state, torch.arange(num_prompts)), answers).cpu()
+    base = answer_probability(adapter.forward_last(state, torch.arange(num_prompts)), answers).cpu()
     prompt_of = torch.arange(num_prompts).repeat_interleave(num_sites)
     site_of = torch.arange(num_sites).repeat(num_prompts)
     flat_effects = torch.empty(num_prompts * num_sites)
@@ -176,7 +177,7 @@ def indirect_effects(
         patch = HeadPatch(torch.arange(len(prompts)), layer_index[sites], head_index[sites], values[prompts, sites])
         with patch_heads(adapter, patch):
             logits = adapter.forward_last(state, prompts)
-        flat_effects[start : start + len(prompts)] = _answer_probability(logits, answers[prompts]).cpu() - base[prompts]
+        flat_effects[start : start + len(prompts)] = answer_probability(logits, answers[prompts]).cpu() - base[prompts]
     return flat_effects.reshape(num_prompts, len(layers), adapter.num_heads)
 
 
@@ -209,7 +210,7 @@ def attribution_effects(
     try:
         with torch.enable_grad():
             logits = adapter.forward(batch.prompts)
-            _answer_probability(logits, batch.answer_ids).sum().backward()
+            answer_probability(logits, batch.answer_ids).sum().backward()
     finally:
         for handle in handles:
             handle.remove()

@@ -184,6 +184,7 @@ class Extraction:
             "aie_prompts": dict(zip(self.relations, self.aie_prompts)),
             "aie_fallback": self.aie_fallback,
             "top10_positive_aie_share": positive_mass_share(self.aie_pooled, 10),
+            "lm_heads": self.aie_pooled.numel(),
             "heads_for_half_positive_aie": half,
             "heads_for_half_positive_aie_share": half / self.aie_pooled.numel(),
             "max_aie": float(self.aie_pooled.max()),

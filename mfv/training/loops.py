@@ -22,6 +22,7 @@ from mfv.evaluation.conditions import Condition
 from mfv.evaluation.scoring import Score
 from mfv.hooks import add_to_residual
 from mfv.io import atomic_torch_save
+from mfv.method.aie import answer_probability
 
 
 def group_by_dataset(conditions: list[Condition], share: bool = True) -> list[list[int]]:
@@ -88,7 +89,7 @@ class ConditionLoops:
                 prefix = self.adapter.last_position_prefix(batch.prompts) if self.reuse and steered else None
                 outcomes = [(i, self._condition_logits(self.conditions[i], batch, prefix)) for i in group]
         for index, logits in outcomes:
-            probability = logits.float().softmax(-1).gather(-1, batch.answer_ids[:, None]).squeeze(-1)
+            probability = answer_probability(logits, batch.answer_ids)
             buffer = self._outcomes[index]
             buffer[0, batch.indices] = 1.0
             buffer[1, batch.indices] = (logits.argmax(-1) == batch.answer_ids).float()

@@ -54,7 +54,7 @@ def _prefill(adapter, batch) -> _Prefix:
     kwargs = adapter._lm_kwargs(batch.input_ids, batch.attention_mask)
     with adapter._conditioned(batch.pixel_values):
         first = adapter._layers[0]
-        latents, media_locations = first.vis_x, None
+        latents = first.vis_x
         out = lang(**kwargs, past_key_values=DynamicCache(), use_cache=True, output_hidden_states=True,
                    logits_to_keep=1)
         media_locations = first.media_locations

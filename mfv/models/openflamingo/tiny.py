@@ -20,6 +20,7 @@ from torch import nn
 
 from mfv.compat import ensure_torchvision
 from mfv.errors import ConfigError, MissingWeightsError
+from mfv.io import new_file_mode
 from mfv.models.openflamingo.adapter import OpenFlamingoAdapter, _image_transform, assemble_flamingo
 from mfv.vocabulary import OBJECT_NAMES
 
@@ -156,9 +157,7 @@ def save_tiny_openflamingo(adapter: OpenFlamingoAdapter, directory: str | os.Pat
         (staging / "config.json").write_text(json.dumps(asdict(adapter.tiny_config), indent=2))
         # save_model de-duplicates the tensors open_flamingo registers under two names.
         save_model(adapter.model, str(staging / "model.safetensors"), metadata={"backbone_id": adapter.backbone_id})
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(staging / "model.safetensors", 0o666 & ~umask)  # safetensors writes 0600
+        os.chmod(staging / "model.safetensors", new_file_mode())  # safetensors writes 0600
         adapter.tokenizer.save_pretrained(str(staging / "tokenizer"))
         if directory.exists():
             old = directory.with_name(f".{directory.name}.old.{uuid.uuid4().hex[:8]}")
