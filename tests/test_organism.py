@@ -34,7 +34,7 @@ def test_committed_organism_is_small_enough_to_commit():
     assert total <= 25 * 2**20
 
 
-def test_recipe_runs_through_lightning_and_resumes(tmp_path):
+def test_recipe_runs_through_lightning_and_resumes(tmp_path, monkeypatch):
     """Two epochs of three steps on a small pool, then a resumed third epoch: the recipe
     trains every weight, validates through the production path and exports a loadable model."""
     from mfv.organism.train import main
@@ -44,6 +44,8 @@ def test_recipe_runs_through_lightning_and_resumes(tmp_path):
               "--model.num_layers", "2", "--model.num_heads", "2", "--model.hidden_size", "32",
               "--model.intermediate_size", "64", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
               "--out", str(tmp_path / "out")]
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
     main([*common, "--trainer.max_epochs", "2"])
     first = json.loads((tmp_path / "out" / "training.json").read_text())
     assert first["steps_done"] == 6
@@ -52,5 +54,6 @@ def test_recipe_runs_through_lightning_and_resumes(tmp_path):
     assert resumed["steps_done"] == 9 and set(resumed["final_validation"]) >= {"val/icl_4", "val/novel_icl_4"}
     curves = [json.loads(line) for line in (tmp_path / "work" / "curves.jsonl").read_text().splitlines()]
     assert [c["step"] for c in curves] == [3, 6, 9]  # one line per validation, kept across the resume
+    assert not list((tmp_path / "cwd").iterdir())  # config and checkpoints went to the work folder
     adapter = load_tiny_openflamingo(tmp_path / "out")
     assert adapter.num_layers == 2 and adapter.backbone_id == "openflamingo-organism"

@@ -51,6 +51,8 @@ class OrganismCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--out", type=str, default="checkpoints/organism", help="where the trained model is saved")
         parser.add_argument("--threads", type=int | None, default=None, help="torch CPU threads (default: torch's)")
+        # Everything a run writes (its config, Lightning's own checkpoints) goes to the work folder, not the cwd.
+        parser.link_arguments("data.work_dir", "trainer.default_root_dir")
 
 
 def main(args: Sequence[str] | None = None) -> Path:
