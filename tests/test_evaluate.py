@@ -123,8 +123,8 @@ def test_seeds_report_mean_and_spread_over_runs(config_path, tmp_path):
 
 
 def test_reuse_changes_no_accuracy(config_path, finetuned_fv, tmp_path):
-    """Shared prompt passes and the image cache give the same metrics as computing every
-    condition from scratch (benchmarks/evaluate.py measures the time)."""
+    """Shared prompt passes, the image cache and per-image cross-attention give the same
+    metrics as computing every condition from scratch (benchmarks/evaluate.py times both)."""
     common = ["--config", str(config_path), "--fv", str(finetuned_fv), "--limit", "6", "--evaluation.max_k", "3",
               "--evaluation.sweep_limit", "6", "--evaluation.shots", "[1]", "--trainer.enable_progress_bar", "false"]
     scratch = main([*common, "--out", str(tmp_path / "scratch"), "--evaluation.reuse", "false"])

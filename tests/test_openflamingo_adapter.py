@@ -218,13 +218,13 @@ def test_registry_rejects_unknown_names_and_options():
         load_backbone("openflamingo-tiny", directory="x", colour="red")
 
 
-def test_vision_cache_encodes_each_image_once_and_changes_nothing(tiny_adapter, prompts):
+def test_reuse_context_encodes_each_image_once_and_changes_nothing(tiny_adapter, prompts):
     batch = tiny_adapter.collate(prompts)
     plain = tiny_adapter.forward(batch)
     calls = []
     handle = tiny_adapter.model.vision_encoder.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
     try:
-        with tiny_adapter.vision_cache():
+        with tiny_adapter.reuse_context():
             first = tiny_adapter.forward(batch)
             again = tiny_adapter.forward(batch)
     finally:
@@ -233,3 +233,35 @@ def test_vision_cache_encodes_each_image_once_and_changes_nothing(tiny_adapter, 
     torch.testing.assert_close(again, plain, atol=1e-6, rtol=0)
     # 6 image slots, 5 distinct images (the zero padding is one more): encoded in one call, never again.
     assert calls == [6]
+
+
+def test_immediate_media_attention_equals_the_masked_original(tiny_adapter):
+    """Grouped by image, without the masked products: the same output at every position,
+    including left padding, text before the first image and prompts with fewer images."""
+    from mfv.models.openflamingo.cross_attention import attend_immediate_media_only, immediate_media_attention
+
+    attn = next(layer.gated_cross_attn_layer.attn for layer in tiny_adapter._layers if layer.gated_cross_attn_layer)
+    generator = torch.Generator().manual_seed(0)
+    media_dim = attn.to_kv.in_features
+    x = torch.randn(3, 12, attn.to_q.in_features, generator=generator)
+    media = torch.randn(3, 4, 5, media_dim, generator=generator)
+    locations = torch.zeros(3, 12, dtype=torch.bool)
+    locations[0, [0, 3, 4, 9]] = True  # four images, one segment of a single token
+    locations[1, [5, 8]] = True  # two images after five text-only (or padding) positions
+    locations[2, 11] = True  # one image, at the last position
+    with torch.no_grad():
+        expected = type(attn).forward(attn, x, media, media_locations=locations)
+        got = immediate_media_attention(attn, x, media, media_locations=locations)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    assert got[1, :5].abs().max() == 0  # nothing before the first image, as in the original
+    with attend_immediate_media_only(tiny_adapter._layers):
+        assert "forward" in vars(attn)
+    assert "forward" not in vars(attn)  # restored on exit
+
+
+def test_reuse_context_changes_no_generation(tiny_adapter, prompts):
+    batch = tiny_adapter.collate(prompts)
+    plain = tiny_adapter.generate(batch, max_new_tokens=3)
+    with tiny_adapter.reuse_context():
+        reused = tiny_adapter.generate(batch, max_new_tokens=3)
+    assert torch.equal(plain, reused)

@@ -56,9 +56,11 @@ class EvaluationSettings:
         analogies: Evaluate the analogy conditions (needs a ``composite`` split).
         composite_modes: Composite FV variants.
         batch_size: Prompts per batch (default: the datamodule's).
-        reuse: Compute nothing twice: each distinct image encoded once across conditions, and
-            conditions over the same prompts share one prompt pass (each recomputes only the
-            last position from its injection layer). ``false``: every condition from scratch.
+        reuse: Compute nothing twice and nothing that is thrown away: each distinct image
+            encoded once across conditions, text attending only to the image it follows
+            (no masked products, :meth:`BackboneAdapter.reuse_context`), and conditions over
+            the same prompts sharing one prompt pass (each recomputes only the last position
+            from its injection layer). ``false``: every condition from scratch.
     """
 
     limit: int | None = None

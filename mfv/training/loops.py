@@ -45,7 +45,7 @@ class ConditionLoops:
         self.outcome_file: str | None = None
         self.eval_loader_options: dict[str, int] = {"batch_size": 16, "num_workers": 0}
         self.reuse = False  # evaluation turns it on: images encoded once, prompt passes shared
-        self._vision_context = None
+        self._reuse_context = None
         self._outcomes: list[torch.Tensor] = []
         self._groups: list[list[int]] = [[0]]
 
@@ -148,16 +148,16 @@ class ConditionLoops:
             self._groups = group_by_dataset(self.conditions, self.reuse)
             self._start_outcomes([len(c.dataset) for c in self.conditions])
         if self.reuse:
-            self._vision_context = self.adapter.vision_cache()
-            self._vision_context.__enter__()
+            self._reuse_context = self.adapter.reuse_context()
+            self._reuse_context.__enter__()
 
     def test_step(self, batch: EncodedBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._record(batch, dataloader_idx)
 
     def on_test_epoch_end(self) -> None:
-        if self._vision_context is not None:
-            self._vision_context.__exit__(None, None, None)
-            self._vision_context = None
+        if self._reuse_context is not None:
+            self._reuse_context.__exit__(None, None, None)
+            self._reuse_context = None
         if self.conditions is None:
             self.scores = self._finish_outcomes([self.relations])
             self._log_score("test", self.scores[0])

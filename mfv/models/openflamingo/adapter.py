@@ -230,13 +230,18 @@ class OpenFlamingoAdapter(BackboneAdapter):
             self.model.lang_encoder._use_cached_vision_x = False
 
     @contextmanager
-    def vision_cache(self) -> Iterator[None]:
+    def reuse_context(self) -> Iterator[None]:
         """Inside the block each distinct image is encoded (ViT + resampler) once: the frozen
-        vision tower's latents are kept by image content and reused by every later batch."""
+        vision tower's latents are kept by image content and reused by every later batch.
+        Text tokens attend to the latents of the image they follow only, instead of to every
+        image under a mask (:mod:`mfv.models.openflamingo.cross_attention`)."""
+        from mfv.models.openflamingo.cross_attention import attend_immediate_media_only
+
         outer = self._vision_cache
         self._vision_cache = {} if outer is None else outer
         try:
-            yield
+            with attend_immediate_media_only(self._layers):
+                yield
         finally:
             self._vision_cache = outer
 
