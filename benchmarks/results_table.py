@@ -72,7 +72,7 @@ def main() -> None:
         e = json.loads((bench / "evaluate.json").read_text())
         print(f"Evaluation ({e['conditions']} conditions): {e['without_reuse_cpu_seconds']:.0f} s CPU from scratch, "
               f"{e['with_reuse_cpu_seconds']:.0f} s with reuse ({e['speedup']:.2f}x), identical accuracies: "
-              f"{e['identical_accuracies']}\n")
+              f"{e['identical_accuracies']}, identical sweeps: {e.get('identical_sweeps')}\n")
     if Path(args.demo).is_file():
         metrics = json.loads(Path(args.demo).read_text())
         print(demo_table(metrics, DEMO_ROWS))
