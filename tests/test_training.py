@@ -227,3 +227,30 @@ def test_fine_tuning_graph_scales_with_layers_after_injection_not_prompt_length(
     assert (full["long"] - full["short"]) / extra_token_rows >= 4 * module.adapter.hidden_size * layers_after
     module.layer = 2  # fewer layers after injection: a smaller graph
     assert _saved_graph_bytes(module, short)[0] < sizes["short"]
+
+
+def test_fitting_encodes_each_image_once_and_changes_no_fv(tmp_path, monkeypatch):
+    """Every epoch meets the same images: with the run's image store each is encoded once
+    (and attended without masked products), and the trained FVs equal those of a fit that
+    recomputes everything."""
+    import hashlib
+
+    from mfv.training.loops import ConditionLoops
+
+    encoded: list[bytes] = []
+    real_start = ConditionLoops.on_fit_start
+
+    def counting_start(module):
+        real_start(module)
+        module.adapter.model.vision_encoder.register_forward_hook(lambda m, args, out: encoded.extend(
+            hashlib.blake2b(image.numpy().tobytes(), digest_size=16).digest() for image in args[0]))
+
+    monkeypatch.setattr(ConditionLoops, "on_fit_start", counting_start)
+    main(_args(tmp_path / "stored", epochs=2))
+    stored = _last_fvs(tmp_path / "stored")
+    assert encoded and len(encoded) == len(set(encoded))  # no image encoded twice in two epochs
+
+    encoded.clear()
+    monkeypatch.setattr(ConditionLoops, "on_fit_start", lambda module: None)  # no store: as before
+    main(_args(tmp_path / "recomputed", epochs=2))
+    torch.testing.assert_close(_last_fvs(tmp_path / "recomputed"), stored, atol=1e-6, rtol=0)

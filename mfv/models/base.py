@@ -254,12 +254,13 @@ class BackboneAdapter(ABC):
         vectors: FV fine-tuning). ``None``: use :meth:`forward` under :func:`mfv.hooks.add_to_residual`."""
         return None
 
-    def reuse_context(self):
-        """A context for many passes over the same images (evaluation with ``reuse``): the
-        backbone may keep per-image work of its frozen vision tower and skip products whose
-        results it would discard, every output staying equal to float rounding. Default: a
-        no-op. OpenFlamingo keeps resampler latents by image content and lets text attend to
-        its own image's latents only (no masked products over the other images)."""
+    def reuse_context(self, store: dict | None = None):
+        """A context for many passes over the same images (evaluation with ``reuse``, FV
+        fine-tuning): the backbone may keep per-image work of its frozen vision tower in
+        ``store`` (a dict the caller owns, to pass again to later blocks) and skip products
+        whose results it would discard, every output staying equal to float rounding.
+        Default: a no-op. OpenFlamingo keeps resampler latents by image content and lets text
+        attend to its own image's latents only (no masked products over the other images)."""
         return nullcontext()
 
     # ----- conveniences ------------------------------------------------------------

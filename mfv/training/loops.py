@@ -8,11 +8,15 @@ dataset (zero-shot prompts with several injected vectors: FV conditions, layer a
 composite variants) form one dataloader: each batch is encoded once and, where the backbone
 offers it (:meth:`BackboneAdapter.last_position_prefix`), run once up to the last position,
 after which every condition recomputes only the last position from its injection layer up.
+
+Fitting (every epoch over the same images) and evaluation with ``reuse`` keep the frozen
+vision tower's per-image work in one store for the whole run
+(:meth:`BackboneAdapter.reuse_context`, entered per step).
 """
 
 from __future__ import annotations
 
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
 import torch
@@ -45,9 +49,21 @@ class ConditionLoops:
         self.outcome_file: str | None = None
         self.eval_loader_options: dict[str, int] = {"batch_size": 16, "num_workers": 0}
         self.reuse = False  # evaluation turns it on: images encoded once, prompt passes shared
-        self._reuse_context = None
+        # Per-image work of the frozen vision tower, kept across steps (fit: always; test: with reuse).
+        self._image_store: dict | None = None
         self._outcomes: list[torch.Tensor] = []
         self._groups: list[list[int]] = [[0]]
+
+    def reusing(self):
+        """The backbone's reuse context over the run's image store (a no-op without one). Entered
+        per step, so that nothing stays installed on the backbone if a run stops with an error."""
+        return self.adapter.reuse_context(self._image_store) if self._image_store is not None else nullcontext()
+
+    def on_fit_start(self) -> None:
+        self._image_store = {}  # training and validation images, encoded once for every epoch
+
+    def on_fit_end(self) -> None:
+        self._image_store = None
 
     def _start_outcomes(self, sizes: list[int]) -> None:
         # rows: seen, correct, relation id, answer probability
@@ -119,7 +135,8 @@ class ConditionLoops:
         self._start_outcomes([len(self.trainer.val_dataloaders.dataset)])
 
     def validation_step(self, batch: EncodedBatch, batch_idx: int) -> None:
-        self._record(batch, 0)
+        with self.reusing():
+            self._record(batch, 0)
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
@@ -147,17 +164,14 @@ class ConditionLoops:
         else:
             self._groups = group_by_dataset(self.conditions, self.reuse)
             self._start_outcomes([len(c.dataset) for c in self.conditions])
-        if self.reuse:
-            self._reuse_context = self.adapter.reuse_context()
-            self._reuse_context.__enter__()
+        self._image_store = {} if self.reuse else None
 
     def test_step(self, batch: EncodedBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._record(batch, dataloader_idx)
+        with self.reusing():
+            self._record(batch, dataloader_idx)
 
     def on_test_epoch_end(self) -> None:
-        if self._reuse_context is not None:
-            self._reuse_context.__exit__(None, None, None)
-            self._reuse_context = None
+        self._image_store = None
         if self.conditions is None:
             self.scores = self._finish_outcomes([self.relations])
             self._log_score("test", self.scores[0])

@@ -214,7 +214,8 @@ class FunctionVectorModule(ConditionLoops, L.LightningModule):
             return self.adapter.forward(batch.prompts)
 
     def training_step(self, batch: EncodedBatch, batch_idx: int) -> torch.Tensor:
-        logits = self(batch)
+        with self.reusing():
+            logits = self(batch)
         loss = nn.functional.cross_entropy(logits.float(), batch.answer_ids)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
         optimizer = self.optimizers().optimizer if self._trainer is not None else None

@@ -230,15 +230,16 @@ class OpenFlamingoAdapter(BackboneAdapter):
             self.model.lang_encoder._use_cached_vision_x = False
 
     @contextmanager
-    def reuse_context(self) -> Iterator[None]:
+    def reuse_context(self, store: dict | None = None) -> Iterator[None]:
         """Inside the block each distinct image is encoded (ViT + resampler) once: the frozen
-        vision tower's latents are kept by image content and reused by every later batch.
-        Text tokens attend to the latents of the image they follow only, instead of to every
-        image under a mask (:mod:`mfv.models.openflamingo.cross_attention`)."""
+        vision tower's latents are kept by image content in ``store`` (a dict the caller owns
+        and may pass again to later blocks; default: a fresh one for this block) and reused by
+        every later batch. Text tokens attend to the latents of the image they follow only,
+        instead of to every image under a mask (:mod:`mfv.models.openflamingo.cross_attention`)."""
         from mfv.models.openflamingo.cross_attention import attend_immediate_media_only
 
         outer = self._vision_cache
-        self._vision_cache = {} if outer is None else outer
+        self._vision_cache = store if store is not None else ({} if outer is None else outer)
         try:
             with attend_immediate_media_only(self._layers):
                 yield
@@ -260,13 +261,12 @@ class OpenFlamingoAdapter(BackboneAdapter):
             latents = encode(flat)
             return latents.reshape(b, t, *latents.shape[1:])
         keys = [hashlib.blake2b(image.detach().cpu().numpy().tobytes(), digest_size=16).digest() for image in flat]
-        unique: dict[bytes, int] = {}
         for index, key in enumerate(keys):
-            if key not in self._vision_cache and key not in unique:
-                unique[key] = index
-        if unique:
-            for key, latent in zip(unique, encode(flat[list(unique.values())])):
-                self._vision_cache[key] = latent.detach()
+            if key not in self._vision_cache:
+                # One image at a time: its latents never depend on which batch first met it
+                # (kernels may round differently by batch shape), so a resumed run reproduces
+                # an uninterrupted one bit for bit.
+                self._vision_cache[key] = encode(flat[index:index + 1])[0].detach()
         return torch.stack([self._vision_cache[key] for key in keys]).reshape(b, t, *self._vision_cache[keys[0]].shape)
 
     def forward(self, batch: PromptBatch) -> torch.Tensor:
