@@ -254,3 +254,9 @@ def test_fitting_encodes_each_image_once_and_changes_no_fv(tmp_path, monkeypatch
     monkeypatch.setattr(ConditionLoops, "on_fit_start", lambda module: None)  # no store: as before
     main(_args(tmp_path / "recomputed", epochs=2))
     torch.testing.assert_close(_last_fvs(tmp_path / "recomputed"), stored, atol=1e-6, rtol=0)
+
+
+def test_training_without_a_logger_runs_and_writes_its_metrics(tmp_path):
+    metrics = main(_args(tmp_path, "--trainer.logger", "false"))
+    assert "test/acc" in metrics["test"] and Path(metrics["exported_fv"]).is_file()
+    assert list(tmp_path.rglob("metrics.json")) and not (tmp_path / "runs").exists()

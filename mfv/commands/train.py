@@ -100,6 +100,8 @@ def main(args: Sequence[str] | None = None) -> dict:
     datamodule = cli.datamodule
     datamodule.attach(model.adapter)
     trainer = cli.trainer
+    if not trainer.loggers:  # --trainer.logger false: nothing to log the learning rate to
+        trainer.callbacks[:] = [c for c in trainer.callbacks if not isinstance(c, LearningRateMonitor)]
     ckpt_path = cli.config.get("ckpt_path")
     _pin_run_folder(trainer, ckpt_path)
     try:
