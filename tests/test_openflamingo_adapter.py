@@ -266,3 +266,19 @@ def test_reuse_context_changes_no_generation(tiny_adapter, prompts):
     with tiny_adapter.reuse_context():
         reused = tiny_adapter.generate(batch, max_new_tokens=3)
     assert torch.equal(plain, reused)
+
+
+def test_reuse_context_works_on_a_bf16_backbone(prompts):
+    """Image keys come from raw bytes: bf16 pixels (no numpy dtype) are cached like fp32 ones."""
+    from mfv.models.openflamingo import build_tiny_openflamingo
+
+    from .conftest import tiny_config
+
+    adapter = build_tiny_openflamingo(tiny_config())
+    adapter.model.to(torch.bfloat16)
+    batch = adapter.collate(prompts)
+    plain = adapter.forward(batch)
+    with adapter.reuse_context():
+        reused = adapter.forward(batch)
+    assert reused.dtype == torch.bfloat16
+    torch.testing.assert_close(reused.float(), plain.float(), atol=2e-2, rtol=0)

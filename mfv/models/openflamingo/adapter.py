@@ -260,7 +260,9 @@ class OpenFlamingoAdapter(BackboneAdapter):
         if self._vision_cache is None:
             latents = encode(flat)
             return latents.reshape(b, t, *latents.shape[1:])
-        keys = [hashlib.blake2b(image.detach().cpu().numpy().tobytes(), digest_size=16).digest() for image in flat]
+        # Keys from the raw bytes (any dtype, bf16 included), one device-to-host copy per batch.
+        raw = flat.detach().contiguous().view(torch.uint8).cpu().numpy()
+        keys = [hashlib.blake2b(image.tobytes(), digest_size=16).digest() for image in raw]
         for index, key in enumerate(keys):
             if key not in self._vision_cache:
                 # One image at a time: its latents never depend on which batch first met it
