@@ -162,6 +162,16 @@ def test_bf16_backbone_keeps_fp32_fvs():
     assert next(module.backbone.parameters()).dtype == torch.bfloat16
 
 
+def test_bf16_backbone_trains_end_to_end(tmp_path):
+    """AIE, fitting through the image store, test and export on a bf16 backbone (GPU users' default)."""
+    from mfv.method.function_vector import FunctionVectorSet
+
+    metrics = main(_args(tmp_path, "--model.backbone_dtype", "bfloat16", init="extracted"))
+    assert "test/acc" in metrics["test"]
+    exported = FunctionVectorSet.load(metrics["exported_fv"])
+    assert next(iter(exported.vectors.values())).dtype == torch.float32
+
+
 def test_train_test_accuracy_equals_evaluate_on_the_same_prompts_and_fvs(tmp_path):
     """One accuracy definition (mean over relations) and one scoring path for both commands."""
     from mfv.commands.evaluate import main as evaluate_main
