@@ -15,6 +15,7 @@ manager always restores the original.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from functools import partial
 from typing import Iterator
 
 import torch
@@ -56,7 +57,7 @@ def immediate_media_attention(attn: nn.Module, x: torch.Tensor, media: torch.Ten
     grid = rearrange(grid, "b t s (h d) -> b t h s d", h=attn.heads)
     k, v = (rearrange(t, "b t n (h d) -> b t h n d", h=attn.heads) for t in (k, v))
     sim = torch.matmul(grid, k.transpose(-1, -2))
-    weights = (sim - sim.amax(dim=-1, keepdim=True)).softmax(dim=-1)
+    weights = (sim - sim.amax(dim=-1, keepdim=True)).softmax(dim=-1)  # the original's steps, the same rounding
     out = rearrange(torch.matmul(weights, v), "b t h s d -> b t s (h d)")
     result = q.new_zeros(batch, length, q.shape[-1])  # tokens before any image get nothing, as in the original
     result[rows, cols] = out[rows, segment, place]
@@ -72,9 +73,8 @@ def attend_immediate_media_only(layers: nn.ModuleList) -> Iterator[None]:
         for layer in layers:
             block = getattr(layer, "gated_cross_attn_layer", None)
             if block is not None and block.attn.only_attend_immediate_media and "forward" not in vars(block.attn):
-                attn = block.attn
-                attn.forward = lambda *args, _attn=attn, **kwargs: immediate_media_attention(_attn, *args, **kwargs)
-                patched.append(attn)
+                block.attn.forward = partial(immediate_media_attention, block.attn)
+                patched.append(block.attn)
         yield
     finally:
         for attn in patched:
