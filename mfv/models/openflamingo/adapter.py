@@ -109,7 +109,10 @@ def assemble_flamingo(
     tokenizer.padding_side = "left"
     extend_instance(lang_encoder, FlamingoLMMixin)
     lang_encoder.set_decoder_layers_attr_name(LANGUAGE_FAMILIES[family].layers_attr)
-    if lang_encoder.get_input_embeddings().num_embeddings < len(tokenizer):
+    # As open_flamingo's factory: the embeddings get exactly len(tokenizer) rows, fewer than the
+    # language model's padded vocabulary where it has one (RedPajama-3B: 50432 -> 50280); the
+    # releases' checkpoint.pt holds both embeddings at that size.
+    if lang_encoder.get_input_embeddings().num_embeddings != len(tokenizer):
         lang_encoder.resize_token_embeddings(len(tokenizer))
     return Flamingo(
         vision_encoder,
