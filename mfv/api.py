@@ -34,9 +34,23 @@ SMALL_SYNTHETIC = {"eval": 120, "train": 40, "test": 40, "novel": 40, "composite
 DEFAULT_CACHE = "runs/aie_cache"
 
 
-def load(name: str, **options) -> BackboneAdapter:
-    """A registered backbone (``mfv.models.BACKBONES``), e.g. ``load("openflamingo", release="openflamingo-4b")``."""
-    return load_backbone(name, **options)
+def load(name: str, device: str | torch.device | None = None, **options) -> BackboneAdapter:
+    """A registered backbone (``mfv.models.BACKBONES``), e.g. ``load("openflamingo", release="openflamingo-4b")``.
+
+    Args:
+        name: Registered backbone name.
+        device: Where the model runs (``"cuda"``, ``"cuda:1"``, ``"cpu"``); builders that take a
+            ``device`` option place each weight there as it is read, others are moved after.
+        **options: The builder's options (``model.backbone_options`` in configs).
+    """
+    from mfv.models import backbone_spec
+
+    if device is not None and backbone_spec(name).takes("device"):
+        options["device"] = str(device)
+    adapter = load_backbone(name, **options)
+    if device is not None:
+        adapter.model.to(device)
+    return adapter
 
 
 def _sampler_fingerprint(sampler: EpisodeSampler) -> str:

@@ -20,6 +20,15 @@ from .conftest import tiny_config
 RELATIONS = ["above", "below", "left", "right"]
 
 
+def _all_words():
+    from mfv.vocabulary import OBJECT_NAMES
+
+    return list(OBJECT_NAMES)
+
+
+WORDS_ALL = _all_words()
+
+
 @pytest.fixture(scope="module")
 def adapter():
     from mfv.vocabulary import OBJECT_NAMES
@@ -268,3 +277,56 @@ def test_clean_correct_filter_on_a_model_that_answers_some_prompts(tmp_path):
         kept = correct & (corrupted.relation_ids == r)
         assert result.aie_prompts[r] == int(kept.sum()) > 0
         torch.testing.assert_close(result.aie_per_relation[r], effects[kept].mean(0), atol=1e-6, rtol=0)
+
+
+def _low_precision(build, dtype):
+    from mfv.models.weights import cast_weights
+
+    adapter = build()
+    cast_weights(adapter.model, dtype)
+    return adapter
+
+
+def _own_activation_means(adapter, batch):
+    """Each prompt's own head outputs as its "relation mean": every patch is a null patch."""
+    from dataclasses import replace
+
+    from mfv.hooks import record_heads
+
+    with torch.no_grad(), record_heads(adapter) as recording:
+        adapter.forward(batch.prompts)
+    return recording.stacked().float(), replace(batch, relation_ids=torch.arange(len(batch)))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("family", ["openflamingo", "qwen3vl"])
+def test_a_null_patch_is_exactly_zero_in_low_precision(sampler, dtype, family):
+    from mfv.models import backbone_spec
+
+    adapter = _low_precision(backbone_spec(family).build_stand_in, dtype)
+    batch = _batch(adapter, sampler, "corrupted", range(3))
+    means, batch = _own_activation_means(adapter, batch)
+    fast = indirect_effects(adapter, batch, means, "fast", rows_per_pass=5)
+    assert fast.shape == (3, adapter.num_layers, adapter.num_heads)
+    assert fast.abs().max() <= 1e-7
+    # the generic cached path (all layers but one) holds the same guarantee
+    partial = indirect_effects(adapter, batch, means, "fast", layers=[0, adapter.num_layers - 1], rows_per_pass=4)
+    assert partial.abs().max() <= 1e-7
+
+
+def test_bf16_fast_top_heads_equal_the_references_with_planted_effects(sampler):
+    """Heads whose patch pushes the answer by known, separated amounts: same ranking as the reference."""
+    adapter = _low_precision(lambda: build_tiny_openflamingo(tiny_config(words=WORDS_ALL, num_layers=3, num_heads=4)),
+                             torch.bfloat16)
+    batch = _batch(adapter, sampler, "corrupted", range(3))
+    means, batch = _own_activation_means(adapter, batch)
+    answer = adapter.model.lang_encoder.get_output_embeddings().weight[batch.answer_ids].float()  # (P, D)
+    planted = [(2, 1, 3.0), (1, 3, 2.0), (0, 2, 1.2), (2, 0, 0.6)]
+    for layer, head, strength in planted:
+        weight = adapter.output_projection(layer).float()  # (D, H*hs)
+        block = weight[:, head * adapter.head_dim:(head + 1) * adapter.head_dim]  # (D, hs)
+        push = answer @ block  # the head direction that raises each prompt's answer logit
+        means[:, layer, head] += strength * push / push.norm(dim=-1, keepdim=True)
+    fast = indirect_effects(adapter, batch, means, "fast").mean(0)
+    reference = indirect_effects(adapter, batch, means, "reference").mean(0)
+    assert top_heads(fast, 4) == top_heads(reference, 4) == [(layer, head) for layer, head, _ in planted]

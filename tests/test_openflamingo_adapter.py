@@ -9,6 +9,7 @@ from mfv.errors import ConfigError, MissingWeightsError
 from mfv.hooks import HeadPatch, add_to_residual, head_output_contributions, patch_heads, record_heads
 from mfv.models import load_backbone
 from mfv.models.openflamingo import load_openflamingo, load_tiny_openflamingo, remap_checkpoint_keys, save_tiny_openflamingo
+from mfv.models.weights import cast_weights
 
 from .conftest import random_patch_values
 
@@ -275,7 +276,7 @@ def test_reuse_context_works_on_a_bf16_backbone(prompts):
     from .conftest import tiny_config
 
     adapter = build_tiny_openflamingo(tiny_config())
-    adapter.model.to(torch.bfloat16)
+    cast_weights(adapter.model, torch.bfloat16)
     batch = adapter.collate(prompts)
     plain = adapter.forward(batch)
     with adapter.reuse_context():

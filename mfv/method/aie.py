@@ -164,21 +164,49 @@ def indirect_effects(
         minimal = adapter.single_head_patch_probabilities(
             batch.prompts, values.reshape(num_prompts, len(layers), adapter.num_heads, -1), answers)
         if minimal is not None:
-            base, patched = minimal
-            return patched - base[:, None, None]
+            base, patched = minimal  # base: (P, L), through the same computation as its rows
+            return patched - base[..., None]
+    return _generic_fast_effects(adapter, batch, values, layers, rows_per_pass)
+
+
+def _generic_fast_effects(adapter: BackboneAdapter, batch: EncodedBatch, values: torch.Tensor, layers: list[int],
+                          rows_per_pass: int) -> torch.Tensor:
+    """Fast AIE through the adapter's cached last-position pass (:meth:`BackboneAdapter.forward_last`).
+
+    Every row of layer ``l`` (one per head, plus that layer's baseline) has all heads of
+    ``l`` set to the full forward's own outputs (what the reference loop's hook sees), and
+    its head ``h`` to the patch value. Baseline and patched rows thus run the same
+    computation, so a patch that writes a head's own activation gives exactly zero, in any dtype.
+    """
+    heads = adapter.num_heads
+    num_prompts = len(batch)
     state = adapter.prefill(batch.prompts)
-    base = answer_probability(adapter.forward_last(state, torch.arange(num_prompts)), answers).cpu()
-    prompt_of = torch.arange(num_prompts).repeat_interleave(num_sites)
-    site_of = torch.arange(num_sites).repeat(num_prompts)
-    flat_effects = torch.empty(num_prompts * num_sites)
+    with record_heads(adapter, layers) as recording:
+        adapter.forward(batch.prompts)
+    own = recording.stacked()  # (P, len(layers), H, head_dim), the full forward's
+    slots = heads + 1  # slot h patches head h; slot H is the layer's baseline
+    prompt_of = torch.arange(num_prompts).repeat_interleave(len(layers) * slots)
+    position_of = torch.arange(len(layers)).repeat_interleave(slots).repeat(num_prompts)
+    slot_of = torch.arange(slots).repeat(num_prompts * len(layers))
+    layer_numbers = torch.tensor(layers)
+    probabilities = torch.empty(len(prompt_of))
     for start in range(0, len(prompt_of), rows_per_pass):
         prompts = prompt_of[start : start + rows_per_pass]
-        sites = site_of[start : start + rows_per_pass]
-        patch = HeadPatch(torch.arange(len(prompts)), layer_index[sites], head_index[sites], values[prompts, sites])
+        positions = position_of[start : start + rows_per_pass]
+        slot = slot_of[start : start + rows_per_pass]
+        written = own[prompts.to(own.device), positions.to(own.device)].clone()  # (n, H, head_dim)
+        patched = (slot < heads).nonzero().flatten()
+        written[patched.to(own.device), slot[patched].to(own.device)] = values[
+            prompts[patched], positions[patched] * heads + slot[patched]].to(own.device, own.dtype)
+        count = len(prompts)
+        patch = HeadPatch(torch.arange(count).repeat_interleave(heads),
+                          layer_numbers[positions].repeat_interleave(heads), torch.arange(heads).repeat(count),
+                          written.reshape(count * heads, -1))
         with patch_heads(adapter, patch):
             logits = adapter.forward_last(state, prompts)
-        flat_effects[start : start + len(prompts)] = answer_probability(logits, answers[prompts]).cpu() - base[prompts]
-    return flat_effects.reshape(num_prompts, len(layers), adapter.num_heads)
+        probabilities[start : start + count] = answer_probability(logits, batch.answer_ids[prompts]).cpu()
+    probabilities = probabilities.reshape(num_prompts, len(layers), slots)
+    return probabilities[..., :heads] - probabilities[..., heads:]
 
 
 def attribution_effects(

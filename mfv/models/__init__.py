@@ -40,6 +40,10 @@ class BackboneSpec:
     stand_in_options: dict[str, Any] = field(default_factory=dict)
     description: str = ""
 
+    def takes(self, option: str) -> bool:
+        """Whether the builder takes keyword ``option``."""
+        return option in inspect.signature(_resolve(self.builder)).parameters
+
     def build(self, **options: Any) -> BackboneAdapter:
         return _call_checked(self.builder, options)
 

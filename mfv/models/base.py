@@ -225,9 +225,11 @@ class BackboneAdapter(ABC):
     def single_head_patch_probabilities(
         self, batch: PromptBatch, values: torch.Tensor, answers: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Optional minimal exact path for fast AIE: answer probabilities unpatched ``(P,)``
-        and with each single head ``(l, h)`` patched to ``values[p, l, h]`` at the last
-        position ``(P, L, H)``. ``None`` (the default) means "use the generic cached path"
+        """Optional minimal exact path for fast AIE: answer probabilities of a per-layer
+        baseline ``(P, L)`` and with each single head ``(l, h)`` patched to ``values[p, l, h]``
+        at the last position ``(P, L, H)``. The baseline of layer ``l`` must go through the
+        same computation as that layer's patched rows, so that writing a head's own activation
+        gives exactly zero effect in any dtype. ``None`` (the default) means "use the generic cached path"
         (:meth:`prefill` + :meth:`forward_last`)."""
         return None
 

@@ -18,6 +18,7 @@ from mfv.training.loops import ConditionLoops
 from mfv.training.optim import RowwiseAdam
 from mfv.method.function_vector import FunctionVectorSet
 from mfv.models import load_backbone
+from mfv.models.weights import cast_weights
 from mfv.models.base import BackboneAdapter
 
 FV_PARAMETER = "function_vectors"
@@ -120,7 +121,7 @@ class FunctionVectorModule(ConditionLoops, L.LightningModule):
         self.adapter = load_backbone(self.hparams.backbone, **(self.hparams.backbone_options or {}))
         self.adapter.freeze()
         if self.hparams.backbone_dtype == "bfloat16":
-            self.adapter.model.to(torch.bfloat16)
+            cast_weights(self.adapter.model, torch.bfloat16)  # rotary inv_freq stays fp32
 
     def __getstate__(self) -> dict[str, Any]:
         # open_flamingo mixes classes at run time, which pickle cannot name: ddp_spawn

@@ -20,7 +20,9 @@ Equal to the reference loop to float rounding (contract test).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 from einops import rearrange
@@ -36,6 +38,8 @@ class _Prefix:
     sin: torch.Tensor
     image_kv: dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer -> (P, xheads, n, dh) each
     base_logits: torch.Tensor  # (P, vocab)
+    heads: list[torch.Tensor] | None = None  # per layer: (P, heads * hs), the full forward's head outputs
+    decoder_inputs: list[torch.Tensor] | None = None  # per layer: (P, D), after cross-attention
 
 
 def supports(adapter) -> bool:
@@ -47,12 +51,36 @@ def supports(adapter) -> bool:
     return all(block.attn.only_attend_immediate_media for block in blocks)
 
 
-def _prefill(adapter, batch) -> _Prefix:
+@contextmanager
+def _record_last_position(adapter) -> Iterator[tuple[list, list]]:
+    """Records every layer's last-position head outputs and decoder-layer input."""
+    heads: list = [None] * adapter.num_layers
+    decoder_inputs: list = [None] * adapter.num_layers
+
+    def make_hook(store: list, layer: int):
+        def hook(module, args):
+            store[layer] = args[0][:, -1].detach()
+        return hook
+
+    handles = []
+    try:
+        for index, layer in enumerate(adapter._layers):
+            handles.append(adapter.head_site(index).register_forward_pre_hook(make_hook(heads, index)))
+            handles.append(layer.decoder_layer.register_forward_pre_hook(make_hook(decoder_inputs, index)))
+        yield heads, decoder_inputs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _prefill(adapter, batch, record: bool = False) -> _Prefix:
     from transformers import DynamicCache
 
     lang = adapter.model.lang_encoder
     kwargs = adapter._lm_kwargs(batch.input_ids, batch.attention_mask)
-    with adapter._conditioned(batch.pixel_values):
+    with adapter._conditioned(batch.pixel_values), _record_last_position(adapter) as (heads, decoder_inputs):
+        if not record:
+            heads = decoder_inputs = None
         first = adapter._layers[0]
         latents = first.vis_x
         out = lang(**kwargs, past_key_values=DynamicCache(), use_cache=True, output_hidden_states=True,
@@ -78,7 +106,8 @@ def _prefill(adapter, batch) -> _Prefix:
             k, v = block.attn.to_kv(query_latents).chunk(2, dim=-1)
             image_kv[index] = (rearrange(k, "p n (h d) -> p h n d", h=block.attn.heads),
                                rearrange(v, "p n (h d) -> p h n d", h=block.attn.heads))
-    return _Prefix(inputs, keys, values, mask, cos[:, None], sin[:, None], image_kv, out.logits[:, -1])
+    return _Prefix(inputs, keys, values, mask, cos[:, None], sin[:, None], image_kv, out.logits[:, -1],
+                   heads, decoder_inputs)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -89,12 +118,11 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return torch.cat([head * cos + rotate_half(head) * sin, tail], dim=-1)
 
 
-def _layer(adapter, index: int, x: torch.Tensor, prefix: _Prefix, patch: tuple[torch.Tensor, torch.Tensor] | None):
-    """Layer ``index`` at the last position for rows ``x`` ``(P, M, D)``.
+def _attend(adapter, index: int, x: torch.Tensor, prefix: _Prefix) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention half of layer ``index`` at the last position, for rows ``x`` ``(P, M, D)``.
 
-    Args:
-        patch: ``(mask (M,), values (P, M, hs))``: rows in ``mask`` get their own head
-            (row ``m`` patches head ``m % heads``) replaced by ``values`` at this layer.
+    Returns the decoder layer's input (after the gated cross-attention) and the heads'
+    outputs ``(P, M, heads * hs)`` (the per-head site).
     """
     layer = adapter._layers[index]
     block = layer.gated_cross_attn_layer
@@ -116,44 +144,64 @@ def _layer(adapter, index: int, x: torch.Tensor, prefix: _Prefix, patch: tuple[t
     own = (q * k).sum(-1, keepdim=True) * attention.scaling
     weights = torch.cat([scores, own], dim=-1).softmax(dim=-1, dtype=torch.float32).to(q.dtype)
     heads_out = torch.einsum("pmhs,phsd->pmhd", weights[..., :-1], prefix.values[index]) + weights[..., -1:] * v
-    if patch is not None:
-        mask, values = patch
-        rows = mask.nonzero().flatten()
-        heads_out[:, rows, rows % heads] = values[:, rows].to(heads_out.dtype)
-    attn_out = attention.dense(heads_out.reshape(*x.shape[:2], heads * size))
+    return x, heads_out.reshape(*x.shape[:2], heads * size)
+
+
+def _finish(adapter, index: int, x: torch.Tensor, heads_out: torch.Tensor) -> torch.Tensor:
+    """The rest of layer ``index``: output projection, residual and MLP, from the decoder
+    layer's input ``x`` and the heads' outputs."""
+    decoder = adapter._layers[index].decoder_layer
+    attn_out = decoder.attention.dense(heads_out)
     if decoder.use_parallel_residual:
         return decoder.mlp(decoder.post_attention_layernorm(x)) + attn_out + x
     attn_out = attn_out + x
     return decoder.mlp(decoder.post_attention_layernorm(attn_out)) + attn_out
 
 
+def _layer(adapter, index: int, x: torch.Tensor, prefix: _Prefix) -> torch.Tensor:
+    """Layer ``index`` at the last position for rows ``x`` ``(P, M, D)``."""
+    return _finish(adapter, index, *_attend(adapter, index, x, prefix))
+
+
 @torch.no_grad()
 def single_head_patch_logits(adapter, batch, values: torch.Tensor, answers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Answer probabilities unpatched ``(P,)`` and with each single head patched ``(P, L, H)``.
+    """Answer probabilities of a per-layer baseline ``(P, L)`` and with each single head
+    patched ``(P, L, H)``.
+
+    Rows joining at layer ``l`` (``H`` patched, one baseline) all start from the full
+    forward's layer-``l`` state: its decoder input and its heads' outputs (what the reference
+    loop's patch hook sees), with head ``h`` replaced in row ``h``. Baseline and patched rows
+    then run the same computation in the same batch, so a patch that writes a head's own
+    activation gives exactly the baseline, in every dtype.
 
     Args:
         values: ``(P, L, H, head_dim)``: the activation written into head ``(l, h)`` of prompt ``p``.
         answers: ``(P,)`` answer token ids.
     """
     batch = batch.to(adapter.device)
-    prefix = _prefill(adapter, batch)
+    prefix = _prefill(adapter, batch, record=True)
     lang = adapter.model.lang_encoder
     num_prompts, num_layers, heads = values.shape[:3]
     values = values.to(adapter.device, adapter.dtype)
+    slots = torch.arange(heads, device=adapter.device)
     rows = None
     for index in range(num_layers):
-        joining = prefix.inputs[index][:, None].expand(num_prompts, heads, -1)
-        rows = joining if rows is None else torch.cat([rows, joining], dim=1)
-        mask = torch.zeros(rows.shape[1], dtype=torch.bool, device=adapter.device)
-        mask[-heads:] = True
-        padded = torch.zeros(num_prompts, rows.shape[1], values.shape[-1], dtype=values.dtype, device=adapter.device)
-        padded[:, -heads:] = values[:, index]
-        rows = _layer(adapter, index, rows, prefix, (mask, padded))
-    logits = lang.get_output_embeddings()(lang.gpt_neox.final_layer_norm(rows))  # (P, L*H, vocab)
+        # H + 1 rows join: row h patches head h, row H is the layer's baseline.
+        joining_heads = prefix.heads[index].reshape(num_prompts, 1, heads, -1).repeat(1, heads + 1, 1, 1)
+        joining_heads[:, slots, slots] = values[:, index]
+        joining_heads = joining_heads.reshape(num_prompts, heads + 1, -1)
+        joining_x = prefix.decoder_inputs[index][:, None].expand(num_prompts, heads + 1, -1)
+        if rows is None:
+            x, heads_out = joining_x, joining_heads
+        else:
+            x, heads_out = _attend(adapter, index, rows, prefix)
+            x, heads_out = torch.cat([x, joining_x], dim=1), torch.cat([heads_out, joining_heads], dim=1)
+        rows = _finish(adapter, index, x, heads_out)
+    logits = lang.get_output_embeddings()(lang.gpt_neox.final_layer_norm(rows))  # (P, L*(H+1), vocab)
     answers = answers.to(adapter.device)
-    patched = logits.float().softmax(-1).gather(-1, answers[:, None, None].expand(-1, logits.shape[1], 1))[..., 0]
-    base = prefix.base_logits.float().softmax(-1).gather(-1, answers[:, None])[:, 0]
-    return base.cpu(), patched.reshape(num_prompts, num_layers, heads).cpu()
+    probabilities = logits.float().softmax(-1).gather(-1, answers[:, None, None].expand(-1, logits.shape[1], 1))[..., 0]
+    probabilities = probabilities.reshape(num_prompts, num_layers, heads + 1).cpu()
+    return probabilities[..., heads], probabilities[..., :heads]
 
 
 def prefix_of(adapter, batch) -> _Prefix | None:
@@ -181,7 +229,7 @@ def steered_logits(adapter, batch, vectors: torch.Tensor, layer: int | list[int]
     dtype = prefix.inputs[0].dtype
     x = (prefix.inputs[layers[0] + 1] + vectors[:, 0].to(dtype))[:, None]
     for index in range(layers[0] + 1, adapter.num_layers):
-        x = _layer(adapter, index, x, prefix, None)
+        x = _layer(adapter, index, x, prefix)
         if index in layers:
             x = x + vectors[:, layers.index(index)].to(dtype)[:, None]
     lang = adapter.model.lang_encoder
