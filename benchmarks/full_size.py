@@ -27,7 +27,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -52,32 +51,32 @@ class Stages:
         self.device = device
         self.rows: dict[str, dict] = {}
 
-    @contextmanager
-    def stage(self, name: str, count_flops: bool = True, **extra):
+    def run(self, name: str, fn, flops_fn=None, flops_scale: float = 1.0, count: bool = True, **extra):
+        """Times ``fn()`` (no FLOP counter active: its per-op overhead would slow the timed
+        run), then counts the matmul FLOPs of ``flops_fn()`` (default: ``fn``, run again,
+        untimed) times ``flops_scale``."""
         from torch.utils.flop_counter import FlopCounterMode
 
-        counter = FlopCounterMode(display=False) if count_flops else None
-        if self.device.startswith("cuda"):
-            torch.cuda.synchronize()
+        self._sync()
         wall, cpu = time.perf_counter(), time.process_time()
-        row = dict(extra)
-        if counter is not None:
+        result = fn()
+        self._sync()
+        row = dict(extra, wall_s=round(time.perf_counter() - wall, 3), cpu_s=round(time.process_time() - cpu, 3),
+                   peak_rss_gb=round(peak_rss_bytes() / 1e9, 2))
+        if count:
+            counter = FlopCounterMode(display=False)
             with counter:
-                yield row
-        else:
-            yield row
-        if self.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        row["wall_s"] = round(time.perf_counter() - wall, 3)
-        row["cpu_s"] = round(time.process_time() - cpu, 3)
-        if counter is not None:
-            flops = counter.get_total_flops()
-            row["flops"] = flops
-            row["tflop_per_s"] = round(flops / row["wall_s"] / 1e12, 3)
-        row["peak_rss_gb"] = round(peak_rss_bytes() / 1e9, 2)
+                (flops_fn or fn)()
+            row["flops"] = int(counter.get_total_flops() * flops_scale)
+            row["tflop_per_s"] = round(row["flops"] / row["wall_s"] / 1e12, 3)
         self.rows[name] = row
         print(f"{name:<22} {row['wall_s']:8.1f} s  " + "  ".join(
-            f"{k}={v}" for k, v in row.items() if k not in ("wall_s",)), flush=True)
+            f"{k}={v}" for k, v in row.items() if k != "wall_s"), flush=True)
+        return result
+
+    def _sync(self) -> None:
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
 
 
 def build(work: Path) -> None:
@@ -99,49 +98,57 @@ def rehearse(work: Path, device: str, prompts: int, aie_prompts: int, reference_
 
     stages = Stages(device)
     release = work / "release"
-    with stages.stage("load", count_flops=False) as row:
-        model = mfv.load("openflamingo", release=RELEASE, checkpoint_path=str(release / "checkpoint.pt"),
-                         language_model_path=str(release / "language_model"),
-                         clip_weights_path=str(release / "open_clip_pytorch_model.bin"), dtype="bfloat16",
-                         device=device)
-        weights = sum(p.numel() * p.element_size() for p in model.model.parameters())
-        row["parameters"] = sum(p.numel() for p in model.model.parameters())
-        row["weight_bytes"] = weights
-    stages.rows["load"]["peak_over_weights"] = round(peak_rss_bytes() / weights, 3)
-
     data = work / "data"
-    if not (data / "eval").is_dir() or not (data / "train").is_dir():
-        generate_split(data / "eval", "eval", 16, image_size=224, workers=1, progress=False)
-        generate_split(data / "train", "train", 2 * batch, image_size=224, workers=1, progress=False)
-    eval_sampler = EpisodeSampler(read_scenes(data / "eval"), RELATIONS, shots=4, seed=0)
-    train_sampler = EpisodeSampler(read_scenes(data / "train"), RELATIONS, shots=0, seed=0)
+    eval_sampler = EpisodeSampler(read_scenes(generate_split(data, "eval", 16, image_size=224, workers=1,
+                                                             progress=False)), RELATIONS, shots=4, seed=0)
+    train_sampler = EpisodeSampler(read_scenes(generate_split(data, "train", 2 * batch, image_size=224, workers=1,
+                                                              progress=False)), RELATIONS, shots=0, seed=0)
+    def load():
+        return mfv.load("openflamingo", release=RELEASE, checkpoint_path=str(release / "checkpoint.pt"),
+                        language_model_path=str(release / "language_model"),
+                        clip_weights_path=str(release / "open_clip_pytorch_model.bin"), dtype="bfloat16",
+                        device=device)
+
+    model = stages.run("load", load, count=False)
+    weights = sum(p.numel() * p.element_size() for p in model.model.parameters())
+    stages.rows["load"].update(parameters=sum(p.numel() for p in model.model.parameters()), weight_bytes=weights,
+                               peak_over_weights=round(peak_rss_bytes() / weights, 3))
 
     clean = encode_episodes(model, [eval_sampler.episode(i, "clean") for i in range(prompts)], RELATIONS)
-    with stages.stage("means", prompts=prompts):
-        means = mean_head_activations(model, [clean], len(RELATIONS), progress=False).means
+    means = stages.run("means", lambda: mean_head_activations(model, [clean], len(RELATIONS), progress=False).means,
+                       prompts=prompts, batch=prompts)
     corrupted = [encode_episodes(model, [eval_sampler.episode(i, "corrupted")], RELATIONS) for i in range(aie_prompts)]
     heads_total = model.num_layers * model.num_heads
-    with stages.stage("aie_fast", prompts=aie_prompts, heads=heads_total):
-        aie = torch.stack([indirect_effects(model, one, means, "fast")[0] for one in corrupted]).mean(0)
+    aie = stages.run("aie_fast", lambda: torch.stack([indirect_effects(model, one, means, "fast")[0]
+                                                      for one in corrupted]).mean(0),
+                     flops_fn=lambda: indirect_effects(model, corrupted[0], means, "fast"), flops_scale=aie_prompts,
+                     prompts=aie_prompts, heads=heads_total)
     stages.rows["aie_fast"]["wall_s_per_prompt"] = round(stages.rows["aie_fast"]["wall_s"] / aie_prompts, 3)
+
     # The reference loop: one full forward per head (a patch hook on it); a few heads timed,
     # extrapolated to all heads plus the unpatched forward.
     last = model.num_layers - 1
-    with stages.stage("aie_reference_sample", heads=reference_heads), torch.no_grad():
-        start = time.perf_counter()
-        for head in range(reference_heads):
+
+    @torch.no_grad()
+    def reference(heads: int) -> None:
+        for head in range(heads):
             patch = HeadPatch(torch.tensor([0]), torch.tensor([last]), torch.tensor([head]), means[0, last, head][None])
             with patch_heads(model, patch):
                 model.forward(corrupted[0].prompts)
-        per_forward = (time.perf_counter() - start) / reference_heads
+
+    stages.run("aie_reference_sample", lambda: reference(reference_heads), flops_fn=lambda: reference(1),
+               flops_scale=reference_heads, heads=reference_heads)
     row = stages.rows["aie_reference_sample"]
+    per_forward = row["wall_s"] / reference_heads
     row["wall_s_per_forward"] = round(per_forward, 3)
     row["extrapolated_wall_s_per_prompt"] = round(per_forward * (heads_total + 1), 1)
-    row["extrapolated_flops_per_prompt"] = row["flops"] / reference_heads * (heads_total + 1)
+    row["extrapolated_flops_per_prompt"] = int(row["flops"] / reference_heads * (heads_total + 1))
 
-    with stages.stage("extraction", k=k, layer=layer):
+    def extraction():
         heads = top_heads(aie, k)
-        vectors = torch.stack([build_function_vector(model, means[r], heads) for r in range(len(RELATIONS))])
+        return torch.stack([build_function_vector(model, means[r], heads) for r in range(len(RELATIONS))])
+
+    vectors = stages.run("extraction", extraction, k=k, layer=layer)
 
     train = [train_sampler.episode(i, "zero_shot") for i in range(2 * batch)]
     store: dict = {}
@@ -149,6 +156,7 @@ def rehearse(work: Path, device: str, prompts: int, aie_prompts: int, reference_
         model.forward(encode_episodes(model, train, RELATIONS).prompts)
 
     def fine_tune(batch_size: int, steps: int) -> None:
+        """The training step of FunctionVectorModule: reuse context, steered last position, CE, Adam."""
         fvs = torch.nn.Parameter(vectors.clone().float())
         optimizer = torch.optim.Adam([fvs], lr=1e-3)
         for step in range(steps):
@@ -162,20 +170,24 @@ def rehearse(work: Path, device: str, prompts: int, aie_prompts: int, reference_
             optimizer.step()
 
     samples = 2 * batch
-    with stages.stage("finetune_batch_1", samples=samples, batch=1):
-        fine_tune(1, samples)
-    with stages.stage(f"finetune_batch_{batch}", samples=samples, batch=batch):
-        fine_tune(batch, 2)
-    for name in ("finetune_batch_1", f"finetune_batch_{batch}"):
+    for size in (1, batch):
+        name = f"finetune_batch_{size}"
+        stages.run(name, lambda: fine_tune(size, samples // size), flops_fn=lambda: fine_tune(size, 1),
+                   flops_scale=samples // size, samples=samples, batch=size)
         stages.rows[name]["samples_per_s"] = round(samples / stages.rows[name]["wall_s"], 3)
     ratio = stages.rows[f"finetune_batch_{batch}"]["samples_per_s"] / stages.rows["finetune_batch_1"]["samples_per_s"]
 
     test = encode_episodes(model, [train_sampler.episode(i, "zero_shot") for i in range(batch)], RELATIONS)
-    with stages.stage("evaluate_zero_shot", prompts=batch), torch.no_grad():
-        model.forward(test.prompts)
-    with stages.stage("evaluate_zero_shot_fv", prompts=batch), torch.no_grad():
+
+    @torch.no_grad()
+    def evaluate(steered: bool) -> None:
+        if not steered:
+            return model.forward(test.prompts)
         with add_to_residual(model, layer, vectors[test.relation_ids]):
-            model.forward(test.prompts)
+            return model.forward(test.prompts)
+
+    stages.run("evaluate_zero_shot", lambda: evaluate(False), prompts=batch, batch=batch)
+    stages.run("evaluate_zero_shot_fv", lambda: evaluate(True), prompts=batch, batch=batch)
 
     return {
         "release": RELEASE, "device": device, "dtype": "bfloat16", "torch_threads": torch.get_num_threads(),
@@ -188,9 +200,33 @@ def rehearse(work: Path, device: str, prompts: int, aie_prompts: int, reference_
     }
 
 
+def markdown_table(result: dict) -> str:
+    """The README's table of a rehearsal JSON."""
+    lines = ["| stage | wall s | CPU s | TFLOP | TFLOP/s | peak RSS GB | notes |", "|---|---|---|---|---|---|---|"]
+    for name, row in result["stages"].items():
+        notes = []
+        if name == "load":
+            notes.append(f"{row['parameters'] / 1e9:.2f} B parameters, {row['weight_bytes'] / 1e9:.2f} GB; "
+                         f"peak / weights {row['peak_over_weights']}x")
+        if name == "aie_fast":
+            notes.append(f"{row['wall_s_per_prompt']} s per prompt over {row['heads']} heads")
+        if name == "aie_reference_sample":
+            notes.append(f"{row['wall_s_per_forward']} s per forward; {row['extrapolated_wall_s_per_prompt']} s "
+                         f"per prompt extrapolated ({row['extrapolated_flops_per_prompt'] / 1e12:.0f} TFLOP)")
+        if "samples_per_s" in row:
+            notes.append(f"{row['samples_per_s']} samples/s")
+        if "prompts" in row and name.startswith(("means", "evaluate")):
+            notes.append(f"{row['prompts']} prompts")
+        flops = f"{row['flops'] / 1e12:.2f}" if "flops" in row else ""
+        rate = row.get("tflop_per_s", "")
+        lines.append(f"| {name} | {row['wall_s']} | {row['cpu_s']} | {flops} | {rate} | {row['peak_rss_gb']} | "
+                     f"{'; '.join(notes)} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--work", required=True, help="folder for the release files (~12 GB) and data")
+    parser.add_argument("--work", help="folder for the release files (~12 GB) and data")
     parser.add_argument("--json", default="runs/bench/full_size.json")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--prompts", type=int, default=4, help="clean 4-shot prompts for the means")
@@ -199,8 +235,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16, help="the batched recipe's batch (configs/finetune_batched.yaml)")
     parser.add_argument("--layer", type=int, default=18)
     parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--table", help="print the markdown table of a rehearsal JSON and exit")
     parser.add_argument("--stage", choices=["all", "build", "run"], default="all", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.table:
+        return print(markdown_table(json.loads(Path(args.table).read_text())))
+    if not args.work:
+        parser.error("--work is required")
     work = Path(args.work)
     if args.stage == "build":
         return build(work)

@@ -157,3 +157,21 @@ def head_output_contributions(adapter: BackboneAdapter, layer: int, activations:
     weight = adapter.output_projection(layer)  # (hidden, heads*head_dim)
     per_head = weight.reshape(weight.shape[0], adapter.num_heads, adapter.head_dim)
     return torch.einsum("...hd,ohd->...ho", activations.to(per_head.dtype), per_head)
+
+
+def _contiguous_input(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    return (args[0].contiguous(), *args[1:])
+
+
+def keep_input_contiguous(module: torch.nn.Module) -> torch.utils.hooks.RemovableHandle:
+    """Makes ``module``'s input contiguous before it runs: the one hook that stays installed.
+
+    Why: transformers computes last-position logits on ``hidden[:, -1:]``, a non-contiguous
+    ``(B, 1, D)`` view when ``B > 1``, and on such an input ``F.linear`` expands the weight to
+    ``(B, D, vocab)`` and copies it (``matmul`` -> ``bmm``): at OpenFlamingo-4B's 50280 x 2560
+    head that is B copies of 257 MB and 10 s per batch of 16 on a CPU, against 25 ms for the
+    same product on a contiguous input. The adapter installs it on the output embeddings when
+    it is built and it never changes a value.
+    """
+    return module.register_forward_pre_hook(_contiguous_input)
+

@@ -96,8 +96,15 @@ def test_the_base_release_loads_every_weight_from_its_file(base_release):
 
 
 def test_device_option_places_the_model(base_release):
-    adapter = _load(base_release, device="cpu")
+    import mfv
+
+    adapter = mfv.load("openflamingo", device="cpu", release="openflamingo-4b",
+                       checkpoint_path=str(base_release.checkpoint), language_model_path=str(base_release.language_model),
+                       clip_weights_path=str(base_release.clip_weights), clip_model=CLIP)
     assert {p.device.type for p in adapter.model.parameters()} == {"cpu"}
+    assert {b.device.type for b in adapter.model.buffers()} == {"cpu"}
+    tiny = mfv.load("openflamingo-random", device="meta")  # builders without the option are moved after
+    assert {p.device.type for p in tiny.model.parameters()} == {"meta"}
     with pytest.raises(ConfigError, match="device"):
         _load(base_release, device="nowhere")
 

@@ -17,6 +17,7 @@ from torch import nn
 
 from mfv.compat import offline_hub
 from mfv.errors import ConfigError, MissingWeightsError
+from mfv.hooks import keep_input_contiguous
 from mfv.models.base import BackboneAdapter, Example, PrefixState, Prompt, PromptBatch
 
 # The authors' system message and pixel budget (min = max: every image gets the same token count).
@@ -50,6 +51,8 @@ class Qwen3VLAdapter(BackboneAdapter):
         self.backbone_id = backbone_id
         self.system_prompt = system_prompt
         self.text_config = model.config.text_config
+        # Batched last-position logits without a copy of the head's weight per row (see the hook).
+        self._head_hook = keep_input_contiguous(model.get_output_embeddings())
 
     @property
     def num_layers(self) -> int:

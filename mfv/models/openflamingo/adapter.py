@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from mfv.compat import ensure_torchvision
+from mfv.hooks import keep_input_contiguous
 from mfv.models.base import BackboneAdapter, Example, PrefixState, Prompt, PromptBatch
 
 IMAGE_TOKEN = "<image>"
@@ -153,6 +154,8 @@ class OpenFlamingoAdapter(BackboneAdapter):
         self.backbone_id = backbone_id
         self.tiny_config = tiny_config
         self._vision_cache: dict[bytes, torch.Tensor] | None = None
+        # Batched last-position logits without a copy of the head's weight per row (see the hook).
+        self._head_hook = keep_input_contiguous(model.lang_encoder.get_output_embeddings())
         config = model.lang_encoder.config
         self._num_heads = int(getattr(config, self.family.heads_key))
         self._hidden = int(getattr(config, self.family.hidden_key))
