@@ -62,6 +62,25 @@ def record_heads(adapter: BackboneAdapter, layers: Sequence[int] | None = None) 
             handle.remove()
 
 
+@contextmanager
+def record_last_inputs(modules: Sequence[torch.nn.Module]) -> Iterator[list[torch.Tensor | None]]:
+    """The last-position input ``(B, width)`` of each module, from the latest forward inside the context."""
+    recorded: list[torch.Tensor | None] = [None] * len(modules)
+
+    def make_hook(index: int):
+        def hook(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+            recorded[index] = args[0][:, -1].detach()
+
+        return hook
+
+    handles = [module.register_forward_pre_hook(make_hook(index)) for index, module in enumerate(modules)]
+    try:
+        yield recorded
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 @dataclass(frozen=True)
 class HeadPatch:
     """Replacements of last-token head outputs, one per entry, possibly many per row.

@@ -84,8 +84,8 @@ def _iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 class _LazyStorage:
-    def __init__(self, record: str, dtype: torch.dtype, numel: int) -> None:
-        self.record, self.dtype, self.numel = record, dtype, numel
+    def __init__(self, record: str, dtype: torch.dtype) -> None:
+        self.record, self.dtype = record, dtype
 
 
 class _LazyTensor:
@@ -128,8 +128,8 @@ class _LazyUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"unsupported object {module}.{name} in a weights file")
 
     def persistent_load(self, pid: tuple) -> _LazyStorage:
-        _, storage_type, key, _location, numel = pid
-        return _LazyStorage(f"{self.prefix}/data/{key}", storage_type, numel)
+        _, storage_type, key, _location, _numel = pid
+        return _LazyStorage(f"{self.prefix}/data/{key}", storage_type)
 
 
 def _flatten(obj: Any, prefix: str = "") -> Iterator[tuple[str, _LazyTensor]]:

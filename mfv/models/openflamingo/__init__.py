@@ -9,7 +9,7 @@ from mfv.models.openflamingo.adapter import (
     OpenFlamingoAdapter,
     assemble_flamingo,
 )
-from mfv.models.openflamingo.releases import RELEASES, load_openflamingo, remap_checkpoint_keys
+from mfv.models.openflamingo.releases import RELEASES, load_openflamingo, remap_checkpoint_key
 from mfv.models.openflamingo.tiny import (
     TinyFlamingoConfig,
     build_tiny_openflamingo,
@@ -21,5 +21,5 @@ from mfv.models.openflamingo.tiny import (
 __all__ = [
     "CLIP_MEAN", "CLIP_STD", "END_OF_CHUNK", "IMAGE_TOKEN", "LANGUAGE_FAMILIES", "OpenFlamingoAdapter",
     "RELEASES", "TinyFlamingoConfig", "assemble_flamingo", "build_tiny_openflamingo", "load_openflamingo",
-    "load_tiny_openflamingo", "random_openflamingo", "remap_checkpoint_keys", "save_tiny_openflamingo",
+    "load_tiny_openflamingo", "random_openflamingo", "remap_checkpoint_key", "save_tiny_openflamingo",
 ]

@@ -20,12 +20,13 @@ Equal to the reference loop to float rounding (contract test).
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 from einops import rearrange
+
+from mfv.hooks import record_last_inputs
 
 
 @dataclass
@@ -51,36 +52,14 @@ def supports(adapter) -> bool:
     return all(block.attn.only_attend_immediate_media for block in blocks)
 
 
-@contextmanager
-def _record_last_position(adapter) -> Iterator[tuple[list, list]]:
-    """Records every layer's last-position head outputs and decoder-layer input."""
-    heads: list = [None] * adapter.num_layers
-    decoder_inputs: list = [None] * adapter.num_layers
-
-    def make_hook(store: list, layer: int):
-        def hook(module, args):
-            store[layer] = args[0][:, -1].detach()
-        return hook
-
-    handles = []
-    try:
-        for index, layer in enumerate(adapter._layers):
-            handles.append(adapter.head_site(index).register_forward_pre_hook(make_hook(heads, index)))
-            handles.append(layer.decoder_layer.register_forward_pre_hook(make_hook(decoder_inputs, index)))
-        yield heads, decoder_inputs
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 def _prefill(adapter, batch, record: bool = False) -> _Prefix:
     from transformers import DynamicCache
 
     lang = adapter.model.lang_encoder
     kwargs = adapter._lm_kwargs(batch.input_ids, batch.attention_mask)
-    with adapter._conditioned(batch.pixel_values), _record_last_position(adapter) as (heads, decoder_inputs):
-        if not record:
-            heads = decoder_inputs = None
+    # Recording (fast AIE only) hooks the per-head sites and decoder-layer inputs; steering skips it.
+    sites = [adapter.head_site(i) for i in range(adapter.num_layers)] + [l.decoder_layer for l in adapter._layers]
+    with adapter._conditioned(batch.pixel_values), (record_last_inputs(sites) if record else nullcontext()) as recorded:
         first = adapter._layers[0]
         latents = first.vis_x
         out = lang(**kwargs, past_key_values=DynamicCache(), use_cache=True, output_hidden_states=True,
@@ -106,6 +85,8 @@ def _prefill(adapter, batch, record: bool = False) -> _Prefix:
             k, v = block.attn.to_kv(query_latents).chunk(2, dim=-1)
             image_kv[index] = (rearrange(k, "p n (h d) -> p h n d", h=block.attn.heads),
                                rearrange(v, "p n (h d) -> p h n d", h=block.attn.heads))
+    heads = recorded[:num_layers] if record else None
+    decoder_inputs = recorded[num_layers:] if record else None
     return _Prefix(inputs, keys, values, mask, cos[:, None], sin[:, None], image_kv, out.logits[:, -1],
                    heads, decoder_inputs)
 

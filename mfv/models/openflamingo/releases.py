@@ -99,13 +99,6 @@ def remap_checkpoint_key(key: str, model_keys: set[str]) -> str:
     return key
 
 
-def remap_checkpoint_keys(state: dict[str, torch.Tensor], model_keys: set[str]) -> dict[str, torch.Tensor]:
-    """:func:`remap_checkpoint_key` over a whole state dict."""
-    if "model_state_dict" in state:
-        state = state["model_state_dict"]
-    return {remap_checkpoint_key(key, model_keys): value for key, value in state.items()}
-
-
 def _resolve_hf_file(repo: str, filenames: Iterable[str], cache_dir: str | None) -> str | None:
     from huggingface_hub import hf_hub_download
 
@@ -268,39 +261,11 @@ def load_openflamingo(
     spec = RELEASES[release]
     torch_dtype = getattr(torch, dtype)
 
-    ensure_torchvision()
-    import open_clip
-    from open_clip.model import _build_vision_tower
-    from open_clip.transform import image_transform
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    clip_config = open_clip.get_model_config(clip_model)
-    if clip_config is None:
-        raise ConfigError(f"unknown open_clip model {clip_model!r} (model.backbone_options.clip_model)")
-    try:
-        with offline_hub():
-            tokenizer = AutoTokenizer.from_pretrained(str(files.language_model), local_files_only=True)
-            lm_config = AutoConfig.from_pretrained(str(files.language_model), local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise MissingWeightsError(f"{files.language_model}: no readable tokenizer or config.json of "
-                                  f"{spec.language_model} ({exc})") from exc
-
-    with empty_parameters():
-        vision = nn.Module()
-        vision.visual = _build_vision_tower(clip_config["embed_dim"], clip_config["vision_cfg"],
-                                            quick_gelu=clip_config.get("quick_gelu", False))
-        lang = AutoModelForCausalLM.from_config(lm_config, dtype=torch_dtype)
-    # OpenFlamingo was trained with the final LayerNorm applied after pooling.
-    vision.visual.final_ln_after_pool = True
+    vision, lang, tokenizer, clip_config = _skeletons(files, spec, clip_model, torch_dtype)
     family = spec.family
 
-    superseded = _embedding_keys(lang)  # checkpoint.pt carries both, at len(tokenizer) rows
-
-    def lm_key(key: str, keys: set[str]) -> str | None:
-        name = remap_checkpoint_key(key, keys)
-        if name in superseded or (name not in keys and name.endswith(HARMLESS_BUFFER_SUFFIXES)):
-            return None
-        return name
+    # checkpoint.pt carries both embeddings, at len(tokenizer) rows: the folder's are not used.
+    lm_key = _renamer(skip=_embedding_keys(lang))
 
     unexpected = _stream(lang, weight_files(files.language_model), torch_dtype, target_device, lm_key,
                          "language model")
@@ -321,34 +286,47 @@ def load_openflamingo(
         model = assemble_flamingo(vision, lang, tokenizer, clip_config["vision_cfg"]["width"], family,
                                   spec.cross_attn_every_n_layers)
 
-    def checkpoint_key(key: str, keys: set[str]) -> str | None:
-        name = remap_checkpoint_key(key, keys)
-        if name not in keys and name.endswith(HARMLESS_BUFFER_SUFFIXES):
-            return None
-        return name
-
-    unexpected = _stream(model, [files.checkpoint], torch_dtype, target_device, checkpoint_key, "checkpoint")
+    unexpected = _stream(model, [files.checkpoint], torch_dtype, target_device, _renamer(), "checkpoint")
     if unexpected:
         raise MissingWeightsError(f"{files.checkpoint} does not match {release}: unexpected keys {unexpected[:5]}; "
                                   f"is it the checkpoint of another release?")
     missing = unloaded(model)
     if missing:
-        from_checkpoint = [k for k in missing if not k.startswith("vision_encoder.") and not _is_lm_layer(k)]
-        parts = []
-        if from_checkpoint:
-            parts.append(f"{files.checkpoint} lacks {_describe_missing(from_checkpoint)}")
-        if any(_is_lm_layer(k) for k in missing):
-            parts.append(f"{files.language_model} lacks {_describe_missing([k for k in missing if _is_lm_layer(k)])}")
-        if any(k.startswith("vision_encoder.") for k in missing):
-            parts.append(f"{files.clip_weights} lacks {_describe_missing([k for k in missing if k.startswith('vision_encoder.')])}")
-        raise MissingWeightsError(f"{release}: weights missing, they would stay at a random init: {'; '.join(parts)}. "
-                                  f"Each published release provides them: re-download the incomplete file.")
+        raise _missing_error(release, files, missing)
     model.to(target_device)  # the buffers; every parameter is already there
-    image_size = clip_config["vision_cfg"]["image_size"]
-    preprocess = image_transform(image_size, is_train=False)
+    from open_clip.transform import image_transform
+
+    preprocess = image_transform(clip_config["vision_cfg"]["image_size"], is_train=False)
     adapter = OpenFlamingoAdapter(model, tokenizer, preprocess, family, release)
     adapter.freeze()
     return adapter
+
+
+def _skeletons(files: ReleaseFiles, spec: Release, clip_model: str, dtype: torch.dtype):
+    """The vision tower and language model with parameters on meta, the tokenizer, the CLIP config."""
+    ensure_torchvision()
+    import open_clip
+    from open_clip.model import _build_vision_tower
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    clip_config = open_clip.get_model_config(clip_model)
+    if clip_config is None:
+        raise ConfigError(f"unknown open_clip model {clip_model!r} (model.backbone_options.clip_model)")
+    try:
+        with offline_hub():
+            tokenizer = AutoTokenizer.from_pretrained(str(files.language_model), local_files_only=True)
+            lm_config = AutoConfig.from_pretrained(str(files.language_model), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise MissingWeightsError(f"{files.language_model}: no readable tokenizer or config.json of "
+                                  f"{spec.language_model} ({exc})") from exc
+    with empty_parameters():
+        vision = nn.Module()
+        vision.visual = _build_vision_tower(clip_config["embed_dim"], clip_config["vision_cfg"],
+                                            quick_gelu=clip_config.get("quick_gelu", False))
+        lang = AutoModelForCausalLM.from_config(lm_config, dtype=dtype)
+    # OpenFlamingo was trained with the final LayerNorm applied after pooling.
+    vision.visual.final_ln_after_pool = True
+    return vision, lang, tokenizer, clip_config
 
 
 def _embedding_keys(lang: nn.Module) -> set[str]:
@@ -356,7 +334,32 @@ def _embedding_keys(lang: nn.Module) -> set[str]:
     return {f"{names[id(lang.get_input_embeddings())]}.weight", f"{names[id(lang.get_output_embeddings())]}.weight"}
 
 
-def _is_lm_layer(key: str) -> bool:
-    """Whether a Flamingo key comes from the language-model folder (not checkpoint.pt)."""
+def _renamer(skip: set[str] = frozenset()):
+    """Maps a file's key to the model's (:func:`remap_checkpoint_key`); ``None`` drops it:
+    keys in ``skip`` and the harmless buffers of older transformers the model does not have."""
+
+    def rename(key: str, keys: set[str]) -> str | None:
+        name = remap_checkpoint_key(key, keys)
+        if name in skip or (name not in keys and name.endswith(HARMLESS_BUFFER_SUFFIXES)):
+            return None
+        return name
+
+    return rename
+
+
+def _source_of(key: str, files: ReleaseFiles) -> Path:
+    """The file that provides a Flamingo parameter."""
+    if key.startswith("vision_encoder."):
+        return files.clip_weights
     from_checkpoint = ("gated_cross_attn" in key) or ("embed" in key) or ("lm_head" in key)
-    return key.startswith("lang_encoder.") and not from_checkpoint
+    return files.language_model if key.startswith("lang_encoder.") and not from_checkpoint else files.checkpoint
+
+
+def _missing_error(release: str, files: ReleaseFiles, missing: list[str]) -> MissingWeightsError:
+    """One line naming every missing group and the file that should hold it."""
+    by_file: dict[Path, list[str]] = {}
+    for key in missing:
+        by_file.setdefault(_source_of(key, files), []).append(key)
+    parts = "; ".join(f"{path} lacks {_describe_missing(keys)}" for path, keys in by_file.items())
+    return MissingWeightsError(f"{release}: weights missing, they would stay at a random init: {parts}. "
+                               f"Each published release provides them: re-download the incomplete file.")
