@@ -10,7 +10,11 @@ placed above or below are rotated. Image ``i`` gets relation ``i mod 4``.
 
 Usage::
 
-    python -m mfv.data.synthetic --out data/synthetic --split eval --num-images 4000
+    mfv generate-synthetic --out data/synthetic --split eval --num_images 4000
+    python -m mfv.data.synthetic --out data/synthetic --split novel --num_images 1000 --image_size 224
+
+To generate exactly the splits a config's DataModule reads, use
+``mfv prepare-data --config configs/toy.yaml``.
 """
 
 from __future__ import annotations
@@ -140,7 +144,7 @@ def layout_scene(spec: SceneSpec, index: int) -> tuple[Image.Image, list[dict]]:
         return canvas, records
     raise DataError(
         f"could not lay out scene {index} of split {spec.split} at image size {size}: the canvas is too "
-        f"small for the objects; use a larger --image-size"
+        f"small for the objects; use a larger --image_size"
     )
 
 
@@ -263,34 +267,12 @@ def generate_split(
     Raises:
         DataError: unknown split, canvas too small, or a bad objects folder.
     """
-    if split not in SPLITS:
-        raise DataError(f"unknown split {split!r}; valid: {list(SPLITS)}")
-    if image_size < MIN_IMAGE_SIZE:
-        raise DataError(
-            f"image size {image_size} is too small for the layout (anchor, neighbours and a distractor "
-            f"300/800 of the canvas away); use at least {MIN_IMAGE_SIZE}"
-        )
-    if num_images < 1:
-        raise DataError(f"--num-images must be positive, got {num_images}")
+    _check_split_settings(split, num_images, image_size)
     spec = SceneSpec(split, image_size, seed, load_library(objects, split))
     split_dir = Path(out) / split
     image_dir = split_dir / "images"
     image_dir.mkdir(parents=True, exist_ok=True)
-    workers = workers or min(os.cpu_count() or 1, 8)
-    chunk = max(1, min(50, num_images // (workers * 4) or 1))
-    jobs = [(spec, str(image_dir), list(range(i, min(i + chunk, num_images)))) for i in range(0, num_images, chunk)]
-    rows: list[dict] = []
-    bar = tqdm(total=num_images, desc=f"{split} scenes", disable=not progress, unit="img")
-    if workers == 1:
-        for job in jobs:
-            rows.extend(_generate_chunk(job))
-            bar.update(len(job[2]))
-    else:
-        with ProcessPoolExecutor(workers, mp_context=get_context("fork")) as pool:
-            for job, result in zip(jobs, pool.map(_generate_chunk, jobs)):
-                rows.extend(result)
-                bar.update(len(job[2]))
-    bar.close()
+    rows = _draw_scenes(spec, image_dir, num_images, workers or min(os.cpu_count() or 1, 8), progress)
     table = pd.DataFrame(rows).sort_values(["image_id", "role"], kind="stable").reset_index(drop=True)
     table.to_parquet(split_dir / "metadata.parquet", index=False)
     meta = {
@@ -304,6 +286,55 @@ def generate_split(
     }
     (split_dir / "meta.json").write_text(json.dumps(meta, indent=2))
     return split_dir
+
+
+def _check_split_settings(split: str, num_images: int, image_size: int) -> None:
+    """Stops before any work on settings no split can be generated with.
+
+    Raises:
+        DataError: unknown split, a canvas too small for the layout, or no image asked for.
+    """
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; valid: {list(SPLITS)}")
+    if image_size < MIN_IMAGE_SIZE:
+        raise DataError(
+            f"image size {image_size} is too small for the layout (anchor, neighbours and a distractor "
+            f"300/800 of the canvas away); use at least {MIN_IMAGE_SIZE}"
+        )
+    if num_images < 1:
+        raise DataError(f"--num_images must be positive, got {num_images}")
+
+
+def _draw_scenes(spec: SceneSpec, image_dir: Path, num_images: int, workers: int, progress: bool) -> list[dict]:
+    """Draws scenes ``0 .. num_images - 1`` into ``image_dir``; returns their object records.
+
+    Args:
+        spec: The split's settings.
+        image_dir: Folder the PNGs are written to.
+        num_images: Scenes to draw.
+        workers: Processes; 1 draws in this process.
+        progress: Show a progress bar.
+
+    Returns:
+        One row per object, scenes in index order (each scene depends only on its index, so
+        the rows and images are the same for any number of workers).
+    """
+    # About four chunks per worker (at most 50 scenes each) keep the workers evenly loaded.
+    chunk = max(1, min(50, num_images // (workers * 4) or 1))
+    jobs = [(spec, str(image_dir), list(range(i, min(i + chunk, num_images)))) for i in range(0, num_images, chunk)]
+    rows: list[dict] = []
+    bar = tqdm(total=num_images, desc=f"{spec.split} scenes", disable=not progress, unit="img")
+    if workers == 1:
+        for job in jobs:
+            rows.extend(_generate_chunk(job))
+            bar.update(len(job[2]))
+    else:
+        with ProcessPoolExecutor(workers, mp_context=get_context("fork")) as pool:
+            for job, result in zip(jobs, pool.map(_generate_chunk, jobs)):
+                rows.extend(result)
+                bar.update(len(job[2]))
+    bar.close()
+    return rows
 
 
 def main(argv: Sequence[str] | None = None) -> Path:

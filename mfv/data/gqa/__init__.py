@@ -1,4 +1,5 @@
-"""GQA relation set: preparation from scene graphs (:mod:`.prepare`) and episodes (:mod:`.datamodule`)."""
+"""GQA relation set: preparation from scene graphs (:mod:`mfv.data.gqa.prepare`, ``mfv prepare-gqa``)
+and episodes (:mod:`mfv.data.gqa.datamodule`)."""
 
 from mfv.data.gqa.datamodule import GQAEpisodeSampler, GQARelationDataModule, scenes_of
 from mfv.data.gqa.prepare import (

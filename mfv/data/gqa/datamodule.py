@@ -107,8 +107,14 @@ class GQAEpisodeSampler(EpisodeSampler):
 class GQARelationDataModule(RelationDataModule):
     """Batches of GQA relation episodes, images loaded lazily with the adapter's preprocessing.
 
+    ``mfv.GQAData`` is this class. ``dataset_dir`` is written beforehand by ``mfv prepare-gqa``
+    (= ``python -m mfv.data.gqa prepare``; lists are jsonargparse lists)::
+
+        mfv prepare-gqa --scene_graphs [train_sceneGraphs.json,val_sceneGraphs.json] \\
+            --images /path/to/gqa/images --relations [spatial] --out data/gqa
+
     Args:
-        dataset_dir: Output folder of ``python -m mfv.data.gqa prepare``.
+        dataset_dir: The ``--out`` folder of ``mfv prepare-gqa`` (holds ``dataset/``).
         relations: Relations to use (``spatial``, ``agentic`` or names).
         shots: Demonstrations per N-shot prompt.
         batch_size: Prompts per batch.

@@ -1,7 +1,12 @@
 """GQA preparation: scene-graph filtering and a relation-balanced, image-disjoint split.
 
-    python -m mfv.data.gqa prepare --scene-graphs train_sceneGraphs.json val_sceneGraphs.json \\
-        --images gqa/images --relations spatial --out data/gqa
+    mfv prepare-gqa --scene_graphs [train_sceneGraphs.json,val_sceneGraphs.json] \\
+        --images gqa/images --relations [spatial] --out data/gqa
+    python -m mfv.data.gqa prepare --scene_graphs [train_sceneGraphs.json] --images gqa/images \\
+        --relations [above,below] --out data/gqa_ab --settings.min_objects 2
+
+Lists are jsonargparse lists (``[a,b]``), each filter is ``--settings.<name>``
+(``mfv prepare-gqa --settings.help`` lists them), ``--split per_relation`` picks the other split.
 
 Scene graphs are read as a stream (one image entry at a time), so GQA's full train file
 (~75k images, hundreds of MB) prepares in bounded memory. Filters (each configurable):
@@ -25,7 +30,7 @@ import uuid
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Sequence, TextIO
 
 from mfv.errors import DataError
 from mfv.io import atomic_write_text
@@ -82,70 +87,110 @@ def resolve_relations(names: Sequence[str]) -> list[str]:
     return relations
 
 
+class _JsonObjectReader:
+    """A cursor over a JSON text read ``chunk_size`` characters at a time.
+
+    Only the unread tail of the text is kept in memory, so a file of hundreds of MB is
+    walked in bounded memory; values are decoded one at a time with ``raw_decode``.
+
+    Attributes:
+        buffer: The text read and not yet consumed (from ``position`` on).
+        position: Index of the next unread character in ``buffer``.
+        eof: Whether the file has been read to its end.
+    """
+
+    def __init__(self, handle: TextIO, path: Path, chunk_size: int) -> None:
+        self._handle = handle
+        self._path = path
+        self._chunk_size = chunk_size
+        self._decoder = json.JSONDecoder()
+        self.buffer = handle.read(chunk_size)
+        self.position = 0
+        self.eof = False
+
+    def _ensure(self, n: int) -> None:
+        """Reads on until ``n`` unread characters are buffered or the file ends."""
+        while not self.eof and len(self.buffer) - self.position < n:
+            more = self._handle.read(self._chunk_size)
+            if not more:
+                self.eof = True
+                break
+            self.buffer = self.buffer[self.position:] + more
+            self.position = 0
+
+    def peek(self) -> str | None:
+        """The next unread character, or ``None`` at the end of the buffered text."""
+        return self.buffer[self.position] if self.position < len(self.buffer) else None
+
+    def skip_space(self) -> None:
+        """Skips whitespace and commas (the separators between entries), reading on as needed."""
+        while True:
+            self._ensure(1)
+            while self.position < len(self.buffer) and self.buffer[self.position] in " \t\r\n,":
+                self.position += 1
+            if self.position < len(self.buffer) or self.eof:
+                return
+
+    def expect(self, char: str, problem: str) -> None:
+        """Consumes ``char``.
+
+        Raises:
+            DataError: the next character is not ``char``; the message is ``problem``.
+        """
+        if self.peek() != char:
+            raise DataError(f"{self._path}: {problem}")
+        self.position += 1
+
+    def decode(self) -> Any:
+        """Decodes the next JSON value, reading more text until it is whole.
+
+        Raises:
+            DataError: the value is malformed (or cut off by the end of the file).
+        """
+        while True:
+            try:
+                value, end = self._decoder.raw_decode(self.buffer, self.position)
+                # A number or literal may be cut at the buffer's end: make sure it is whole.
+                if end == len(self.buffer) and not self.eof:
+                    raise json.JSONDecodeError("partial", self.buffer, end)
+                self.position = end
+                return value
+            except json.JSONDecodeError as exc:
+                if self.eof:
+                    raise DataError(f"{self._path}: malformed JSON near character {exc.pos}: {exc.msg}") from exc
+                more = self._handle.read(self._chunk_size)
+                if not more:
+                    self.eof = True
+                self.buffer = self.buffer[self.position:] + more
+                self.position = 0
+
+
 def iter_scene_graphs(path: str | Path, chunk_size: int = 1 << 22) -> Iterator[tuple[str, Any]]:
-    """Streams ``(image_id, entry)`` pairs of a top-level JSON object without loading it whole."""
-    decoder = json.JSONDecoder()
+    """Streams ``(image_id, entry)`` pairs of a top-level JSON object without loading it whole.
+
+    Args:
+        path: A GQA scene-graph file (a JSON object keyed by image id).
+        chunk_size: Characters read at a time.
+
+    Raises:
+        DataError: the file is missing, not a JSON object, or malformed.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"scene-graph file {path} not found")
     with path.open("r", encoding="utf-8") as handle:
-        buffer = handle.read(chunk_size)
-        position = 0
-        eof = False
-
-        def ensure(n: int) -> None:
-            nonlocal buffer, position, eof
-            while not eof and len(buffer) - position < n:
-                more = handle.read(chunk_size)
-                if not more:
-                    eof = True
-                    break
-                buffer = buffer[position:] + more
-                position = 0
-
-        def skip_space() -> None:
-            nonlocal position
-            while True:
-                ensure(1)
-                while position < len(buffer) and buffer[position] in " \t\r\n,":
-                    position += 1
-                if position < len(buffer) or eof:
-                    return
-
-        def decode() -> Any:
-            nonlocal buffer, position, eof
-            while True:
-                try:
-                    value, end = decoder.raw_decode(buffer, position)
-                    # A number or literal may be cut at the buffer's end: make sure it is whole.
-                    if end == len(buffer) and not eof:
-                        raise json.JSONDecodeError("partial", buffer, end)
-                    position = end
-                    return value
-                except json.JSONDecodeError as exc:
-                    if eof:
-                        raise DataError(f"{path}: malformed JSON near character {exc.pos}: {exc.msg}") from exc
-                    more = handle.read(chunk_size)
-                    if not more:
-                        eof = True
-                    buffer = buffer[position:] + more
-                    position = 0
-
-        skip_space()
-        if position >= len(buffer) or buffer[position] != "{":
-            raise DataError(f"{path}: expected a JSON object of scene graphs keyed by image id")
-        position += 1
+        reader = _JsonObjectReader(handle, path, chunk_size)
+        reader.skip_space()
+        reader.expect("{", "expected a JSON object of scene graphs keyed by image id")
         while True:
-            skip_space()
-            if position < len(buffer) and buffer[position] == "}":
+            reader.skip_space()
+            if reader.peek() == "}":
                 return
-            key = decode()
-            skip_space()
-            if position >= len(buffer) or buffer[position] != ":":
-                raise DataError(f"{path}: malformed JSON after key {key!r}")
-            position += 1
-            skip_space()
-            yield str(key), decode()
+            key = reader.decode()
+            reader.skip_space()
+            reader.expect(":", f"malformed JSON after key {key!r}")
+            reader.skip_space()
+            yield str(key), reader.decode()
 
 
 @dataclass
@@ -300,13 +345,44 @@ def prepare(
         DataError: unreadable input, or nothing left after filtering (the message says
         which filter removed what).
     """
-    from datasets import Dataset, DatasetDict
-    from tqdm.auto import tqdm
-
     settings = settings or FilterSettings()
     wanted = set(resolve_relations(relations))
     report = PrepareReport()
     images = Path(images)
+    tasks = _collect_tasks(scene_graphs, images, image_ext, wanted, settings, report, progress)
+    _check_tasks_left(tasks, report, images, wanted)
+    if split not in SPLITS:
+        raise DataError(f"split = {split!r}; valid: {list(SPLITS)}")
+    train, test = (image_disjoint_split if split == "image_disjoint" else per_relation_split)(tasks, seed)
+    out = Path(out)
+    _write_dataset(out, train, test)
+    summary = _summary(report, tasks, train, test, split, wanted, settings, seed)
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    return summary
+
+
+def _collect_tasks(
+    scene_graphs: Sequence[str | Path],
+    images: Path,
+    image_ext: str,
+    wanted: set[str],
+    settings: FilterSettings,
+    report: PrepareReport,
+    progress: bool,
+) -> list[dict]:
+    """Every task of every scene-graph file whose image file exists, with its ``image_path``.
+
+    Args:
+        scene_graphs: Scene-graph JSON files, streamed one entry at a time.
+        images: Folder of images named ``<image_id><image_ext>``.
+        image_ext: Image file extension.
+        wanted: Relation names kept.
+        settings: The filters.
+        report: Updated with what was seen, filtered out, malformed or missing.
+        progress: Show a progress bar per file.
+    """
+    from tqdm.auto import tqdm
+
     tasks: list[dict] = []
     for file in scene_graphs:
         for image_id, entry in tqdm(iter_scene_graphs(file), desc=Path(file).name, disable=not progress, unit="img"):
@@ -321,6 +397,15 @@ def prepare(
             for task in found:
                 task["image_path"] = str(path)
             tasks.extend(found)
+    return tasks
+
+
+def _check_tasks_left(tasks: list[dict], report: PrepareReport, images: Path, wanted: set[str]) -> None:
+    """Warns about skipped entries on stderr, and stops when no task is left.
+
+    Raises:
+        DataError: no task left; the message counts what each filter removed.
+    """
     if report.malformed:
         print(f"warning: {len(report.malformed)} malformed scene-graph entries skipped, e.g. "
               f"{report.malformed[:3]}", file=sys.stderr)
@@ -334,10 +419,12 @@ def prepare(
             f"ambiguous_subject_predicate {report.removed['ambiguous_subject_predicate']}; "
             f"{report.missing_images} had no image file, {len(report.malformed)} were malformed"
         )
-    if split not in SPLITS:
-        raise DataError(f"split = {split!r}; valid: {list(SPLITS)}")
-    train, test = (image_disjoint_split if split == "image_disjoint" else per_relation_split)(tasks, seed)
-    out = Path(out)
+
+
+def _write_dataset(out: Path, train: list[dict], test: list[dict]) -> None:
+    """Writes ``out/dataset`` (a DatasetDict with ``train`` and ``test``), replacing an old one whole."""
+    from datasets import Dataset, DatasetDict
+
     out.mkdir(parents=True, exist_ok=True)
     # Written beside the old dataset and swapped in whole: an interrupted prepare leaves the old one.
     staging = out / f".dataset.{os.getpid()}.{uuid.uuid4().hex[:8]}"
@@ -345,7 +432,12 @@ def prepare(
     if (out / "dataset").exists():
         shutil.rmtree(out / "dataset")
     staging.rename(out / "dataset")
-    summary = {
+
+
+def _summary(report: PrepareReport, tasks: list[dict], train: list[dict], test: list[dict], split: str,
+             wanted: set[str], settings: FilterSettings, seed: int) -> dict[str, Any]:
+    """The content of ``summary.json``: counts per split and relation, and what each filter did."""
+    return {
         "images_seen": report.images_seen,
         "tasks": len(tasks),
         "images_with_tasks": len({t["image_id"] for t in tasks}),
@@ -365,8 +457,6 @@ def prepare(
         "filters": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(settings).items()},
         "seed": seed,
     }
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
-    return summary
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

@@ -44,7 +44,7 @@ class Release:
         hf_repo: The release's hub repository (holds ``checkpoint.pt``).
         language_model: Hub id of the language model.
         cross_attn_every_n_layers: Cross-attention frequency.
-        family: Language-model family (:data:`LANGUAGE_FAMILIES`).
+        family: Language-model family (:data:`mfv.models.openflamingo.adapter.LANGUAGE_FAMILIES`).
         supported: Whether mfv loads it (layout-tested); the MPT releases are not: their
             language model is remote code written for transformers 4.28.
     """
@@ -251,55 +251,90 @@ def load_openflamingo(
             provide; the message names the file, the group and how to get it.
         ConfigError: Unknown release, dtype or device.
     """
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise ConfigError(f"dtype must be float32, bfloat16 or float16, got {dtype!r} (model.backbone_options.dtype)")
-    try:
-        target_device = torch.device(device)
-    except RuntimeError as exc:
-        raise ConfigError(f"device {device!r} is not a torch device (model.backbone_options.device)") from exc
+    target_device = _check_dtype_and_device(dtype, device)
     files = resolve_release_files(release, checkpoint_path, language_model_path, clip_weights_path, cache_dir)
     spec = RELEASES[release]
     torch_dtype = getattr(torch, dtype)
 
     vision, lang, tokenizer, clip_config = _skeletons(files, spec, clip_model, torch_dtype)
-    family = spec.family
+    _load_language_model(lang, files, spec, torch_dtype, target_device)
+    _load_vision_tower(vision, files, clip_model, torch_dtype, target_device)
+    with empty_parameters():
+        model = assemble_flamingo(vision, lang, tokenizer, clip_config["vision_cfg"]["width"], spec.family,
+                                  spec.cross_attn_every_n_layers)
+    _load_release_checkpoint(model, release, files, torch_dtype, target_device)
+    model.to(target_device)  # the buffers; every parameter is already there
+    from open_clip.transform import image_transform
 
+    preprocess = image_transform(clip_config["vision_cfg"]["image_size"], is_train=False)
+    adapter = OpenFlamingoAdapter(model, tokenizer, preprocess, spec.family, release)
+    adapter.freeze()
+    return adapter
+
+
+def _check_dtype_and_device(dtype: str, device: str) -> torch.device:
+    """The torch device of ``device``, checked with ``dtype`` before any file is opened.
+
+    Raises:
+        ConfigError: an unsupported dtype, or a device torch does not know.
+    """
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"dtype must be float32, bfloat16 or float16, got {dtype!r} (model.backbone_dtype)")
+    try:
+        return torch.device(device)
+    except RuntimeError as exc:
+        raise ConfigError(f"device {device!r} is not a torch device (model.backbone_options.device)") from exc
+
+
+def _load_language_model(lang: nn.Module, files: ReleaseFiles, spec: Release, dtype: torch.dtype,
+                         device: torch.device) -> None:
+    """Reads the language-model folder's weights into ``lang``, except its embeddings.
+
+    Raises:
+        MissingWeightsError: the folder holds keys this language model does not have.
+    """
     # checkpoint.pt carries both embeddings, at len(tokenizer) rows: the folder's are not used.
     lm_key = _renamer(skip=_embedding_keys(lang))
-
-    unexpected = _stream(lang, weight_files(files.language_model), torch_dtype, target_device, lm_key,
-                         "language model")
+    unexpected = _stream(lang, weight_files(files.language_model), dtype, device, lm_key, "language model")
     if unexpected:
         raise MissingWeightsError(f"{files.language_model}: unexpected keys {unexpected[:5]}: is it the folder of "
                                   f"{spec.language_model}?")
 
-    def clip_key(key: str, keys: set[str]) -> str | None:
-        key = key.removeprefix("state_dict.").removeprefix("module.")
-        return key.removeprefix("visual.") if key.startswith("visual.") else None
 
-    unexpected = _stream(vision.visual, [files.clip_weights], torch_dtype, target_device, clip_key, "CLIP")
+def _clip_key(key: str, keys: set[str]) -> str | None:
+    """The vision tower's name of an open_clip file key; ``None`` drops every other key (text tower, logit scale)."""
+    key = key.removeprefix("state_dict.").removeprefix("module.")
+    return key.removeprefix("visual.") if key.startswith("visual.") else None
+
+
+def _load_vision_tower(vision: nn.Module, files: ReleaseFiles, clip_model: str, dtype: torch.dtype,
+                       device: torch.device) -> None:
+    """Reads the CLIP file's vision-tower weights into ``vision.visual`` (the text tower is never built).
+
+    Raises:
+        MissingWeightsError: the file's vision keys do not fit ``clip_model``.
+    """
+    unexpected = _stream(vision.visual, [files.clip_weights], dtype, device, _clip_key, "CLIP")
     if unexpected:
         raise MissingWeightsError(f"{files.clip_weights}: vision-tower keys {unexpected[:5]} do not fit {clip_model}; "
                                   f"is it open_clip's ViT-L/14 (openai) weights file?")
 
-    with empty_parameters():
-        model = assemble_flamingo(vision, lang, tokenizer, clip_config["vision_cfg"]["width"], family,
-                                  spec.cross_attn_every_n_layers)
 
-    unexpected = _stream(model, [files.checkpoint], torch_dtype, target_device, _renamer(), "checkpoint")
+def _load_release_checkpoint(model: nn.Module, release: str, files: ReleaseFiles, dtype: torch.dtype,
+                             device: torch.device) -> None:
+    """Reads ``checkpoint.pt`` (perceiver, cross-attention, embeddings) into the assembled model.
+
+    Raises:
+        MissingWeightsError: the checkpoint has keys of another release, or any parameter of
+            the model is still unloaded afterwards (named by group and file).
+    """
+    unexpected = _stream(model, [files.checkpoint], dtype, device, _renamer(), "checkpoint")
     if unexpected:
         raise MissingWeightsError(f"{files.checkpoint} does not match {release}: unexpected keys {unexpected[:5]}; "
                                   f"is it the checkpoint of another release?")
     missing = unloaded(model)
     if missing:
         raise _missing_error(release, files, missing)
-    model.to(target_device)  # the buffers; every parameter is already there
-    from open_clip.transform import image_transform
-
-    preprocess = image_transform(clip_config["vision_cfg"]["image_size"], is_train=False)
-    adapter = OpenFlamingoAdapter(model, tokenizer, preprocess, family, release)
-    adapter.freeze()
-    return adapter
 
 
 def _skeletons(files: ReleaseFiles, spec: Release, clip_model: str, dtype: torch.dtype):

@@ -65,15 +65,29 @@ def build_tiny_openflamingo(
         config: Sizes; ``config.words`` are added to the tokenizer as single tokens.
         backbone_id: Name stored with function vectors extracted from it.
     """
-    ensure_torchvision()
-    from open_clip.model import CLIPVisionCfg, _build_vision_tower
-    from open_flamingo.src.helpers import GatedCrossAttentionBlock, PerceiverResampler
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
+    ensure_torchvision()  # open_clip and open_flamingo import torchvision, which needs this on CPU-only torch
     from mfv.models.tokenizer import build_word_tokenizer
 
+    # Every random draw below follows this seed, in this order: same config, same weights.
     torch.manual_seed(config.seed)
     tokenizer = build_word_tokenizer(config.words)
+    vision = _tiny_vision_encoder(config)
+    lang = _tiny_language_model(config, len(tokenizer))
+    model = assemble_flamingo(
+        vision, lang, tokenizer, config.vision_width, "gpt_neox", config.cross_attn_every_n_layers
+    )
+    _shrink_flamingo_blocks(model, lang, config)
+    adapter = OpenFlamingoAdapter(
+        model, tokenizer, _image_transform(config.image_size), "gpt_neox", backbone_id, tiny_config=config
+    )
+    adapter.freeze()
+    return adapter
+
+
+def _tiny_vision_encoder(config: TinyFlamingoConfig) -> nn.Module:
+    """An open_clip vision tower of the config's sizes, as ``.visual`` (where open_flamingo looks)."""
+    from open_clip.model import CLIPVisionCfg, _build_vision_tower
+
     vision_cfg = CLIPVisionCfg(
         layers=config.vision_layers,
         width=config.vision_width,
@@ -84,8 +98,15 @@ def build_tiny_openflamingo(
     )
     vision = nn.Module()
     vision.visual = _build_vision_tower(config.vision_width, vision_cfg, quick_gelu=True)
+    return vision
+
+
+def _tiny_language_model(config: TinyFlamingoConfig, vocab_size: int) -> nn.Module:
+    """A random GPT-NeoX causal LM of the config's sizes (the 4B releases' language-model family)."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
     lm_config = GPTNeoXConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=vocab_size,
         hidden_size=config.hidden_size,
         num_hidden_layers=config.num_layers,
         num_attention_heads=config.num_heads,
@@ -96,11 +117,17 @@ def build_tiny_openflamingo(
         tie_word_embeddings=False,
         attn_implementation="eager",
     )
-    lang = GPTNeoXForCausalLM(lm_config)
-    model = assemble_flamingo(
-        vision, lang, tokenizer, config.vision_width, "gpt_neox", config.cross_attn_every_n_layers
-    )
-    # Replace the stock-size resampler and cross-attention blocks with small ones.
+    return GPTNeoXForCausalLM(lm_config)
+
+
+def _shrink_flamingo_blocks(model: nn.Module, lang: nn.Module, config: TinyFlamingoConfig) -> None:
+    """Replaces the stock-size resampler and cross-attention blocks with the config's small ones.
+
+    open_flamingo's assembly always builds them at 8 heads x 64; the gates are then opened to
+    ``config.gate_init``.
+    """
+    from open_flamingo.src.helpers import GatedCrossAttentionBlock, PerceiverResampler
+
     model.perceiver = PerceiverResampler(
         dim=config.vision_width,
         depth=config.perceiver_depth,
@@ -128,11 +155,6 @@ def build_tiny_openflamingo(
             block.attn_gate.data.fill_(config.gate_init)
             block.ff_gate.data.fill_(config.gate_init)
     lang.init_flamingo_layers(False)
-    adapter = OpenFlamingoAdapter(
-        model, tokenizer, _image_transform(config.image_size), "gpt_neox", backbone_id, tiny_config=config
-    )
-    adapter.freeze()
-    return adapter
 
 
 def save_tiny_openflamingo(adapter: OpenFlamingoAdapter, directory: str | os.PathLike) -> Path:
@@ -173,7 +195,7 @@ def save_tiny_openflamingo(adapter: OpenFlamingoAdapter, directory: str | os.Pat
 
 
 def load_tiny_openflamingo(directory: str | os.PathLike) -> OpenFlamingoAdapter:
-    """Loads a tiny model saved by :meth:`OpenFlamingoAdapter.save`."""
+    """Loads a tiny model saved by :func:`save_tiny_openflamingo` (config, weights, tokenizer)."""
     from safetensors import safe_open
     from safetensors.torch import load_model
 
@@ -192,8 +214,6 @@ def load_tiny_openflamingo(directory: str | os.PathLike) -> OpenFlamingoAdapter:
     load_model(adapter.model, str(weights))
     adapter.freeze()
     return adapter
-
-
 
 
 def random_openflamingo(words: list[str] | None = None, **sizes: Any) -> OpenFlamingoAdapter:
