@@ -29,6 +29,7 @@ the ViT-L/14 + resampler FLOPs of 5 images at 224 px computed from their sizes.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import tempfile
 import time
@@ -66,12 +67,12 @@ def timed(function) -> tuple[object, float, float]:
 def site_step_flops(adapter, corrupted) -> tuple[list[int], int]:
     """FLOPs of one row through each layer at the last position, and of one row's logits."""
     prefix = last_position._prefill(adapter, corrupted.prompts.to(adapter.device))
-    single = last_position._Prefix(
-        [t[:1] for t in prefix.inputs], [t[:1] for t in prefix.keys], [t[:1] for t in prefix.values], prefix.mask[:1],
-        prefix.cos[:1], prefix.sin[:1], {k: (a[:1], b[:1]) for k, (a, b) in prefix.image_kv.items()},
-        prefix.base_logits[:1])
+    single = dataclasses.replace(
+        prefix, inputs=[t[:1] for t in prefix.inputs], keys=[t[:1] for t in prefix.keys],
+        values=[t[:1] for t in prefix.values], mask=prefix.mask[:1], cos=prefix.cos[:1], sin=prefix.sin[:1],
+        image_kv={k: (a[:1], b[:1]) for k, (a, b) in prefix.image_kv.items()}, base_logits=prefix.base_logits[:1])
     one = prefix.inputs[0][:1, None]
-    per_layer = [flops(lambda index=index: last_position._layer(adapter, index, one, single, None))[1]
+    per_layer = [flops(lambda index=index: last_position._layer(adapter, index, one, single))[1]
                  for index in range(adapter.num_layers)]
     lang = adapter.model.lang_encoder
     _, head = flops(lambda: lang.get_output_embeddings()(lang.gpt_neox.final_layer_norm(one)))

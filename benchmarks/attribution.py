@@ -23,7 +23,7 @@ import torch
 from mfv.data.episodes import EpisodeSampler, encode_episodes, read_scenes
 from mfv.data.synthetic import generate_split
 from mfv.evaluation.scoring import Score
-from mfv.hooks import add_to_residual
+from mfv.steering import Injection, steered_logits
 from mfv.method.aie import indirect_effects, mean_head_activations, top_heads
 from mfv.method.function_vector import build_function_vector
 from mfv.models.openflamingo import load_tiny_openflamingo
@@ -83,8 +83,9 @@ def fv_accuracy(adapter, means, aie, k: int, layer: int, sampler, count: int) ->
     for start in range(0, count, 50):
         batch = encode_episodes(adapter, [sampler.episode(i, "zero_shot", 0) for i in range(start, start + 50)],
                                 RELATIONS)
-        with add_to_residual(adapter, layer, vectors[batch.relation_ids]):
-            outcomes.append(adapter.forward(batch.prompts).argmax(-1) == batch.answer_ids)
+        with torch.no_grad():
+            logits = steered_logits(adapter, batch.prompts, Injection.at(layer, vectors[batch.relation_ids]))
+        outcomes.append(logits.argmax(-1) == batch.answer_ids)
         relations.append(batch.relation_ids)
     score = Score.from_tensors(RELATIONS, torch.cat(outcomes), torch.cat(relations))
     return {"heads": [list(h) for h in heads], "accuracy": score.accuracy, "ci95": list(score.ci95()), "n": score.n}

@@ -1,13 +1,22 @@
-"""Full-size rehearsal: the published OpenFlamingo-4B layout, loaded as a user's download is, through the paper pipeline.
+"""Full-size rehearsal: a published release's file layout, loaded as a user's download is, through the paper pipeline.
 
     python benchmarks/full_size.py --work /tmp/of4b --json benchmarks/results/full_size_cpu.json
+    python benchmarks/full_size.py --family qwen3vl --work /tmp/qwen4b --json benchmarks/results/full_size_qwen3vl_cpu.json
     python benchmarks/full_size.py --work /tmp/of4b --device cuda --json runs/bench/full_size_gpu.json
 
-Random weights at the published shapes, in the published file layouts
-(:mod:`mfv.models.openflamingo.layout`: ``checkpoint.pt`` through open_flamingo's factory and
-save rule, the RedPajama-INCITE-3B folder with its 50432-row config and 50277-token tokenizer,
-open_clip's CLIP file), written once under ``--work`` (about 12 GB; reused when present).
-A fresh process then loads them with ``mfv.load("openflamingo", release=...)`` and runs,
+Random weights at the published shapes, in the published file layouts, written once under
+``--work`` (reused when present):
+
+- ``openflamingo`` (OpenFlamingo-4B-instruct, about 12 GB):
+  :mod:`mfv.models.openflamingo.layout`, ``checkpoint.pt`` through open_flamingo's factory and
+  save rule, the RedPajama-INCITE-3B folder with its 50432-row config and 50277-token
+  tokenizer, open_clip's CLIP file;
+- ``qwen3vl`` (Qwen3-VL-4B-Instruct, about 9 GB): ``save_pretrained`` of a random model with
+  the release's config (:func:`mfv.models.qwen3vl.write_qwen3vl_layout`) and of a processor
+  at the paper's pixel budget (its tokenizer is word-level: the real one cannot be downloaded
+  here; the LM keeps the release's 151936 rows).
+
+A fresh process then loads them with ``mfv.load`` as a user would and runs,
 on a few synthetic prompts: mean head activations, fast AIE over all heads, the reference
 loop on a few heads (extrapolated to all), extraction, FV fine-tuning steps at batch 1 and at
 the batched recipe's batch, and two evaluation conditions (zero-shot, zero-shot + FV).
@@ -32,7 +41,7 @@ from pathlib import Path
 import torch
 
 RELATIONS = ["above", "below", "left", "right"]
-RELEASE = "openflamingo-4b-instruct"
+RELEASES = {"openflamingo": "openflamingo-4b-instruct", "qwen3vl": "Qwen3-VL-4B-Instruct"}
 CPU_BF16_PEAK = 2.3e12  # this project's CI machine: bf16 matmul with AMX on 2 threads (DEVELOPERS.md)
 
 
@@ -79,22 +88,38 @@ class Stages:
             torch.cuda.synchronize()
 
 
-def build(work: Path) -> None:
-    from mfv.models.openflamingo.layout import write_release_layout
-
+def build(family: str, work: Path) -> None:
     start = time.perf_counter()
-    write_release_layout(work / "release")
+    if family == "qwen3vl":
+        from mfv.models.qwen3vl import write_qwen3vl_layout
+
+        write_qwen3vl_layout(work / "release")
+    else:
+        from mfv.models.openflamingo.layout import write_release_layout
+
+        write_release_layout(work / "release")
     (work / "release" / "COMPLETE").write_text(f"{time.perf_counter() - start:.0f} s\n")
 
 
-def rehearse(work: Path, device: str, prompts: int, aie_prompts: int, reference_heads: int, batch: int,
-             layer: int, k: int) -> dict:
+def load_release(family: str, release: Path, device: str):
+    """The user's path: ``mfv.load`` on the downloaded files."""
     import mfv
+
+    if family == "qwen3vl":
+        return mfv.load("qwen3vl", model_path=str(release), dtype="bfloat16", device=device)
+    return mfv.load("openflamingo", release=RELEASES[family], checkpoint_path=str(release / "checkpoint.pt"),
+                    language_model_path=str(release / "language_model"),
+                    clip_weights_path=str(release / "open_clip_pytorch_model.bin"), dtype="bfloat16", device=device)
+
+
+def rehearse(family: str, work: Path, device: str, prompts: int, aie_prompts: int, reference_heads: int,
+             batch: int, layer: int, k: int) -> dict:
     from mfv.data.episodes import EpisodeSampler, encode_episodes, read_scenes
     from mfv.data.synthetic import generate_split
-    from mfv.hooks import HeadPatch, add_to_residual, patch_heads
+    from mfv.hooks import HeadPatch, patch_heads
     from mfv.method.aie import indirect_effects, mean_head_activations, top_heads
     from mfv.method.function_vector import build_function_vector
+    from mfv.steering import Injection, steered_logits
 
     stages = Stages(device)
     release = work / "release"
@@ -103,13 +128,7 @@ def rehearse(work: Path, device: str, prompts: int, aie_prompts: int, reference_
                                                              progress=False)), RELATIONS, shots=4, seed=0)
     train_sampler = EpisodeSampler(read_scenes(generate_split(data, "train", 2 * batch, image_size=224, workers=1,
                                                               progress=False)), RELATIONS, shots=0, seed=0)
-    def load():
-        return mfv.load("openflamingo", release=RELEASE, checkpoint_path=str(release / "checkpoint.pt"),
-                        language_model_path=str(release / "language_model"),
-                        clip_weights_path=str(release / "open_clip_pytorch_model.bin"), dtype="bfloat16",
-                        device=device)
-
-    model = stages.run("load", load, count=False)
+    model = stages.run("load", lambda: load_release(family, release, device), count=False)
     weights = sum(p.numel() * p.element_size() for p in model.model.parameters())
     stages.rows["load"].update(parameters=sum(p.numel() for p in model.model.parameters()), weight_bytes=weights,
                                peak_over_weights=round(peak_rss_bytes() / weights, 3))
@@ -163,7 +182,7 @@ def rehearse(work: Path, device: str, prompts: int, aie_prompts: int, reference_
             episodes = train[step * batch_size:(step + 1) * batch_size]
             encoded = encode_episodes(model, episodes, RELATIONS)
             with model.reuse_context(store):
-                logits = model.steered_logits(encoded.prompts, fvs[encoded.relation_ids], layer)
+                logits = steered_logits(model, encoded.prompts, Injection.at(layer, fvs[encoded.relation_ids]))
             loss = torch.nn.functional.cross_entropy(logits.float(), encoded.answer_ids.to(logits.device))
             optimizer.zero_grad()
             loss.backward()
@@ -181,16 +200,14 @@ def rehearse(work: Path, device: str, prompts: int, aie_prompts: int, reference_
 
     @torch.no_grad()
     def evaluate(steered: bool) -> None:
-        if not steered:
-            return model.forward(test.prompts)
-        with add_to_residual(model, layer, vectors[test.relation_ids]):
-            return model.forward(test.prompts)
+        injection = Injection.at(layer, vectors[test.relation_ids]) if steered else None
+        return steered_logits(model, test.prompts, injection)
 
     stages.run("evaluate_zero_shot", lambda: evaluate(False), prompts=batch, batch=batch)
     stages.run("evaluate_zero_shot_fv", lambda: evaluate(True), prompts=batch, batch=batch)
 
     return {
-        "release": RELEASE, "device": device, "dtype": "bfloat16", "torch_threads": torch.get_num_threads(),
+        "family": family, "release": RELEASES[family], "device": device, "dtype": "bfloat16", "torch_threads": torch.get_num_threads(),
         "machine_bf16_peak_tflop_per_s": CPU_BF16_PEAK / 1e12 if device == "cpu" else None,
         "finetune_speedup_per_sample": round(ratio, 2),
         "aie_fast_vs_reference_extrapolated": round(
@@ -226,7 +243,8 @@ def markdown_table(result: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--work", help="folder for the release files (~12 GB) and data")
+    parser.add_argument("--family", choices=sorted(RELEASES), default="openflamingo")
+    parser.add_argument("--work", help="folder for the release files (9-12 GB) and data")
     parser.add_argument("--json", default="runs/bench/full_size.json")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--prompts", type=int, default=4, help="clean 4-shot prompts for the means")
@@ -244,16 +262,17 @@ def main() -> None:
         parser.error("--work is required")
     work = Path(args.work)
     if args.stage == "build":
-        return build(work)
+        return build(args.family, work)
     if args.stage == "all":
         if not (work / "release" / "COMPLETE").is_file():
             print(f"writing the published layout under {work}/release (random weights, once)", flush=True)
-            subprocess.run([sys.executable, __file__, "--work", str(work), "--stage", "build"], check=True)
+            subprocess.run([sys.executable, __file__, "--family", args.family, "--work", str(work), "--stage", "build"],
+                           check=True)
         # A fresh process: its peak memory is the loader's, not the builder's.
         command = [sys.executable, __file__, *sys.argv[1:], "--stage", "run"]
         subprocess.run(command, check=True)
         return
-    result = rehearse(work, args.device, args.prompts, args.aie_prompts, args.reference_heads, args.batch,
+    result = rehearse(args.family, work, args.device, args.prompts, args.aie_prompts, args.reference_heads, args.batch,
                       args.layer, args.k)
     result["build_s"] = (work / "release" / "COMPLETE").read_text().strip()
     out = Path(args.json)

@@ -15,7 +15,7 @@ _API = {
     "SyntheticData": ("mfv.data.datamodule", "SyntheticRelationDataModule"),
     "GQAData": ("mfv.data.gqa", "GQARelationDataModule"),
     "FunctionVectorSet": "mfv.method.function_vector", "EpisodeSampler": "mfv.data.episodes",
-    "Episode": "mfv.data.episodes", "evaluate": "mfv.evaluation", "EvaluationSettings": "mfv.evaluation",
+    "Episode": "mfv.data.episodes", "evaluate": "mfv.api", "EvaluationSettings": "mfv.evaluation",
 }
 __all__ = sorted(_API)
 

@@ -1,4 +1,4 @@
-"""The public Python API: load a backbone, extract FVs, steer, predict, generate, save/load.
+"""The public Python API: load a backbone, extract FVs, steer, predict, generate, evaluate, save/load.
 
     import mfv
     model = mfv.load("openflamingo-tiny", directory="checkpoints/organism")
@@ -7,10 +7,13 @@
     episode = data.sampler("test").episode(0, "zero_shot")
     with mfv.steer(model, fvs.vectors[episode.relation], layer=fvs.layer):
         print(mfv.predict(model, episode), "expected", episode.answer)
+    result = mfv.evaluate(model, fvs, [data.sampler("test").episode(i, "zero_shot") for i in range(40)])
+    print(result.to_dict()["summary"])
 
 Everything here is a thin layer over the library modules (one definition per concept):
 :mod:`mfv.models` (backbones), :mod:`mfv.method.extraction` (cached AIE and FVs),
-:mod:`mfv.hooks` (interventions), :mod:`mfv.method.function_vector` (FV files).
+:mod:`mfv.steering` (injections), :mod:`mfv.evaluation` (conditions and scores),
+:mod:`mfv.method.function_vector` (FV files).
 """
 
 from __future__ import annotations
@@ -23,15 +26,20 @@ from typing import Iterator, Literal, Sequence
 import torch
 
 from mfv.data.episodes import Episode, EpisodeSampler, encode_episodes
-from mfv.hooks import add_to_residual
-from mfv.method.extraction import DEFAULT_K, DEFAULT_SELECTION, ExtractionSettings, extract as _extract
+from mfv.evaluation.protocol import EvaluationResult, EvaluationSettings, Vectors
+from mfv.evaluation.protocol import evaluate as _evaluate_protocol
+from mfv.evaluation.protocol import evaluate_episodes
+from mfv.method.extraction import AIESettings, extract_from_datamodule
+from mfv.method.extraction import extract as _extract
 from mfv.method.function_vector import FunctionVectorSet
 from mfv.models import load_backbone
 from mfv.models.base import BackboneAdapter
+from mfv.steering import Injection, steered_logits, steering
 
 # Small split sizes for notebooks and tests (the DataModule's defaults are the paper's).
 SMALL_SYNTHETIC = {"eval": 120, "train": 40, "test": 40, "novel": 40, "composite": 40}
-DEFAULT_CACHE = "runs/aie_cache"
+_AIE = AIESettings()  # the one set of defaults (the paper's), shared with the config's aie: section
+DEFAULT_CACHE = _AIE.cache_dir
 
 
 def load(name: str, device: str | torch.device | None = None, **options) -> BackboneAdapter:
@@ -62,16 +70,19 @@ def _sampler_fingerprint(sampler: EpisodeSampler) -> str:
 def extract(
     model: BackboneAdapter,
     data,
-    k: int = DEFAULT_K,
+    k: int = _AIE.k,
     layer: int | None = None,
-    selection: Literal["per_relation", "pooled"] = DEFAULT_SELECTION,
-    num_mean_prompts: int = 100,
-    num_aie_prompts: int = 50,
-    aie_filter: Literal["clean_correct", "all"] = "clean_correct",
+    selection: Literal["per_relation", "pooled"] = _AIE.selection,
+    num_mean_prompts: int = _AIE.num_mean_prompts,
+    num_aie_prompts: int = _AIE.num_aie_prompts,
+    aie_filter: Literal["clean_correct", "all"] = _AIE.aie_filter,
     cache_dir: str | Path = DEFAULT_CACHE,
     progress: bool = True,
 ) -> FunctionVectorSet:
     """Extracted FVs (top-``k`` heads by AIE) for injection after ``layer``.
+
+    Defaults are the ``aie:`` section's (:class:`~mfv.method.extraction.AIESettings`), so
+    ``mfv.extract`` and ``evaluate.py`` share one cache entry for the same data.
 
     Args:
         model: The backbone.
@@ -80,24 +91,27 @@ def extract(
         layer: Injection layer (default: the middle layer).
         cache_dir: Where means and AIE are cached (keyed on model, data and settings).
     """
+    aie = AIESettings(num_mean_prompts=num_mean_prompts, num_aie_prompts=num_aie_prompts, k=k,
+                      selection=selection, aie_filter=aie_filter, cache_dir=str(cache_dir))
     if isinstance(data, EpisodeSampler):
-        sampler, fingerprint, seed = data, _sampler_fingerprint(data), data.seed
+        aie.validate(model)
+        settings = aie.extraction_settings(list(data.relations), data.shots, data.seed)
+        result = _extract(model, data, settings, aie.cache_dir, _sampler_fingerprint(data), progress=progress)
     else:
-        data.attach(model)
-        data.prepare_data()
-        sampler, fingerprint, seed = data.sampler("eval"), data.fingerprint("eval"), data.seed
-    settings = ExtractionSettings(relations=list(sampler.relations), shots=sampler.shots,
-                                  num_mean_prompts=num_mean_prompts, num_aie_prompts=num_aie_prompts,
-                                  aie_filter=aie_filter, seed=seed)
-    result = _extract(model, sampler, settings, cache_dir, fingerprint, progress=progress)
+        result = extract_from_datamodule(model, list(data.relations), data, aie, progress=progress)
     return result.function_vectors(model, k, model.num_layers // 2 if layer is None else layer, selection)
 
 
 @contextmanager
-def steer(model: BackboneAdapter, vector: torch.Tensor, layer: int, every_position: bool = False) -> Iterator[None]:
+def steer(model: BackboneAdapter, vector: torch.Tensor, layer: int | Sequence[int], every_position: bool = False
+          ) -> Iterator[None]:
     """Adds ``vector`` to the residual stream after ``layer`` at the prompt's last position
-    (and, with ``every_position``, at every generated position) inside the block."""
-    with add_to_residual(model, layer, vector, every_generated_position=every_position):
+    (and, with ``every_position``, at every generated position) inside the block.
+
+    ``vector`` is ``(hidden,)`` or one per batch row ``(B, hidden)``; with a list of layers,
+    ``(len(layers), hidden)`` or ``(B, len(layers), hidden)``.
+    """
+    with steering(model, Injection.at(layer, vector), every_generated_position=every_position):
         yield
 
 
@@ -107,7 +121,7 @@ def predict(model: BackboneAdapter, episodes: Episode | Sequence[Episode]) -> st
     single = isinstance(episodes, Episode)
     batch = encode_episodes(model, [episodes] if single else list(episodes), sorted({e.relation for e in (
         [episodes] if single else episodes)}))
-    tokens = model.forward(batch.prompts).argmax(-1).tolist()
+    tokens = steered_logits(model, batch.prompts, None).argmax(-1).tolist()
     words = [model.tokenizer.decode([t]).strip() for t in tokens]
     return words[0] if single else words
 
@@ -118,6 +132,37 @@ def generate(model: BackboneAdapter, episode: Episode, max_new_tokens: int = 5) 
     prompt = model.build_prompt(episode.demonstrations, episode.query)
     ids = model.generate(model.collate([prompt]), max_new_tokens=max_new_tokens)[0]
     return model.tokenizer.decode(ids.tolist(), skip_special_tokens=True)
+
+
+def evaluate(
+    model: BackboneAdapter,
+    fvs: FunctionVectorSet,
+    data,
+    conditions: Sequence[str] | None = None,
+    finetuned: FunctionVectorSet | None = None,
+    settings: EvaluationSettings | None = None,
+) -> EvaluationResult:
+    """Evaluates FVs in one call; the result is what ``evaluate.py`` writes (``.to_dict()``
+    is its ``metrics.json``; :func:`mfv.evaluation.report.write_report` writes the rest).
+
+    Args:
+        model: The backbone.
+        fvs: Extracted FVs (e.g. from :func:`extract`), injected at their layer.
+        data: A list of episodes (zero-shot with and without the FVs), or a relation
+            DataModule (the protocol: zero-shot, FVs, ICL, shuffled labels, novel objects, the
+            layer sweep and analogies, as its splits allow; the K sweep needs ``evaluate.py``).
+        conditions: Condition names or patterns (``"zero_shot*"``) to run; default: all.
+        finetuned: Fine-tuned FVs to evaluate beside the extracted ones.
+        settings: Limits, shots, batch size (default: :class:`~mfv.evaluation.EvaluationSettings`).
+    """
+    vectors = Vectors(fvs, finetuned)
+    if isinstance(data, (list, tuple)):
+        if conditions is not None:
+            raise ValueError("conditions= selects among the protocol's conditions: pass a DataModule")
+        return evaluate_episodes(model, list(data), vectors, settings)
+    data.attach(model)
+    data.prepare_data()
+    return _evaluate_protocol(model, data, vectors, settings, only=conditions)
 
 
 def save(fvs: FunctionVectorSet, path: str | Path) -> Path:

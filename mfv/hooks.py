@@ -1,25 +1,27 @@
 """Every intervention mfv makes, as context managers that always remove their hooks.
 
-Three named sites per layer come from the backbone adapter:
+Two named sites per layer come from the backbone adapter:
 
 * the *per-head site*: the input of the attention output projection, the
   concatenation of the heads' outputs, shaped ``(B, S, num_heads * head_dim)``;
-* the *residual site*: the output of the decoder layer (the residual stream);
+* the *residual site*: the output of the decoder layer (the residual stream).
 
 Interventions act only at the last prompt position (index ``-1``; prompts are left
 padded). Plain torch hooks are used because OpenFlamingo mixes classes at run time,
-which the usual interpretability libraries do not handle.
+which the usual interpretability libraries do not handle. The residual-stream injection
+(:func:`add_to_residual`) is applied only through :mod:`mfv.steering`.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 
-from mfv.models.base import BackboneAdapter
+if TYPE_CHECKING:  # hooks sit below the backbones: they only read an adapter's sites
+    from mfv.models.base import BackboneAdapter
 
 
 @dataclass
@@ -30,7 +32,6 @@ class HeadRecording:
         by_layer: layer -> ``(B, num_heads, head_dim)`` tensor (detached).
     """
 
-    num_heads: int
     by_layer: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def stacked(self) -> torch.Tensor:
@@ -45,7 +46,7 @@ def record_heads(adapter: BackboneAdapter, layers: Sequence[int] | None = None) 
     Each forward inside the context overwrites the previous recording.
     """
     layers = range(adapter.num_layers) if layers is None else layers
-    recording = HeadRecording(num_heads=adapter.num_heads)
+    recording = HeadRecording()
 
     def make_hook(layer: int):
         def hook(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
@@ -136,6 +137,8 @@ def add_to_residual(
     adapter: BackboneAdapter, layer: int, vector: torch.Tensor, every_generated_position: bool = False
 ) -> Iterator[None]:
     """Adds ``vector`` to the residual stream after ``layer`` at the last prompt position.
+
+    Use :func:`mfv.steering.steering` (several layers, checked shapes) rather than this.
 
     Args:
         adapter: The backbone.

@@ -241,7 +241,7 @@ def test_minimal_path_equals_reference_with_sparse_cross_attention_and_mixed_len
 
     model = build_tiny_openflamingo(tiny_config(words=list(OBJECT_NAMES), num_layers=4, num_heads=4,
                                                 cross_attn_every_n_layers=2))
-    for layer in model._layers:
+    for layer in model.blocks:
         layer.decoder_layer.use_parallel_residual = parallel_residual
     assert last_position.supports(model)
     clean = _batch(model, sampler, "clean", range(4))

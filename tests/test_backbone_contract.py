@@ -14,9 +14,10 @@ import torch
 
 from mfv.data.episodes import EpisodeSampler, encode_episodes, read_scenes
 from mfv.data.synthetic import generate_split
-from mfv.hooks import add_to_residual, head_output_contributions, record_heads
+from mfv.hooks import head_output_contributions, record_heads
 from mfv.method.aie import indirect_effects, mean_head_activations
 from mfv.models import BACKBONES, BackboneSpec
+from mfv.steering import Injection, prompt_pass, steered_logits, steering
 
 RELATIONS = ["above", "below", "left", "right"]
 
@@ -62,8 +63,33 @@ def check_batches_rows_cache_and_heads(adapter, scenes) -> None:
     if site.bias is not None:
         reconstructed = reconstructed + site.bias
     torch.testing.assert_close(reconstructed, outputs["o"], atol=1e-5, rtol=0)
-    with add_to_residual(adapter, 0, torch.zeros(adapter.hidden_size)):
+    with steering(adapter, Injection.at(0, torch.zeros(adapter.hidden_size))):
         torch.testing.assert_close(adapter.forward(batch.prompts), logits, atol=0, rtol=0)
+
+
+def check_every_steering_path_gives_the_same_logits(adapter, scenes) -> None:
+    """The one steering function: full forward under hooks (no graph), the last-position path
+    with a graph (fine-tuning), and conditions sharing one prompt pass, on one and on two layers."""
+    sampler = EpisodeSampler(scenes, RELATIONS, shots=2)
+    batch = encode_episodes(adapter, [sampler.episode(i, "zero_shot") for i in range(3)], RELATIONS).prompts
+    generator = torch.Generator().manual_seed(0)
+    last = adapter.num_layers - 1
+    for layers in ([0], sorted({0, last - 1}), [last]):
+        vectors = torch.randn(3, len(layers), adapter.hidden_size, generator=generator)
+        injection = Injection.at(layers, vectors)
+        with torch.no_grad():
+            full = steered_logits(adapter, batch, injection)
+            shared = steered_logits(adapter, batch, injection, prompt_pass(adapter, batch))
+        trainable = vectors.clone().requires_grad_(True)
+        graph = steered_logits(adapter, batch, Injection.at(layers, trainable))
+        graph.sum().backward()
+        assert trainable.grad is not None and trainable.grad.abs().sum() > 0
+        assert (full - steered_logits(adapter, batch, None).detach()).abs().max() > 1e-4  # it steers
+        torch.testing.assert_close(shared, full, atol=1e-5, rtol=0)
+        torch.testing.assert_close(graph.detach(), full, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        base = steered_logits(adapter, batch, None, prompt_pass(adapter, batch))
+    torch.testing.assert_close(base, adapter.forward(batch), atol=1e-5, rtol=0)
 
 
 def check_fast_aie_equals_reference(adapter, scenes) -> None:
@@ -78,6 +104,7 @@ def check_fast_aie_equals_reference(adapter, scenes) -> None:
 
 
 CONTRACT_CHECKS: list[Callable] = [check_shapes, check_prompt, check_batches_rows_cache_and_heads,
+                                   check_every_steering_path_gives_the_same_logits,
                                    check_fast_aie_equals_reference]
 
 

@@ -211,12 +211,13 @@ def test_two_processes_share_one_cache_safely(tmp_path):
     """Two extractions into the same cache at once: both finish, with the same result."""
     script = (
         "import sys, torch; from mfv.models import load_backbone; from mfv.data.datamodule import "
-        "SyntheticRelationDataModule as D; from mfv.training.callbacks import AIEHeadSelection as A\n"
+        "SyntheticRelationDataModule as D; from mfv.method.extraction import AIESettings as S, "
+        "extract_from_datamodule as E\n"
         f"a = load_backbone('openflamingo-random', **{BACKBONE!r}); "
         f"d = D(data_dir={str(tmp_path / 'data')!r}, shots=2, image_size=32, num_images={{'eval': 16, 'train': 4, "
         "'test': 4, 'novel': 4, 'composite': 4}); d.prepare_data()\n"
-        f"r = A(num_mean_prompts=16, num_aie_prompts=16, k=2, batch_size=2, aie_filter='all', "
-        f"cache_dir={str(tmp_path / 'cache')!r}).extract(a, {RELATIONS!r}, d, progress=False)\n"
+        f"r = E(a, {RELATIONS!r}, d, S(num_mean_prompts=16, num_aie_prompts=16, k=2, batch_size=2, aie_filter='all', "
+        f"cache_dir={str(tmp_path / 'cache')!r}), progress=False)\n"
         "torch.save(r.aie_pooled, sys.argv[1])\n"
     )
     subprocess.run([sys.executable, "-c", script, str(tmp_path / "w.pt")],

@@ -16,16 +16,42 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_python_api_block_of_the_readme_runs_as_is(tmp_path, monkeypatch, capsys):
+def _readme_api_block() -> str:
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## Python API", 1)[1]
-    block = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    assert len(block.strip().splitlines()) <= 8
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+@pytest.mark.slow
+def test_python_api_block_of_the_readme_runs_and_equals_the_cli(tmp_path, monkeypatch, capsys):
+    """The README's block as it is; its ``mfv.evaluate`` result equals evaluate.py's metrics.json
+    on the same prompts (the 40 test prompts) and the same vectors (same extraction)."""
+    from mfv.api import SMALL_SYNTHETIC
+    from mfv.commands.evaluate import main as evaluate_main
+    from mfv.method.extraction import AIESettings
+
+    block = _readme_api_block()
+    assert len(block.strip().splitlines()) <= 10
     (tmp_path / "checkpoints").symlink_to(ROOT / "checkpoints")
     monkeypatch.chdir(tmp_path)
-    exec(compile(block, "README.md", "exec"), {})
-    printed = capsys.readouterr().out
-    assert "expected" in printed
+    namespace: dict = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    assert "expected" in capsys.readouterr().out
+    api = namespace["result"].to_dict()
+
+    defaults = AIESettings()  # what mfv.extract uses
+    cli = evaluate_main([
+        "--config", str(ROOT / "configs/toy.yaml"), "--out", str(tmp_path / "eval"), "--limit", "40",
+        "--data.init_args.data_dir", "data/api", "--data.init_args.num_images", json.dumps(SMALL_SYNTHETIC),
+        "--model.layer", "1", "--aie.k", "6", "--aie.selection", "pooled",
+        "--aie.num_mean_prompts", str(defaults.num_mean_prompts), "--aie.num_aie_prompts", str(defaults.num_aie_prompts),
+        "--evaluation.analogies", "false", "--evaluation.max_k", "1", "--evaluation.sweep_limit", "2",
+        "--trainer.enable_progress_bar", "false"])
+    for name in ("zero_shot", "zero_shot_fv"):
+        assert api["conditions"][name]["n"] == cli["conditions"][name]["n"] == 40
+        for key in ("accuracy", "ci95", "per_relation", "layer"):
+            assert api["conditions"][name].get(key) == cli["conditions"][name].get(key), (name, key)
+    assert api["injected"]["extracted"]["heads"] == cli["injected"]["extracted"]["heads"]
 
 
 def test_lightning_before_mfv_imports_in_the_venv():
@@ -64,6 +90,13 @@ def test_evaluate_runs_with_a_train_override(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["settings"]["layer"] == 2 and metrics["conditions"]["zero_shot"]["n"] == 8
+    # Every accuracy and sweep point as before the evaluation library replaced the module's
+    # test loops (the reference was written by the same command at commit 64bb7e5).
+    reference = json.loads((ROOT / "tests/data/toy_reference_metrics.json").read_text())
+    assert metrics["summary"] == pytest.approx(reference["summary"], abs=1e-9)
+    for name, by_split in reference["sweeps"].items():
+        for split, accuracies in by_split.items():
+            assert metrics["sweeps"][name][split]["accuracy"] == pytest.approx(accuracies, abs=1e-9), (name, split)
 
 
 @pytest.mark.parametrize("gpu, expected, unexpected", [
@@ -91,24 +124,36 @@ def test_makefile_picks_the_torch_build_from_the_machine(tmp_path, gpu, expected
     assert "whl/cpu" in forced.stdout and guard in forced.stdout
 
 
-def test_tensorboard_holds_training_and_evaluation_in_one_run(tmp_path):
+def _tags(folder: Path) -> dict[str, set]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    tags = {"scalars": set(), "images": set()}
+    for events in folder.glob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(events), size_guidance={"images": 0, "scalars": 0})
+        accumulator.Reload()
+        for kind in tags:
+            tags[kind] |= set(accumulator.Tags()[kind])
+    return tags
+
+
+def test_tensorboard_of_training_and_of_evaluation_each_in_its_own_folder(tmp_path):
+    """Training logs into its run; evaluation logs under its --out only, never into the
+    training run (which may be read-only, or evaluated several times)."""
     from mfv.commands.evaluate import main as evaluate_main
     from mfv.commands.train import main as train_main
     from tests.test_drills import write_config
 
     path = write_config(tmp_path)
     metrics = train_main(["--config", str(path), "--trainer.max_epochs", "1", "--trainer.log_every_n_steps", "1"])
+    run = Path(metrics["exported_fv"]).parent
+    before = sorted(p.name for p in run.iterdir())
     evaluate_main(["--config", str(path), "--fv", metrics["exported_fv"], "--out", str(tmp_path / "eval"), "--limit",
                    "4", "--evaluation.max_k", "2", "--evaluation.sweep_limit", "4"])
-    run = Path(metrics["exported_fv"]).parent
-    tags = {"scalars": set(), "images": set()}
-    for events in run.glob("events.out.tfevents.*"):
-        accumulator = EventAccumulator(str(events), size_guidance={"images": 0, "scalars": 0})
-        accumulator.Reload()
-        for kind in tags:
-            tags[kind] |= set(accumulator.Tags()[kind])
-    assert {"aie/heatmap", "eval/conditions", "eval/layer_sweep", "eval/k_sweep", "eval/aie_heatmap"} <= tags["images"]
-    assert {"train/loss", "val/acc", "test/acc", "eval_test/zero_shot", "eval_test/zero_shot_fv", "hp_metric"} <= tags["scalars"]
+    assert sorted(p.name for p in run.iterdir()) == before
+    tags = _tags(run)
+    assert {"aie/heatmap"} <= tags["images"]
+    assert {"train/loss", "val/acc", "test/acc", "hp_metric"} <= tags["scalars"]
+    evaluation = _tags(tmp_path / "eval" / "tensorboard")
+    assert {"eval/conditions", "eval/layer_sweep", "eval/k_sweep", "eval/aie_heatmap"} <= evaluation["images"]
+    assert {"eval_test/zero_shot", "eval_test/zero_shot_fv"} <= evaluation["scalars"]
     assert [t for t in tags["scalars"] if "lr" in t.lower().split("/")[-1]] == ["lr-Adam"]  # learning rate once

@@ -104,8 +104,8 @@ def test_rows_patching_different_heads_equal_rows_run_one_at_a_time(tiny_adapter
 
 
 def _all_position_logits(adapter, batch):
-    with adapter._conditioned(batch.pixel_values):
-        out = adapter.model.lang_encoder(**adapter._lm_kwargs(batch.input_ids, batch.attention_mask))
+    with adapter.conditioned(batch.pixel_values):
+        out = adapter.model.lang_encoder(**adapter.lm_inputs(batch.input_ids, batch.attention_mask))
     return out.logits
 
 
@@ -242,7 +242,7 @@ def test_immediate_media_attention_equals_the_masked_original(tiny_adapter):
     including left padding, text before the first image and prompts with fewer images."""
     from mfv.models.openflamingo.cross_attention import attend_immediate_media_only, immediate_media_attention
 
-    attn = next(layer.gated_cross_attn_layer.attn for layer in tiny_adapter._layers if layer.gated_cross_attn_layer)
+    attn = next(layer.gated_cross_attn_layer.attn for layer in tiny_adapter.blocks if layer.gated_cross_attn_layer)
     generator = torch.Generator().manual_seed(0)
     media_dim = attn.to_kv.in_features
     x = torch.randn(3, 12, attn.to_q.in_features, generator=generator)
@@ -256,7 +256,7 @@ def test_immediate_media_attention_equals_the_masked_original(tiny_adapter):
         got = immediate_media_attention(attn, x, media, media_locations=locations)
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
     assert got[1, :5].abs().max() == 0  # nothing before the first image, as in the original
-    with attend_immediate_media_only(tiny_adapter._layers):
+    with attend_immediate_media_only(tiny_adapter.blocks):
         assert "forward" in vars(attn)
     assert "forward" not in vars(attn)  # restored on exit
 

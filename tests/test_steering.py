@@ -114,5 +114,5 @@ def test_distributed_steering_trains_exports_and_evaluates(tmp_path):
         assert all(v[layer].abs().max() == 0 for v in fvs.vectors.values())
     result = evaluate_main(["--config", str(path), "--fv", metrics["exported_fv"], "--out", str(tmp_path / "eval"),
                             "--limit", "4", "--evaluation.max_k", "2", "--evaluation.sweep_limit", "4"])
-    assert result["conditions"]["zero_shot_finetuned_fv"]["layer"] is None
+    assert result["conditions"]["zero_shot_finetuned_fv"]["layer"] == active  # injected after each of its layers
     assert "analogy_composite_finetuned_normalized" not in result["summary"]  # composites use single-layer FVs

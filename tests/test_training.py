@@ -245,23 +245,21 @@ def test_fitting_encodes_each_image_once_and_changes_no_fv(tmp_path, monkeypatch
     recomputes everything."""
     import hashlib
 
-    from mfv.training.loops import ConditionLoops
-
     encoded: list[bytes] = []
-    real_start = ConditionLoops.on_fit_start
+    real_start = FunctionVectorModule.on_fit_start
 
     def counting_start(module):
         real_start(module)
         module.adapter.model.vision_encoder.register_forward_hook(lambda m, args, out: encoded.extend(
             hashlib.blake2b(image.numpy().tobytes(), digest_size=16).digest() for image in args[0]))
 
-    monkeypatch.setattr(ConditionLoops, "on_fit_start", counting_start)
+    monkeypatch.setattr(FunctionVectorModule, "on_fit_start", counting_start)
     main(_args(tmp_path / "stored", epochs=2))
     stored = _last_fvs(tmp_path / "stored")
     assert encoded and len(encoded) == len(set(encoded))  # no image encoded twice in two epochs
 
     encoded.clear()
-    monkeypatch.setattr(ConditionLoops, "on_fit_start", lambda module: None)  # no store: as before
+    monkeypatch.setattr(FunctionVectorModule, "on_fit_start", lambda module: None)  # no store: as before
     main(_args(tmp_path / "recomputed", epochs=2))
     torch.testing.assert_close(_last_fvs(tmp_path / "recomputed"), stored, atol=1e-6, rtol=0)
 

@@ -22,12 +22,19 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from mfv.errors import MfvError
 from mfv.evaluation.protocol import EvaluationSettings
 from mfv.io import atomic_write_text
+from mfv.method.extraction import AIESettings, extract_from_datamodule, validate_extraction
 from mfv.training.callbacks import AIEHeadSelection, AtomicCheckpointIO
 from mfv.training.module import FV_PARAMETER, FunctionVectorModule
 
 
 class FunctionVectorCLI(LightningCLI):
-    """LightningCLI with the checkpoint and AIE callbacks always present."""
+    """LightningCLI with the checkpoint and AIE callbacks always present.
+
+    The ``aie:`` section is parsed once into an :class:`AIESettings` (:attr:`aie_settings`);
+    the trainer gets an :class:`AIEHeadSelection` built from it (:attr:`aie_callback`).
+    """
+
+    aie_callback: AIEHeadSelection | None = None
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -40,11 +47,24 @@ class FunctionVectorCLI(LightningCLI):
              "last_checkpoint.monitor": None, "last_checkpoint.save_top_k": 1, "last_checkpoint.filename": "last",
              "last_checkpoint.enable_version_counter": False}
         )
-        parser.add_lightning_class_args(AIEHeadSelection, "aie")
+        parser.add_class_arguments(AIESettings, "aie")
         parser.add_argument("--ckpt_path", type=str | None, default=None, help="resume this run from a checkpoint")
         # The evaluation section lives in the same config file (used by evaluate.py; train.py ignores it).
         parser.add_class_arguments(EvaluationSettings, "evaluation", skip={"limit"})
         parser.link_arguments("model.relations", "data.init_args.relations")
+
+    @property
+    def aie_settings(self) -> AIESettings:
+        """The parsed ``aie:`` section (one object for the callback and the commands)."""
+        return self._get(self.config_init, "aie")
+
+    def _instantiate_trainer(self, config: dict, callbacks: list[L.Callback]) -> L.Trainer:
+        """The trainer with the AIE callback built from the parsed settings (checked first,
+        so a bad ``aie.*`` value fails before any compute)."""
+        settings = self.aie_settings
+        settings.validate()
+        self.aie_callback = AIEHeadSelection(settings)
+        return super()._instantiate_trainer(config, [*callbacks, self.aie_callback])
 
 
 TRAINER_DEFAULTS = {
@@ -92,6 +112,16 @@ def _pin_run_folder(trainer: L.Trainer, ckpt_path: str | None) -> None:
         logger._default_hp_metric = False  # hp_metric is logged once, with the final test accuracy
 
 
+def _aie_summary(cli: FunctionVectorCLI, model: FunctionVectorModule, datamodule) -> dict | None:
+    """The AIE facts for ``metrics.json`` (``None`` when the FVs were not extracted)."""
+    settings = cli.aie_settings
+    extraction = cli.aie_callback.result if cli.aie_callback is not None else None
+    if extraction is None and model.hparams.init == "extracted":
+        # Under ddp_spawn the extraction ran in other processes; its cache makes this a load.
+        extraction = extract_from_datamodule(model.adapter, list(model.relations), datamodule, settings, progress=False)
+    return extraction.summary(settings.k, settings.selection) if extraction is not None else None
+
+
 def main(args: Sequence[str] | None = None) -> dict:
     """Runs the training job and returns the metrics written to ``metrics.json``."""
     cli = build_cli(FunctionVectorCLI, args, {"callbacks": [LearningRateMonitor(logging_interval="step")],
@@ -105,8 +135,7 @@ def main(args: Sequence[str] | None = None) -> dict:
     ckpt_path = cli.config.get("ckpt_path")
     _pin_run_folder(trainer, ckpt_path)
     try:
-        next(c for c in trainer.callbacks if isinstance(c, AIEHeadSelection)).validate(
-            model.adapter, list(model.relations), datamodule)
+        validate_extraction(model.adapter, list(model.relations), datamodule, cli.aie_settings)
     except MfvError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from exc
@@ -132,11 +161,8 @@ def main(args: Sequence[str] | None = None) -> dict:
         # A smoke test: like Lightning's own loggers, write nothing (no export, no metrics).
         print(json.dumps(test[0] if test else {}, indent=2))
         return {"test": test[0] if test else {}, "fast_dev_run": True}
-    aie = next((c for c in trainer.callbacks if isinstance(c, AIEHeadSelection)), None)
-    if aie is not None and aie.result is None and trainer.is_global_zero and model.hparams.init == "extracted":
-        # Under ddp_spawn the extraction ran in other processes; its cache makes this a load.
-        aie.extract(model.adapter, list(model.relations), datamodule, progress=False)
     if trainer.is_global_zero:
+        aie = _aie_summary(cli, model, datamodule)
         exported = model.export(run_dir / "function_vectors_finetuned.safetensors")
         if model.hparams.export_dir:
             model.export()
@@ -147,7 +173,7 @@ def main(args: Sequence[str] | None = None) -> dict:
             "exported_fv": str(exported),
             "layer": model.layer,
             "relations": model.relations,
-            "aie": aie.result.summary(aie.k, aie.selection) if aie is not None and aie.result is not None else None,
+            "aie": aie,
         }
         atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2))
         if test and trainer.logger is not None:

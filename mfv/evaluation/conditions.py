@@ -1,9 +1,8 @@
 """Evaluation conditions: what is injected where, over which prompts; analogy problems.
 
-A :class:`Condition` is one dataset of episodes plus the vector added after a layer
-(or none). The module's test loop runs a list of them as its dataloaders
-(:meth:`mfv.training.module.FunctionVectorModule.test_step`), so every condition uses the
-trainer's devices and strategy and its per-prompt outcomes are gathered across ranks.
+A :class:`Condition` is one dataset of episodes plus what is injected into its prompts
+(a :class:`~mfv.steering.Steer`, or nothing). :func:`mfv.evaluation.engine.score_conditions`
+scores a list of them.
 """
 
 from __future__ import annotations
@@ -13,10 +12,9 @@ from typing import Literal, Sequence
 
 import torch
 
-from mfv.data.episodes import Episode, EpisodeSampler
+from mfv.data.episodes import EncodedBatch, Episode, EpisodeSampler
 from mfv.models.base import Example
-
-VectorIndex = Literal["all", "relation", "row", "distributed"]
+from mfv.steering import Injection, Steer
 
 
 @dataclass
@@ -28,11 +26,7 @@ class Condition:
         group: Report group (``test``, ``novel``, ``analogy``, ``sweep``, ``weights``).
         split: The data split its prompts come from.
         dataset: ``(index, episode)`` items with a ``relations`` attribute.
-        vectors: ``None`` (no injection), ``(hidden,)`` for every row, ``(relations, hidden)``
-            indexed by each row's relation, ``(rows, hidden)`` indexed by row, or
-            ``(layers, relations, hidden)`` added after every layer (distributed steering).
-        vector_index: Which of those ``vectors`` is.
-        layer: Injection layer.
+        steer: What is injected (``None``: nothing).
         description: Human-readable label for tables and plots.
     """
 
@@ -40,10 +34,22 @@ class Condition:
     group: str
     split: str
     dataset: torch.utils.data.Dataset
-    vectors: torch.Tensor | None = None
-    vector_index: VectorIndex = "relation"
-    layer: int | None = None
+    steer: Steer | None = None
     description: str = ""
+
+    def injection(self, batch: EncodedBatch) -> Injection | None:
+        """The batch's injection (``None``: unsteered)."""
+        if self.steer is None:
+            return None
+        return self.steer.injection(batch.relation_ids, batch.indices)
+
+    def metadata(self) -> dict:
+        """Split, group, description and (when steered) the injection layer(s), for reports."""
+        meta = {"split": self.split, "group": self.group, "description": self.description}
+        if self.steer is not None:
+            layers = list(self.steer.layers)
+            meta["layer"] = layers[0] if len(layers) == 1 else layers
+        return meta
 
 
 @dataclass

@@ -15,21 +15,23 @@ Conditions (names are the keys of ``metrics.json``), on the test split and, pref
   (``analogy_composite_<mode>``) and into the one-shot analogy prompt
   (``analogy_composite_<mode>_one_shot``), with fine-tuned FVs too when given.
 
-Every condition runs as the module's Lightning test loop (same devices and strategy as
-training). Reports are written from the result by :mod:`mfv.evaluation.report`.
+:func:`evaluate` reads as its steps: the conditions of each split, the sweeps, the analogy
+conditions, one scoring pass, the composite conditions built from its scores, a second pass,
+the result. Conditions are data (:class:`~mfv.evaluation.conditions.Condition`); scores are
+looked up by the condition objects that produced them. Scoring is
+:func:`mfv.evaluation.engine.score_conditions` (in this process, or on every rank of a
+Lightning ``Fabric``). Reports are written from the result by :mod:`mfv.evaluation.report`.
 """
 
 from __future__ import annotations
 
-import tempfile
+import fnmatch
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
-import lightning as L
 import torch
 
-from mfv.data.episodes import EpisodeDataset, EpisodeList
+from mfv.data.episodes import Episode, EpisodeDataset, EpisodeList
 from mfv.errors import ConfigError
 from mfv.evaluation.conditions import (
     COMPOSITE_MODES,
@@ -39,9 +41,14 @@ from mfv.evaluation.conditions import (
     composite_vectors,
     source_episodes,
 )
+from mfv.evaluation.engine import score_conditions
 from mfv.evaluation.scoring import Score, paired_comparison
 from mfv.method.extraction import Extraction, Selection
 from mfv.method.function_vector import FunctionVectorSet
+from mfv.models.base import BackboneAdapter
+from mfv.steering import Steer
+
+Scorer = Callable[[list[Condition]], dict[str, Score]]
 
 
 @dataclass
@@ -101,6 +108,7 @@ class EvaluationResult:
     extraction: dict
     injected: dict
     settings: dict
+    not_run: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         """The ``metrics.json`` content (schema version 2)."""
@@ -114,211 +122,346 @@ class EvaluationResult:
             "extraction": self.extraction,
             "injected": self.injected,
             "settings": self.settings,
+            "not_run": self.not_run,
         }
 
 
-def run_conditions(trainer: L.Trainer, module, conditions: Sequence[Condition], batch_size: int,
-                   num_workers: int = 0, reuse: bool = True) -> dict[str, Score]:
-    """Runs ``conditions`` as the module's test loop and returns their scores by name."""
-    if not conditions:
-        return {}
-    module.conditions = list(conditions)
-    module.reuse = reuse  # the same images and prompts recur across conditions: compute each once
-    module.eval_loader_options = {"batch_size": batch_size, "num_workers": num_workers}
-    with tempfile.TemporaryDirectory(prefix="mfv-eval-") as tmp:
-        module.outcome_file = str(Path(tmp) / "scores.pt")
-        try:
-            trainer.test(module, verbose=False)
-            saved = torch.load(module.outcome_file, weights_only=True)
-        finally:
-            module.conditions, module.outcome_file, module.reuse = None, None, False
-    return {c.name: Score.from_tensors(c.dataset.relations, *saved[i]) for i, c in enumerate(conditions)}
+@dataclass
+class Vectors:
+    """What the protocol injects.
+
+    Attributes:
+        extracted: The extracted FVs (at their layer).
+        finetuned: Fine-tuned FVs, if any.
+        spread: ``(relations, num_layers, hidden)``: each selected head's projected mean at its
+            own layer (``zero_shot_fv_distributed``), if given.
+        extraction: The cached means and AIE the FVs came from (K sweep, AIE summary), if given.
+        k: Heads per extracted FV (with ``extraction``).
+        selection: Head choice of the extracted FVs (with ``extraction``).
+    """
+
+    extracted: FunctionVectorSet
+    finetuned: FunctionVectorSet | None = None
+    spread: torch.Tensor | None = None
+    extraction: Extraction | None = None
+    k: int | None = None
+    selection: Selection = "per_relation"
+
+    @classmethod
+    def from_extraction(cls, adapter: BackboneAdapter, extraction: Extraction, k: int, layer: int,
+                        selection: Selection = "per_relation", finetuned: FunctionVectorSet | None = None
+                        ) -> "Vectors":
+        """Extracted FVs at ``layer`` from ``extraction``'s top-``k`` heads, their per-layer
+        spread, and ``finetuned``."""
+        spread = extraction.distributed_vectors(adapter, k, selection).permute(1, 0, 2)
+        return cls(extraction.function_vectors(adapter, k, layer, selection), finetuned, spread, extraction, k,
+                   selection)
+
+    def check(self, adapter: BackboneAdapter, relations: Sequence[str]) -> None:
+        """Raises :class:`ConfigError` for vectors of another backbone or missing relations."""
+        for name, fvs in (("extracted", self.extracted), ("fine-tuned", self.finetuned)):
+            if fvs is None:
+                continue
+            fvs.check_compatible(adapter)
+            missing = [r for r in relations if r not in fvs.vectors]
+            if missing:
+                raise ConfigError(f"the {name} FV file has no vector for {missing}; it has {fvs.relations}")
 
 
-def _split_conditions(datamodule, split: str, prefix: str, extracted: torch.Tensor, layer: int,
-                      finetuned: FunctionVectorSet | None, settings: EvaluationSettings,
-                      distributed: torch.Tensor) -> list[Condition]:
+def fv_steer(fvs: FunctionVectorSet, relations: Sequence[str]) -> Steer:
+    """An FV set as a relation-indexed :class:`Steer` (at its layer, or spread over layers)."""
+    if fvs.distributed:
+        return Steer.per_layer(fvs.stacked(relations), fvs.metadata.get("layers"))
+    return Steer.at(fvs.layer, fvs.stacked(relations))
+
+
+def split_conditions(datamodule, split: str, vectors: Vectors, settings: EvaluationSettings,
+                     not_run: dict[str, str]) -> list[Condition]:
+    """Zero-shot (with and without FVs), ICL and shuffled-label conditions on one split;
+    condition names of the ``novel`` split are prefixed ``novel_``."""
     sampler = datamodule.sampler(split)
     relations = list(sampler.relations)
+    prefix = "" if split == "test" else f"{split}_"
 
-    def data(mode: str, shots: int | None = None) -> EpisodeDataset:
-        return EpisodeDataset(sampler, mode, shots, settings.limit)
+    def condition(name: str, dataset, steer: Steer | None, description: str) -> Condition:
+        return Condition(f"{prefix}{name}", split, split, dataset, steer, description)
 
-    zero = data("zero_shot", 0)
-    conditions = [
-        Condition(f"{prefix}zero_shot", split, split, zero, description="zero-shot"),
-        Condition(f"{prefix}zero_shot_fv", split, split, zero, extracted, "relation", layer,
-                  "zero-shot + extracted FV"),
-        Condition(f"{prefix}zero_shot_fv_distributed", split, split, zero, distributed, "distributed", None,
-                  "zero-shot + extracted FV, distributed (each head at its layer)"),
-    ]
-    if finetuned is not None and finetuned.distributed:
-        conditions.append(Condition(f"{prefix}zero_shot_finetuned_fv", split, split, zero,
-                                    finetuned.stacked(relations).permute(1, 0, 2), "distributed", None,
-                                    "zero-shot + fine-tuned FV (distributed)"))
-    elif finetuned is not None:
-        conditions.append(Condition(f"{prefix}zero_shot_finetuned_fv", split, split, zero,
-                                    finetuned.stacked(relations), "relation", finetuned.layer,
-                                    "zero-shot + fine-tuned FV"))
+    zero = EpisodeDataset(sampler, "zero_shot", 0, settings.limit)
+    extracted = fv_steer(vectors.extracted, relations)
+    conditions = [condition("zero_shot", zero, None, "zero-shot"),
+                  condition("zero_shot_fv", zero, extracted, "zero-shot + extracted FV")]
+    if vectors.spread is not None:
+        conditions.append(condition("zero_shot_fv_distributed", zero, Steer.per_layer(vectors.spread),
+                                    "zero-shot + extracted FV, distributed (each head at its layer)"))
+    if vectors.finetuned is not None:
+        kind = " (distributed)" if vectors.finetuned.distributed else ""
+        conditions.append(condition("zero_shot_finetuned_fv", zero, fv_steer(vectors.finetuned, relations),
+                                    f"zero-shot + fine-tuned FV{kind}"))
     for shots in settings.shots:
         if 0 < shots < len(sampler.demo_pool):
-            conditions.append(Condition(f"{prefix}icl_{shots}", split, split, data("clean", shots),
-                                        description=f"{shots}-shot ICL"))
-    shuffled = data("shuffled", datamodule.shots)
-    conditions += [
-        Condition(f"{prefix}icl_shuffled_{datamodule.shots}", split, split, shuffled,
-                  description=f"{datamodule.shots}-shot ICL, shuffled labels"),
-        Condition(f"{prefix}icl_shuffled_{datamodule.shots}_fv", split, split, shuffled, extracted, "relation",
-                  layer, f"{datamodule.shots}-shot shuffled + FV"),
-    ]
+            conditions.append(condition(f"icl_{shots}", EpisodeDataset(sampler, "clean", shots, settings.limit),
+                                        None, f"{shots}-shot ICL"))
+        else:
+            not_run[f"{prefix}icl_{shots}"] = (f"{shots} shots: the {split} split has {len(sampler.demo_pool)} "
+                                               f"demonstration scenes per prompt to draw from (1..{len(sampler.demo_pool) - 1})")
+    shots = datamodule.shots
+    shuffled = EpisodeDataset(sampler, "shuffled", shots, settings.limit)
+    conditions += [condition(f"icl_shuffled_{shots}", shuffled, None, f"{shots}-shot ICL, shuffled labels"),
+                   condition(f"icl_shuffled_{shots}_fv", shuffled, extracted, f"{shots}-shot shuffled + FV")]
     return conditions
 
 
+@dataclass
+class Sweep:
+    """One parameter swept on zero-shot prompts: its points and their conditions per split."""
+
+    name: str
+    points: list[int]
+    conditions: dict[str, list[Condition]]
+
+
+def sweeps(adapter: BackboneAdapter, datamodule, vectors: Vectors, settings: EvaluationSettings) -> list[Sweep]:
+    """The injection-layer and K sweeps on the validation split (where the choice is made)
+    and on the test split (where it is reported). The K sweep needs ``vectors.extraction``."""
+    limit = min(settings.limit or settings.sweep_limit, settings.sweep_limit)
+    splits = [s for s in ("val", "test") if datamodule.has_split(s)]
+    relations = list(vectors.extracted.relations)
+    table = vectors.extracted.stacked(relations)
+    layer = vectors.extracted.layer
+    layer_points = list(range(adapter.num_layers))
+    steers = {"layer": [Steer.at(x, table) for x in layer_points]}
+    points = {"layer": layer_points}
+    if vectors.extraction is not None:
+        points["k"] = list(range(1, min(settings.max_k, adapter.num_layers * adapter.num_heads) + 1))
+        steers["k"] = [Steer.at(layer, vectors.extraction.function_vectors(
+            adapter, x, layer, vectors.selection).stacked(relations)) for x in points["k"]]
+    out = []
+    for name in points:
+        per_split = {}
+        for split in splits:
+            zero = EpisodeDataset(datamodule.sampler(split), "zero_shot", 0, limit)
+            per_split[split] = [Condition(f"sweep_{name}_{split}_{x}", "sweep", split, zero, steer,
+                                          f"{'layer' if name == 'layer' else 'K'} {x}")
+                                for x, steer in zip(points[name], steers[name])]
+        out.append(Sweep(name, points[name], per_split))
+    return out
+
+
+@dataclass
+class Analogies:
+    """The analogy problems of the composite split and their first-pass conditions."""
+
+    problems: list
+    diagonal: list[str]
+    zero_targets: EpisodeList
+    one_shot: EpisodeList
+    conditions: list[Condition]
+    weights: dict[str, dict[str, Condition]]  # FV kind -> trained relation -> source-weight condition
+
+    def composite_names(self, modes: Sequence[str]) -> list[str]:
+        """Names of the second-pass composite conditions (built by :func:`composite_conditions`)."""
+        return [f"analogy_composite_{'' if kind == 'extracted' else 'finetuned_'}{mode}{suffix}"
+                for kind in self.weights for mode in modes for suffix in ("", "_one_shot")]
+
+
+def analogies(datamodule, vectors: Vectors, settings: EvaluationSettings) -> Analogies | None:
+    """ICL and single-FV conditions on the untrained diagonal relations, and the conditions
+    giving each trained FV's weight in the composites (P(source answer | FV))."""
+    if not (settings.analogies and datamodule.has_split("composite")):
+        return None
+    composite = datamodule.sampler("composite")
+    diagonal = list(composite.relations)
+    problems = analogy_problems(composite, min(settings.limit or len(composite), len(composite)))
+    zero_targets = EpisodeList(analogy_episodes(problems, 0, composite), diagonal)
+    one_shot = EpisodeList(analogy_episodes(problems, 1, composite), diagonal)
+    sources = EpisodeList(source_episodes(problems), diagonal)
+    conditions = [Condition(f"analogy_icl_{shots}", "analogy", "composite", dataset, None, f"{shots}-shot ICL")
+                  for shots, dataset in ((0, zero_targets), (1, one_shot),
+                                         (4, EpisodeList(analogy_episodes(problems, 4, composite), diagonal)))]
+    extracted = vectors.extracted
+    conditions += [Condition(f"analogy_fv_{r}", "analogy", "composite", zero_targets,
+                             Steer.at(extracted.layer, extracted.vectors[r], "all"), f"FV of {r}")
+                   for r in extracted.relations]
+    weights = {"extracted": {r: Condition(f"weights_extracted_{r}", "weights", "composite", sources,
+                                          Steer.at(extracted.layer, extracted.vectors[r], "all"))
+                             for r in extracted.relations}}
+    finetuned = vectors.finetuned
+    if finetuned is not None and not finetuned.distributed:  # composites combine single-layer FVs
+        weights["finetuned"] = {r: Condition(f"weights_finetuned_{r}", "weights", "composite", sources,
+                                             Steer.at(finetuned.layer, finetuned.vectors[r], "all"))
+                                for r in extracted.relations}
+    return Analogies(problems, diagonal, zero_targets, one_shot, conditions, weights)
+
+
+def composite_conditions(found: Analogies, vectors: Vectors, scores: dict[str, Score],
+                         modes: Sequence[str]) -> tuple[list[Condition], dict[str, dict[str, float]]]:
+    """Composite FVs per problem from the first pass's source weights, injected into the
+    zero-shot target and into the one-shot analogy prompt; and the mean normalised weights of
+    the extracted FVs per diagonal relation."""
+    relations = list(vectors.extracted.relations)
+    conditions, mean_weights = [], {}
+    for kind, by_relation in found.weights.items():
+        fvs = vectors.extracted if kind == "extracted" else vectors.finetuned
+        tag = "" if kind == "extracted" else "finetuned_"
+        probabilities = torch.stack([torch.from_numpy(scores[by_relation[r].name].probability) for r in relations], 1)
+        for mode in modes:
+            composite = composite_vectors(probabilities, fvs.stacked(relations), mode)
+            for dataset, suffix, where in ((found.zero_targets, "", "zero-shot target"),
+                                           (found.one_shot, "_one_shot", "one-shot analogy prompt")):
+                conditions.append(Condition(f"analogy_composite_{tag}{mode}{suffix}", "analogy", "composite", dataset,
+                                            Steer.at(fvs.layer, composite, "row"),
+                                            f"composite {kind} FV ({mode}) in the {where}"))
+        if kind == "extracted":
+            normalised = probabilities / probabilities.sum(-1, keepdim=True).clamp(min=1e-12)
+            for d in found.diagonal:
+                rows = [i for i, p in enumerate(found.problems) if p.relation == d]
+                if rows:
+                    mean_weights[d] = dict(zip(relations, normalised[rows].mean(0).tolist()))
+    return conditions, mean_weights
+
+
 def evaluate(
-    trainer: L.Trainer,
-    module,
+    adapter: BackboneAdapter,
     datamodule,
-    extraction: Extraction,
-    settings: EvaluationSettings,
-    k: int,
-    selection: Selection = "per_relation",
-    finetuned: FunctionVectorSet | None = None,
+    vectors: Vectors,
+    settings: EvaluationSettings | None = None,
+    scorer: Scorer | None = None,
+    only: Sequence[str] | None = None,
 ) -> EvaluationResult:
     """Evaluates every condition of the protocol (see module docstring).
 
     Args:
-        trainer: Runs the test loops (its devices and strategy are used).
-        module: A :class:`~mfv.training.module.FunctionVectorModule` (the backbone, its layer).
-        datamodule: A relation DataModule attached to the module's backbone.
-        extraction: Cached means and AIE of the eval split.
-        settings: What to evaluate.
-        k, selection: Head choice of the extracted FVs.
-        finetuned: Fine-tuned FVs (validated against the backbone), if any.
+        adapter: The backbone.
+        datamodule: A relation DataModule attached to the backbone.
+        vectors: What is injected (extracted FVs; fine-tuned FVs, per-layer spread and the
+            extraction for the K sweep when given).
+        settings: What to evaluate (default: :class:`EvaluationSettings`).
+        scorer: Scores a list of conditions (default: :func:`score_conditions` in this process
+            with the settings' batch size and reuse).
+        only: Condition names or shell patterns (``"zero_shot*"``) to run; default: all. A
+            pattern matching nothing is an error.
     """
+    settings = settings or EvaluationSettings()
     settings.validate()
-    adapter, layer = module.adapter, module.layer
-    relations = list(module.relations)
-    if finetuned is not None:
-        finetuned.check_compatible(adapter)
-        missing = [r for r in relations if r not in finetuned.vectors]
-        if missing:
-            raise ConfigError(f"the fine-tuned FV file has no vector for {missing}; it has {finetuned.relations}")
-    extracted_set = extraction.function_vectors(adapter, k, layer, selection)
-    extracted = extracted_set.stacked(relations)
-    batch_size = settings.batch_size or datamodule.batch_size
-    meta: dict[str, dict] = {}
-
-    distributed = extraction.distributed_vectors(adapter, k, selection)
-    conditions = _split_conditions(datamodule, "test", "", extracted, layer, finetuned, settings, distributed)
+    relations = list(vectors.extracted.relations)
+    vectors.check(adapter, relations)
+    scorer = scorer or (lambda conditions: score_conditions(
+        adapter, conditions, settings.batch_size or datamodule.batch_size, datamodule.num_workers, settings.reuse))
+    not_run: dict[str, str] = {}
+    conditions = split_conditions(datamodule, "test", vectors, settings, not_run)
     if datamodule.has_split("novel"):
-        conditions += _split_conditions(datamodule, "novel", "novel_", extracted, layer, finetuned, settings,
-                                        distributed)
+        conditions += split_conditions(datamodule, "novel", vectors, settings, not_run)
+    swept = sweeps(adapter, datamodule, vectors, settings)
+    conditions += [c for sweep in swept for split in sweep.conditions.values() for c in split]
+    found = analogies(datamodule, vectors, settings)
+    later = found.composite_names(settings.composite_modes) if found is not None else []
+    if found is not None:
+        conditions += found.conditions + [c for by in found.weights.values() for c in by.values()]
+    wanted = _matcher(only, [c.name for c in conditions] + later)
+    # The composites' weights come from the first pass: run them whenever a composite is wanted.
+    weights_wanted = any(wanted(name) for name in later)
+    conditions = [c for c in conditions if wanted(c.name) or (c.group == "weights" and weights_wanted)]
+    scores = scorer(conditions)
+    mean_weights: dict[str, dict[str, float]] = {}
+    if found is not None and weights_wanted:
+        second, mean_weights = composite_conditions(found, vectors, scores, settings.composite_modes)
+        second = [c for c in second if wanted(c.name)]
+        scores.update(scorer(second))
+        conditions += second
+    swept = [sweep for sweep in swept if all(c.name in scores for cs in sweep.conditions.values() for c in cs)]
+    return _result(adapter, datamodule, vectors, settings, conditions, scores, swept, mean_weights, not_run)
 
-    # Sweeps: chosen on validation, reported on test.
-    sweep_limit = min(settings.limit or settings.sweep_limit, settings.sweep_limit)
-    max_k = min(settings.max_k, adapter.num_layers * adapter.num_heads)
-    sweep_splits = [s for s in ("val", "test") if datamodule.has_split(s)]
-    for split in sweep_splits:
-        zero = EpisodeDataset(datamodule.sampler(split), "zero_shot", 0, sweep_limit)
-        for sweep_layer in range(adapter.num_layers):
-            conditions.append(Condition(f"sweep_layer_{split}_{sweep_layer}", "sweep", split, zero, extracted,
-                                        "relation", sweep_layer, f"layer {sweep_layer}"))
-        for sweep_k in range(1, max_k + 1):
-            vectors = extraction.function_vectors(adapter, sweep_k, layer, selection).stacked(relations)
-            conditions.append(Condition(f"sweep_k_{split}_{sweep_k}", "sweep", split, zero, vectors, "relation",
-                                        layer, f"K {sweep_k}"))
 
-    problems, composite = [], None
-    if settings.analogies and datamodule.has_split("composite"):
-        composite = datamodule.sampler("composite")
-        diagonal = list(composite.relations)
-        problems = analogy_problems(composite, min(settings.limit or len(composite), len(composite)))
-        for shots in (0, 1, 4):
-            conditions.append(Condition(f"analogy_icl_{shots}", "analogy", "composite",
-                                        EpisodeList(analogy_episodes(problems, shots, composite), diagonal),
-                                        description=f"{shots}-shot ICL"))
-        zero_targets = EpisodeList(analogy_episodes(problems, 0, composite), diagonal)
-        sources = EpisodeList(source_episodes(problems), diagonal)
-        for r, relation in enumerate(relations):
-            conditions.append(Condition(f"analogy_fv_{relation}", "analogy", "composite", zero_targets,
-                                        extracted[r], "all", layer, f"FV of {relation}"))
-            conditions.append(Condition(f"weights_extracted_{relation}", "weights", "composite", sources,
-                                        extracted[r], "all", layer))
-            if finetuned is not None and not finetuned.distributed:
-                conditions.append(Condition(f"weights_finetuned_{relation}", "weights", "composite", sources,
-                                            finetuned.vectors[relation], "all", finetuned.layer))
+def evaluate_episodes(
+    adapter: BackboneAdapter,
+    episodes: Sequence[Episode],
+    vectors: Vectors,
+    settings: EvaluationSettings | None = None,
+    scorer: Scorer | None = None,
+) -> EvaluationResult:
+    """Zero-shot accuracy of your own episodes without and with the FVs (each episode's
+    relation's vector; fine-tuned FVs too when given), as an :class:`EvaluationResult`.
 
-    scores = run_conditions(trainer, module, conditions, batch_size, datamodule.num_workers,
-                            settings.reuse)
-    for c in conditions:
-        meta[c.name] = {"split": c.split, "group": c.group, "description": c.description,
-                        **({"layer": c.layer} if c.vectors is not None else {})}
+    Args:
+        adapter: The backbone.
+        episodes: Episodes whose relations all have a vector in ``vectors.extracted``; they
+            are scored as they are (their demonstrations, if any, stay in the prompt).
+        vectors: What is injected.
+        settings: Batch size and reuse (default: :class:`EvaluationSettings`).
+        scorer: As in :func:`evaluate`.
+    """
+    settings = settings or EvaluationSettings()
+    settings.validate()
+    relations = list(vectors.extracted.relations)
+    unknown = sorted({e.relation for e in episodes} - set(relations))
+    if unknown:
+        raise ConfigError(f"episodes of relations {unknown} have no vector; the FVs cover {relations}")
+    if not episodes:
+        raise ConfigError("no episodes to evaluate")
+    vectors.check(adapter, relations)
+    scorer = scorer or (lambda conditions: score_conditions(adapter, conditions, settings.batch_size or 16,
+                                                            reuse=settings.reuse))
+    data = EpisodeList(episodes[:settings.limit], relations)
+    conditions = [Condition("zero_shot", "test", "episodes", data, None, "zero-shot"),
+                  Condition("zero_shot_fv", "test", "episodes", data, fv_steer(vectors.extracted, relations),
+                            "zero-shot + extracted FV")]
+    if vectors.finetuned is not None:
+        conditions.append(Condition("zero_shot_finetuned_fv", "test", "episodes", data,
+                                    fv_steer(vectors.finetuned, relations), "zero-shot + fine-tuned FV"))
+    return _result(adapter, None, vectors, settings, conditions, scorer(conditions), [], {}, {})
 
-    analogy_weights: dict[str, dict[str, float]] = {}
-    if problems:
-        phase_two = []
-        one_shot = EpisodeList(analogy_episodes(problems, 1, composite), diagonal)
-        sets = [("", extracted, layer, "extracted")]
-        if finetuned is not None and not finetuned.distributed:  # composites combine single-layer FVs
-            sets.append(("finetuned_", finetuned.stacked(relations), finetuned.layer, "finetuned"))
-        for tag, trained, inject_layer, kind in sets:
-            probabilities = torch.stack([torch.from_numpy(scores[f"weights_{kind}_{r}"].probability)
-                                         for r in relations], dim=1)
-            for mode in settings.composite_modes:
-                vectors = composite_vectors(probabilities, trained, mode)
-                for dataset, suffix, where in ((zero_targets, "", "zero-shot target"),
-                                               (one_shot, "_one_shot", "one-shot analogy prompt")):
-                    phase_two.append(Condition(f"analogy_composite_{tag}{mode}{suffix}", "analogy", "composite",
-                                               dataset, vectors, "row", inject_layer,
-                                               f"composite {kind} FV ({mode}) in the {where}"))
-            if kind == "extracted":
-                normalised = probabilities / probabilities.sum(-1, keepdim=True).clamp(min=1e-12)
-                for d in diagonal:
-                    rows = [i for i, p in enumerate(problems) if p.relation == d]
-                    if rows:
-                        analogy_weights[d] = dict(zip(relations, normalised[rows].mean(0).tolist()))
-        scores.update(run_conditions(trainer, module, phase_two, batch_size, datamodule.num_workers,
-                                     settings.reuse))
-        for c in phase_two:
-            meta[c.name] = {"split": c.split, "group": c.group, "description": c.description, "layer": c.layer}
 
-    sweeps = _sweeps(scores, sweep_splits, adapter.num_layers, max_k)
-    shown = {n: s for n, s in scores.items() if meta[n]["group"] not in ("sweep", "weights")}
+def _matcher(only: Sequence[str] | None, names: list[str]) -> Callable[[str], bool]:
+    """Whether a condition name is wanted; a pattern of ``only`` matching no name is an error."""
+    if only is None:
+        return lambda name: True
+    unmatched = [p for p in only if not fnmatch.filter(names, p)]
+    if unmatched:
+        raise ConfigError(f"conditions {unmatched} match no condition of this evaluation; it has {names}")
+    return lambda name: any(fnmatch.fnmatchcase(name, p) for p in only)
+
+
+def _result(adapter: BackboneAdapter, datamodule, vectors: Vectors, settings: EvaluationSettings,
+            conditions: list[Condition], scores: dict[str, Score], swept: list[Sweep],
+            mean_weights: dict[str, dict[str, float]], not_run: dict[str, str]) -> EvaluationResult:
+    shown = [c for c in conditions if c.group not in ("sweep", "weights")]
+    shown_scores = {c.name: scores[c.name] for c in shown}
+    extracted, finetuned = vectors.extracted, vectors.finetuned
     return EvaluationResult(
-        scores=shown,
-        conditions={n: meta[n] for n in shown},
-        sweeps=sweeps,
-        comparisons=_comparisons(shown, datamodule.shots),
-        analogy_weights=analogy_weights,
-        extraction=extraction.summary(k, selection),
-        injected={"extracted": {"layer": layer, "k": k, "selection": selection,
-                                "heads": {r: [list(h) for h in hs] for r, hs in extracted_set.heads.items()}},
+        scores=shown_scores,
+        conditions={c.name: c.metadata() for c in shown},
+        sweeps={sweep.name: _sweep_entry(sweep, scores) for sweep in swept},
+        comparisons=_comparisons(shown_scores, datamodule.shots if datamodule is not None else 0),
+        analogy_weights=mean_weights,
+        extraction=vectors.extraction.summary(vectors.k, vectors.selection) if vectors.extraction else {},
+        injected={"extracted": {"layer": extracted.layer, "k": vectors.k, "selection": vectors.selection,
+                                "heads": {r: [list(h) for h in hs] for r, hs in extracted.heads.items()}},
                   "finetuned": None if finetuned is None else {
                       "layer": finetuned.layer, "heads": {r: [list(h) for h in hs] for r, hs in finetuned.heads.items()},
                       "metadata": finetuned.metadata}},
-        settings={"limit": settings.limit, "shots": settings.shots, "max_k": max_k, "sweep_limit": sweep_limit,
-                  "layer": layer, "k": k, "selection": selection, "backbone": adapter.backbone_id,
-                  "composite_modes": settings.composite_modes},
+        settings={"limit": settings.limit, "shots": settings.shots,
+                  "max_k": next((s.points[-1] for s in swept if s.name == "k"), None),
+                  "sweep_limit": min(settings.limit or settings.sweep_limit, settings.sweep_limit),
+                  "layer": extracted.layer, "k": vectors.k, "selection": vectors.selection,
+                  "backbone": adapter.backbone_id, "composite_modes": settings.composite_modes},
+        not_run=not_run,
     )
 
 
-def _sweeps(scores: dict[str, Score], splits: list[str], num_layers: int, max_k: int) -> dict[str, dict]:
-    out = {}
-    for name, xs in (("layer", list(range(num_layers))), ("k", list(range(1, max_k + 1)))):
-        entry: dict = {"x": xs}
-        for split in splits:
-            points = [scores[f"sweep_{name}_{split}_{x}"] for x in xs]
-            entry[split] = {"accuracy": [p.accuracy for p in points], "ci95": [list(p.ci95()) for p in points],
-                            "n": points[0].n}
-        if "val" in splits:
-            best = max(range(len(xs)), key=lambda i: (entry["val"]["accuracy"][i], -i))
-            entry["chosen_on"] = "val"
-            entry["chosen"] = xs[best]
-            if "test" in splits:
-                entry["test_at_chosen"] = {"accuracy": entry["test"]["accuracy"][best],
-                                           "ci95": entry["test"]["ci95"][best], "n": entry["test"]["n"]}
-        out[name] = entry
-    return out
+def _sweep_entry(sweep: Sweep, scores: dict[str, Score]) -> dict:
+    entry: dict = {"x": sweep.points}
+    for split, conditions in sweep.conditions.items():
+        points = [scores[c.name] for c in conditions]
+        entry[split] = {"accuracy": [p.accuracy for p in points], "ci95": [list(p.ci95()) for p in points],
+                        "n": points[0].n}
+    if "val" in entry:
+        best = max(range(len(sweep.points)), key=lambda i: (entry["val"]["accuracy"][i], -i))
+        entry["chosen_on"] = "val"
+        entry["chosen"] = sweep.points[best]
+        if "test" in entry:
+            entry["test_at_chosen"] = {"accuracy": entry["test"]["accuracy"][best],
+                                       "ci95": entry["test"]["ci95"][best], "n": entry["test"]["n"]}
+    return entry
 
 
 def _comparisons(scores: dict[str, Score], shots: int) -> dict[str, dict]:

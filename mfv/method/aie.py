@@ -3,20 +3,21 @@
 IE of head (l, h) on a corrupted prompt =
 P(answer | corrupted, head's last-token output := relation mean) - P(answer | corrupted).
 
-Two exact algorithms and one estimate:
+Two exact algorithms and one estimate (:func:`indirect_effects` picks one):
 
-* ``reference``: one full forward per (prompt, layer, head), as the published scripts do.
-* ``fast``: the patch only touches the last position, so every earlier position's keys
-  and values equal the corrupted run's. Each corrupted prompt is run once (images
-  encoded once, prefix cached); then only the last position is recomputed, for many
-  (prompt, head) pairs per batch. Backbones with a minimal path
+* ``reference`` (:func:`_reference_effects`): one full forward per (prompt, layer, head),
+  as the published scripts do.
+* ``fast`` (:func:`_fast_effects`): the patch only touches the last position, so every
+  earlier position's keys and values equal the corrupted run's. Each corrupted prompt is
+  run once (images encoded once, prefix cached); then only the last position is
+  recomputed, for many (prompt, head) pairs per batch. Backbones with a minimal path
   (:meth:`BackboneAdapter.single_head_patch_probabilities`; OpenFlamingo) recompute each
   site only from its patched layer upward, sharing the prompt's prefix and image
   keys/values. They agree to float rounding (tested to 1e-5).
-* ``attribution`` (attribution patching, a first-order estimate): one forward and one
-  backward per batch of corrupted prompts; IE(l, h) ~ dP/da_{l,h} . (mean_{l,h} - a_{l,h})
-  at the last position. Not exact: its agreement with exact AIE is measured in
-  ``benchmarks/attribution.py``.
+* ``attribution`` (:func:`attribution_effects`; attribution patching, a first-order
+  estimate): one forward and one backward per batch of corrupted prompts;
+  IE(l, h) ~ dP/da_{l,h} . (mean_{l,h} - a_{l,h}) at the last position. Not exact: its
+  agreement with exact AIE is measured in ``benchmarks/attribution.py``.
 """
 
 from __future__ import annotations
@@ -123,11 +124,14 @@ def indirect_effects(
 ) -> torch.Tensor:
     """IE of every head of ``layers`` on every corrupted prompt of ``batch``.
 
+    Picks one algorithm: :func:`_reference_effects`, :func:`_fast_effects` or
+    :func:`attribution_effects` (see module docstring).
+
     Args:
         adapter: The backbone.
         batch: Corrupted prompts with answers and relation ids.
         means: ``(relations, layers, heads, head_dim)`` mean activations.
-        algorithm: ``fast`` or ``reference`` (see module docstring).
+        algorithm: ``fast``, ``reference`` or ``attribution``.
         layers: Layers to analyse (default: all).
         rows_per_pass: Patched rows per forward of the fast algorithm.
 
@@ -136,33 +140,62 @@ def indirect_effects(
     """
     adapter.check_fast_path_preconditions()
     layers = list(range(adapter.num_layers)) if layers is None else list(layers)
-    layer_index, head_index = _all_heads(adapter, layers)
-    num_sites = len(layer_index)
-    num_prompts = len(batch)
-    answers = batch.answer_ids
-    relation = batch.relation_ids.cpu()
-    # values[p, s] = mean activation of site s for prompt p's relation
-    values = means[relation][:, layer_index, head_index]  # (P, sites, head_dim)
-    effects = torch.empty(num_prompts, num_sites)
-
     if algorithm == "reference":
-        for p in range(num_prompts):
-            single = adapter.select_rows(batch.prompts, torch.tensor([p]))
-            base = answer_probability(adapter.forward(single), answers[p : p + 1])
-            for s in range(num_sites):
-                patch = HeadPatch(torch.tensor([0]), layer_index[s : s + 1], head_index[s : s + 1], values[p, s : s + 1])
-                with patch_heads(adapter, patch):
-                    patched = answer_probability(adapter.forward(single), answers[p : p + 1])
-                effects[p, s] = (patched - base).cpu()
-        return effects.reshape(num_prompts, len(layers), adapter.num_heads)
-
+        return _reference_effects(adapter, batch, means, layers)
     if algorithm == "attribution":
         return attribution_effects(adapter, batch, means, layers)
     if algorithm != "fast":
         raise ValueError(f"algorithm must be 'fast', 'reference' or 'attribution', got {algorithm!r}")
+    return _fast_effects(adapter, batch, means, layers, rows_per_pass)
+
+
+def _patch_values(adapter: BackboneAdapter, batch: EncodedBatch, means: torch.Tensor,
+                  layers: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The sites of ``layers`` (layer and head index of each) and ``values[p, s]``, the mean
+    activation of site ``s`` for prompt ``p``'s relation, ``(P, sites, head_dim)``."""
+    layer_index, head_index = _all_heads(adapter, layers)
+    values = means[batch.relation_ids.cpu()][:, layer_index, head_index]
+    return layer_index, head_index, values
+
+
+@torch.no_grad()
+def _reference_effects(adapter: BackboneAdapter, batch: EncodedBatch, means: torch.Tensor,
+                      layers: list[int]) -> torch.Tensor:
+    """Exact IE, the published scripts' way: one full forward per (prompt, layer, head).
+
+    Returns:
+        ``(prompts, len(layers), heads)`` indirect effects (fp32, on the CPU).
+    """
+    layer_index, head_index, values = _patch_values(adapter, batch, means, layers)
+    num_prompts, answers = len(batch), batch.answer_ids
+    effects = torch.empty(num_prompts, len(layer_index))
+    for p in range(num_prompts):
+        single = adapter.select_rows(batch.prompts, torch.tensor([p]))
+        base = answer_probability(adapter.forward(single), answers[p : p + 1])
+        for s in range(len(layer_index)):
+            patch = HeadPatch(torch.tensor([0]), layer_index[s : s + 1], head_index[s : s + 1], values[p, s : s + 1])
+            with patch_heads(adapter, patch):
+                patched = answer_probability(adapter.forward(single), answers[p : p + 1])
+            effects[p, s] = (patched - base).cpu()
+    return effects.reshape(num_prompts, len(layers), adapter.num_heads)
+
+
+@torch.no_grad()
+def _fast_effects(adapter: BackboneAdapter, batch: EncodedBatch, means: torch.Tensor, layers: list[int],
+                 rows_per_pass: int = 512) -> torch.Tensor:
+    """Exact IE from one pass per corrupted prompt plus last-position recomputations.
+
+    Over all layers, a backbone's minimal path
+    (:meth:`BackboneAdapter.single_head_patch_probabilities`) is used where it has one;
+    otherwise the generic cached last-position pass (:func:`_generic_fast_effects`).
+
+    Returns:
+        ``(prompts, len(layers), heads)`` indirect effects (fp32, on the CPU).
+    """
+    _, _, values = _patch_values(adapter, batch, means, layers)
     if layers == list(range(adapter.num_layers)):
         minimal = adapter.single_head_patch_probabilities(
-            batch.prompts, values.reshape(num_prompts, len(layers), adapter.num_heads, -1), answers)
+            batch.prompts, values.reshape(len(batch), len(layers), adapter.num_heads, -1), batch.answer_ids)
         if minimal is not None:
             base, patched = minimal  # base: (P, L), through the same computation as its rows
             return patched - base[..., None]

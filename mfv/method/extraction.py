@@ -7,12 +7,16 @@ shots, prompt counts, seed and algorithm. Work is split into chunks of prompts; 
 finished chunk is written atomically under a unique temporary name, so an interrupted
 run resumes from its last saved chunk, two concurrent runs never clobber each other, and
 a chunk that cannot be read (truncated by a full disk, say) is reported and recomputed.
-Under ``torch.distributed`` each rank takes every ``world_size``-th chunk and the sums
-are all-reduced, so the result does not depend on the number of ranks.
+With several ranks (a torch process-group world), each rank takes every
+``world_size``-th chunk and the sums are added over ranks, so the result does not depend
+on the number of ranks.
 
 Stage 2 (cheap, never cached): head choice (K, pooled or per relation) and FVs at any
 layer come from the cached tensors (:meth:`Extraction.function_vectors`), so a K or layer
 sweep never reruns AIE.
+
+The ``aie:`` section of a config is one :class:`AIESettings` (its defaults are the
+paper's); :func:`extract_from_datamodule` runs stage 1 on a DataModule's ``eval`` split.
 """
 
 from __future__ import annotations
@@ -21,11 +25,12 @@ import hashlib
 import json
 import warnings
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable, Literal
 
 import torch
-import torch.distributed as dist
+from torch import distributed as world
 from tqdm.auto import tqdm
 
 from mfv.data.episodes import EncodedBatch, EpisodeSampler, encode_episodes
@@ -36,10 +41,52 @@ from mfv.method.function_vector import FunctionVectorSet, build_function_vector
 from mfv.models.base import BackboneAdapter
 
 Selection = Literal["per_relation", "pooled"]
+AIEFilter = Literal["clean_correct", "all"]
 CACHE_FORMAT = 2
 # Head choice (stage 2) defaults: the authors' top-K per relation.
 DEFAULT_K = 10
 DEFAULT_SELECTION: Selection = "per_relation"
+DEFAULT_CACHE_DIR = "runs/aie_cache"
+
+
+@dataclass
+class AIESettings:
+    """The ``aie:`` section of a config: how FVs are extracted (the one set of defaults, the paper's).
+
+    Attributes:
+        num_mean_prompts: Clean prompts for the mean activations (over all relations).
+        num_aie_prompts: Corrupted prompts for the AIE (over all relations).
+        k: Heads per FV.
+        selection: ``per_relation`` (the authors': top-K of each relation's AIE) or
+            ``pooled`` (one head set from the AIE pooled over relations).
+        algorithm: ``fast`` or ``reference`` (exact) or ``attribution`` (gradient estimate).
+        aie_filter: ``clean_correct`` (the authors') or ``all`` corrupted prompts.
+        batch_size: Prompts per chunk (the unit of resumption; does not change results).
+        cache_dir: Cache folder of extraction results.
+    """
+
+    num_mean_prompts: int = 200
+    num_aie_prompts: int = 100
+    k: int = DEFAULT_K
+    selection: Selection = DEFAULT_SELECTION
+    algorithm: Algorithm = "fast"
+    aie_filter: AIEFilter = "clean_correct"
+    batch_size: int = 8
+    cache_dir: str = DEFAULT_CACHE_DIR
+
+    def validate(self, adapter: BackboneAdapter | None = None) -> None:
+        """Raises :class:`ConfigError` naming the field (``aie.k`` ...), before any compute;
+        with ``adapter``, K is also checked against its number of heads."""
+        _validate_prompt_options(self)
+        validate_head_choice(self.k, self.selection, adapter)
+
+    def extraction_settings(self, relations: list[str], shots: int, seed: int) -> ExtractionSettings:
+        """The cache-key settings of this section for ``relations``, ``shots`` and ``seed``."""
+        return ExtractionSettings(
+            relations=list(relations), shots=shots, num_mean_prompts=self.num_mean_prompts,
+            num_aie_prompts=self.num_aie_prompts, algorithm=self.algorithm, aie_filter=self.aie_filter,
+            batch_size=self.batch_size, seed=seed,
+        )
 
 
 @dataclass
@@ -62,11 +109,11 @@ class ExtractionSettings:
 
     relations: list[str] = field(default_factory=lambda: ["above", "below", "left", "right"])
     shots: int = 4
-    num_mean_prompts: int = 200
-    num_aie_prompts: int = 100
-    algorithm: Algorithm = "fast"
-    aie_filter: Literal["clean_correct", "all"] = "clean_correct"
-    batch_size: int = 8
+    num_mean_prompts: int = AIESettings.num_mean_prompts
+    num_aie_prompts: int = AIESettings.num_aie_prompts
+    algorithm: Algorithm = AIESettings.algorithm
+    aie_filter: AIEFilter = AIESettings.aie_filter
+    batch_size: int = AIESettings.batch_size
     seed: int = 0
 
     def validate(self) -> None:
@@ -74,23 +121,32 @@ class ExtractionSettings:
         if self.shots < 1:
             raise ConfigError(f"shots = {self.shots}: extraction needs N-shot prompts, shots must be >= 1 "
                               f"(data.init_args.shots)")
-        for name in ("num_mean_prompts", "num_aie_prompts", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"aie.{name} = {getattr(self, name)} must be >= 1")
-        if self.algorithm not in ("fast", "reference", "attribution"):
-            raise ConfigError(f"aie.algorithm = {self.algorithm!r}; valid: ['fast', 'reference', 'attribution']")
-        if self.aie_filter not in ("clean_correct", "all"):
-            raise ConfigError(f"aie.aie_filter = {self.aie_filter!r}; valid: ['clean_correct', 'all']")
+        _validate_prompt_options(self)
         if not self.relations:
             raise ConfigError("model.relations is empty")
 
 
-def validate_head_choice(k: int, selection: str, adapter: BackboneAdapter) -> None:
-    """Checks K and the selection mode against the backbone before any compute."""
-    total = adapter.num_layers * adapter.num_heads
-    if not 1 <= k <= total:
-        raise ConfigError(f"aie.k = {k} is out of range: the backbone has {total} heads "
-                          f"({adapter.num_layers} layers x {adapter.num_heads}); choose 1..{total}")
+def _validate_prompt_options(settings: AIESettings | ExtractionSettings) -> None:
+    """The prompt counts, chunk size, algorithm and filter (fields both settings share)."""
+    for name in ("num_mean_prompts", "num_aie_prompts", "batch_size"):
+        if getattr(settings, name) < 1:
+            raise ConfigError(f"aie.{name} = {getattr(settings, name)} must be >= 1")
+    if settings.algorithm not in ("fast", "reference", "attribution"):
+        raise ConfigError(f"aie.algorithm = {settings.algorithm!r}; valid: ['fast', 'reference', 'attribution']")
+    if settings.aie_filter not in ("clean_correct", "all"):
+        raise ConfigError(f"aie.aie_filter = {settings.aie_filter!r}; valid: ['clean_correct', 'all']")
+
+
+def validate_head_choice(k: int, selection: str, adapter: BackboneAdapter | None = None) -> None:
+    """Checks K and the selection mode (K against the backbone's heads when given) before any compute."""
+    if adapter is None:
+        if k < 1:
+            raise ConfigError(f"aie.k = {k} is out of range: choose at least 1 head")
+    else:
+        total = adapter.num_layers * adapter.num_heads
+        if not 1 <= k <= total:
+            raise ConfigError(f"aie.k = {k} is out of range: the backbone has {total} heads "
+                              f"({adapter.num_layers} layers x {adapter.num_heads}); choose 1..{total}")
     if selection not in ("per_relation", "pooled"):
         raise ConfigError(f"aie.selection = {selection!r}; valid: ['per_relation', 'pooled']")
 
@@ -226,19 +282,24 @@ def _load_or_none(path: Path) -> object | None:
         return None
 
 
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
+def _world_active() -> bool:
+    return world.is_available() and world.is_initialized()
+
+
+def _rank_and_world_size() -> tuple[int, int]:
+    """This process's rank and the number of ranks (``0, 1`` without a process group)."""
+    if _world_active():
+        return world.get_rank(), world.get_world_size()
     return 0, 1
 
 
-def _all_reduce(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    if not (dist.is_available() and dist.is_initialized()):
+def _sum_over_ranks(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    if not _world_active():
         return tensors
     out = []
     for tensor in tensors:
         reduced = tensor.clone()
-        dist.all_reduce(reduced)
+        world.all_reduce(reduced)
         out.append(reduced)
     return out
 
@@ -248,9 +309,9 @@ def _chunked(
     compute: Callable[[range], list[torch.Tensor]], progress: bool,
 ) -> list[torch.Tensor]:
     """Runs ``compute`` over this rank's chunks (skipping saved ones) and sums the results."""
-    rank, world = _rank_world()
+    rank, world_size = _rank_and_world_size()
     chunks = [range(s, min(s + batch_size, num_prompts)) for s in range(0, num_prompts, batch_size)]
-    mine = [c for i, c in enumerate(chunks) if i % world == rank]
+    mine = [c for i, c in enumerate(chunks) if i % world_size == rank]
     totals: list[torch.Tensor] | None = None
     for indices in tqdm(mine, desc=name, disable=not progress or rank != 0, unit="chunk"):
         # Named by prompt range: a different chunk size never reads a wrong chunk.
@@ -262,7 +323,105 @@ def _chunked(
         totals = parts if totals is None else [a + b for a, b in zip(totals, parts)]
     if totals is None:  # more ranks than chunks
         totals = [torch.zeros_like(t) for t in compute(range(0))]
-    return _all_reduce(totals)
+    return _sum_over_ranks(totals)
+
+
+def _episodes(adapter: BackboneAdapter, sampler: EpisodeSampler, settings: ExtractionSettings, indices: range,
+              mode: str) -> EncodedBatch:
+    """The encoded ``mode`` episodes of ``indices``."""
+    return encode_episodes(adapter, [sampler.episode(i, mode, settings.shots) for i in indices],
+                           list(settings.relations))
+
+
+def _mean_chunk(adapter: BackboneAdapter, sampler: EpisodeSampler, settings: ExtractionSettings,
+                indices: range) -> list[torch.Tensor]:
+    """Sums of head activations over one chunk of clean prompts (see :func:`accumulate_means`)."""
+    batches = [_episodes(adapter, sampler, settings, indices, "clean")] if len(indices) else []
+    return list(accumulate_means(adapter, batches, len(settings.relations), progress=False))
+
+
+def _aie_chunk(adapter: BackboneAdapter, sampler: EpisodeSampler, settings: ExtractionSettings, means: torch.Tensor,
+               indices: range) -> list[torch.Tensor]:
+    """IE sums and prompt counts of one chunk of corrupted prompts, per relation.
+
+    Returns ``[total, count, total_all, count_all]``: over the prompts ``aie_filter`` keeps,
+    and over all of them (the fallback of a relation with none kept).
+    """
+    num_relations = len(settings.relations)
+    shape = (num_relations, adapter.num_layers, adapter.num_heads)
+    total, total_all = torch.zeros(shape, dtype=torch.float64), torch.zeros(shape, dtype=torch.float64)
+    count, count_all = torch.zeros(num_relations, dtype=torch.long), torch.zeros(num_relations, dtype=torch.long)
+    if len(indices):
+        batch = _episodes(adapter, sampler, settings, indices, "corrupted")
+        effects = indirect_effects(adapter, batch, means, settings.algorithm).double()
+        relation = batch.relation_ids.cpu()
+        if settings.aie_filter == "clean_correct":
+            # The clean episode of the same index has the same query and demonstration images.
+            clean = _episodes(adapter, sampler, settings, indices, "clean")
+            with torch.no_grad():
+                keep = (adapter.forward(clean.prompts).argmax(-1).cpu() == clean.answer_ids).long()
+        else:
+            keep = torch.ones(len(batch), dtype=torch.long)
+        total.index_add_(0, relation, effects * keep[:, None, None])
+        count.index_add_(0, relation, keep)
+        total_all.index_add_(0, relation, effects)
+        count_all.index_add_(0, relation, torch.ones(len(batch), dtype=torch.long))
+    return [total, count, total_all, count_all]
+
+
+def _average_effects(settings: ExtractionSettings, total: torch.Tensor, count: torch.Tensor, total_all: torch.Tensor,
+                     count_all: torch.Tensor) -> dict:
+    """Per-relation and pooled AIE from the summed chunks; a relation with no kept prompt
+    falls back to all its prompts (warned about under ``clean_correct``)."""
+    relations = list(settings.relations)
+    aie_fallback = [r for r in range(len(relations)) if count[r] == 0]
+    for r in aie_fallback:
+        total[r], count[r] = total_all[r], count_all[r]
+    if aie_fallback and settings.aie_filter == "clean_correct":
+        warnings.warn(f"no clean-correct AIE prompt for {[relations[r] for r in aie_fallback]}: their AIE is "
+                      f"averaged over all {count_all[aie_fallback].tolist()} corrupted prompts", stacklevel=4)
+    return {
+        "per_relation": (total / count.clamp(min=1)[:, None, None]).float(),
+        "pooled": (total.sum(0) / count.sum().clamp(min=1)).float(),
+        "aie_prompts": count.tolist(),
+        "aie_fallback": [relations[r] for r in aie_fallback],
+    }
+
+
+def _compute_stage_one(adapter: BackboneAdapter, sampler: EpisodeSampler, settings: ExtractionSettings, folder: Path,
+                       progress: bool) -> dict:
+    """Means, then AIE, chunk by chunk into ``folder``; returns the dict saved as the result."""
+    sums = _chunked("means", folder, settings.num_mean_prompts, settings.batch_size,
+                    partial(_mean_chunk, adapter, sampler, settings), progress)
+    means = finalize_means(*sums)
+    parts = _chunked("aie", folder, settings.num_aie_prompts, settings.batch_size,
+                     partial(_aie_chunk, adapter, sampler, settings, means.means), progress)
+    effects = _average_effects(settings, *parts)
+    return {
+        "means": means.means,
+        "per_relation": effects["per_relation"],
+        "pooled": effects["pooled"],
+        "kept": means.kept,
+        "seen": means.seen,
+        "fallback": [settings.relations[r] for r in means.fallback],
+        "aie_prompts": effects["aie_prompts"],
+        "aie_fallback": effects["aie_fallback"],
+    }
+
+
+def _open_cache_folder(folder: Path, cache_root: str | Path, settings: ExtractionSettings,
+                       data_fingerprint: str) -> None:
+    """Creates the cache folder and records its settings; an unwritable one is a config error."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"aie.cache_dir {cache_root} is not writable ({exc}); point aie.cache_dir elsewhere") from exc
+    atomic_write_text(folder / "settings.json", json.dumps({**asdict(settings), "data": data_fingerprint}, indent=2))
+
+
+def _extraction(saved: dict, relations: list[str], data_fingerprint: str, folder: Path) -> Extraction:
+    return Extraction(relations, saved["means"], saved["per_relation"], saved["pooled"], saved["kept"], saved["seen"],
+                      saved["fallback"], saved["aie_prompts"], saved["aie_fallback"], data_fingerprint, folder)
 
 
 def extract(
@@ -276,72 +435,45 @@ def extract(
     """Computes (or resumes, or loads) the cached means and AIE of ``settings``."""
     settings.validate()
     relations = list(settings.relations)
-    num_relations = len(relations)
     folder = Path(cache_root) / cache_key(adapter, settings, data_fingerprint)
     result_file = folder / "extraction.pt"
-
-    def finished(saved: dict) -> Extraction:
-        return Extraction(relations, saved["means"], saved["per_relation"], saved["pooled"], saved["kept"],
-                          saved["seen"], saved["fallback"], saved["aie_prompts"], saved["aie_fallback"], data_fingerprint, folder)
-
     saved = _load_or_none(result_file)
-    if saved is not None:
-        return finished(saved)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"aie.cache_dir {cache_root} is not writable ({exc}); point aie.cache_dir elsewhere") from exc
-    atomic_write_text(folder / "settings.json", json.dumps({**asdict(settings), "data": data_fingerprint}, indent=2))
+    if saved is None:
+        _open_cache_folder(folder, cache_root, settings, data_fingerprint)
+        saved = _compute_stage_one(adapter, sampler, settings, folder, progress)
+        if _rank_and_world_size()[0] == 0:
+            atomic_torch_save(saved, result_file)
+    return _extraction(saved, relations, data_fingerprint, folder)
 
-    def episodes(indices: range, mode: str) -> EncodedBatch:
-        return encode_episodes(adapter, [sampler.episode(i, mode, settings.shots) for i in indices], relations)
 
-    def mean_chunk(indices: range) -> list[torch.Tensor]:
-        batches = [episodes(indices, "clean")] if len(indices) else []
-        return list(accumulate_means(adapter, batches, num_relations, progress=False))
+def validate_extraction(adapter: BackboneAdapter, relations: list[str], datamodule,
+                        settings: AIESettings) -> ExtractionSettings:
+    """Every setting checked against the backbone and data before any compute.
 
-    sums = _chunked("means", folder, settings.num_mean_prompts, settings.batch_size, mean_chunk, progress)
-    means = finalize_means(*sums)
+    Returns:
+        The cache-key settings for ``relations`` and the datamodule's shots and seed.
+    """
+    extraction_settings = settings.extraction_settings(relations, datamodule.shots, datamodule.seed)
+    extraction_settings.validate()
+    settings.validate(adapter)
+    return extraction_settings
 
-    def aie_chunk(indices: range) -> list[torch.Tensor]:
-        shape = (num_relations, adapter.num_layers, adapter.num_heads)
-        total, total_all = torch.zeros(shape, dtype=torch.float64), torch.zeros(shape, dtype=torch.float64)
-        count, count_all = torch.zeros(num_relations, dtype=torch.long), torch.zeros(num_relations, dtype=torch.long)
-        if len(indices):
-            batch = episodes(indices, "corrupted")
-            effects = indirect_effects(adapter, batch, means.means, settings.algorithm).double()
-            relation = batch.relation_ids.cpu()
-            if settings.aie_filter == "clean_correct":
-                # The clean episode of the same index has the same query and demonstration images.
-                clean = episodes(indices, "clean")
-                with torch.no_grad():
-                    keep = (adapter.forward(clean.prompts).argmax(-1).cpu() == clean.answer_ids).long()
-            else:
-                keep = torch.ones(len(batch), dtype=torch.long)
-            total.index_add_(0, relation, effects * keep[:, None, None])
-            count.index_add_(0, relation, keep)
-            total_all.index_add_(0, relation, effects)
-            count_all.index_add_(0, relation, torch.ones(len(batch), dtype=torch.long))
-        return [total, count, total_all, count_all]
 
-    total, count, total_all, count_all = _chunked(
-        "aie", folder, settings.num_aie_prompts, settings.batch_size, aie_chunk, progress)
-    aie_fallback = [r for r in range(num_relations) if count[r] == 0]
-    for r in aie_fallback:
-        total[r], count[r] = total_all[r], count_all[r]
-    if aie_fallback and settings.aie_filter == "clean_correct":
-        warnings.warn(f"no clean-correct AIE prompt for {[relations[r] for r in aie_fallback]}: their AIE is "
-                      f"averaged over all {count_all[aie_fallback].tolist()} corrupted prompts", stacklevel=2)
-    saved = {
-        "means": means.means,
-        "per_relation": (total / count.clamp(min=1)[:, None, None]).float(),
-        "pooled": (total.sum(0) / count.sum().clamp(min=1)).float(),
-        "kept": means.kept,
-        "seen": means.seen,
-        "fallback": [relations[r] for r in means.fallback],
-        "aie_prompts": count.tolist(),
-        "aie_fallback": [relations[r] for r in aie_fallback],
-    }
-    if _rank_world()[0] == 0:
-        atomic_torch_save(saved, result_file)
-    return finished(saved)
+def extract_from_datamodule(
+    adapter: BackboneAdapter, relations: list[str], datamodule, settings: AIESettings, progress: bool = True
+) -> Extraction:
+    """Cached means and AIE of the datamodule's ``eval`` split (computed, resumed or loaded).
+
+    Args:
+        adapter: The backbone.
+        relations: Relations to extract FVs for.
+        datamodule: A relation DataModule (``attach``, ``prepare_data``, ``sampler``,
+            ``fingerprint``, ``shots``, ``seed``).
+        settings: The ``aie:`` section.
+        progress: Show progress bars.
+    """
+    extraction_settings = validate_extraction(adapter, relations, datamodule, settings)
+    datamodule.attach(adapter)
+    datamodule.prepare_data()
+    return extract(adapter, datamodule.sampler("eval"), extraction_settings, settings.cache_dir,
+                   datamodule.fingerprint("eval"), progress=progress)

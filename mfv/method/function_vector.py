@@ -153,20 +153,13 @@ class FunctionVectorSet:
             fvs.check_compatible(adapter, path)
         return fvs
 
-    def check_compatible(
-        self, adapter: BackboneAdapter, source: str | Path = "function vectors", allow_other_backbone: bool = False
-    ) -> None:
-        """Raises :class:`IncompatibleVectorError` unless these FVs fit ``adapter``.
-
-        Args:
-            allow_other_backbone: accept a different ``backbone_id`` of the same shape
-                (e.g. transferring base-model FVs to the instruct release).
-        """
-        if self.backbone_id != adapter.backbone_id and not allow_other_backbone:
+    def check_compatible(self, adapter: BackboneAdapter, source: str | Path = "function vectors") -> None:
+        """Raises :class:`IncompatibleVectorError` unless these FVs fit ``adapter`` (same
+        ``backbone_id`` and shape)."""
+        if self.backbone_id != adapter.backbone_id:
             raise IncompatibleVectorError(
                 f"{source}: field 'backbone_id' is {self.backbone_id!r} but the loaded backbone is "
-                f"{adapter.backbone_id!r}; extract FVs for this backbone (or pass allow_other_backbone=True "
-                f"to transfer them between releases of the same shape)"
+                f"{adapter.backbone_id!r}; extract FVs for this backbone"
             )
         expected = adapter.shape_signature()
         if self.shape != expected:

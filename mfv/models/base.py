@@ -74,16 +74,25 @@ class PromptBatch:
 
 @dataclass
 class PrefixState:
-    """What a prompt batch leaves behind for cheap re-runs of its last position.
+    """What a prompt batch leaves behind for cheap re-runs of its last position: the one
+    last-position mechanism of the contract.
 
     Produced by :meth:`BackboneAdapter.prefill`; consumed by
-    :meth:`BackboneAdapter.forward_last`. Keys and values of every earlier position do
+    :meth:`BackboneAdapter.forward_last` (any backbone) and by a backbone's own minimal path
+    (:meth:`BackboneAdapter.steered_logits`). Keys and values of every earlier position do
     not depend on the last token (causal attention), so the last position can be
     recomputed under interventions without touching the rest of the prompt.
+
+    Attributes:
+        data: Backbone-specific tensors.
+        batch_size: Prompts in the batch.
+        base_logits: The unsteered last-position logits ``(B, vocab)`` when the prefill
+            computed them on the way (``None``: :meth:`BackboneAdapter.forward_last` gives them).
     """
 
     data: dict[str, Any]
     batch_size: int
+    base_logits: torch.Tensor | None = None
 
 
 class BackboneAdapter(ABC):
@@ -237,23 +246,17 @@ class BackboneAdapter(ABC):
         """Greedy generation; returns the new tokens ``(B, min_new_tokens..max_new_tokens)``.
 
         Interventions active around the call apply as they are written
-        (:func:`mfv.hooks.add_to_residual` adds at the prompt's last position, and
+        (:func:`mfv.steering.steering` adds at the prompt's last position, and
         optionally at every generated position).
         """
         raise NotImplementedError(f"{type(self).__name__} does not implement generate")
 
-    def last_position_prefix(self, batch: PromptBatch) -> Any | None:
-        """Optional: the prompt run once, for :meth:`steered_logits` to continue from (many
-        injected vectors, one prompt pass). Its ``base_logits`` are the unsteered logits.
-        ``None``: no such path."""
-        return None
-
-    def steered_logits(self, batch: PromptBatch, vectors: torch.Tensor, layer: int | list[int], prefix: Any = None
-                       ) -> torch.Tensor | None:
-        """Optional: last-position logits with ``vectors`` ``(B, hidden)`` added after ``layer``
-        (or ``(B, len(layers), hidden)``, one after each of a list of layers), recomputing only
-        the last position from the first of them up (a graph only over what depends on the
-        vectors: FV fine-tuning). ``None``: use :meth:`forward` under :func:`mfv.hooks.add_to_residual`."""
+    def steered_logits(self, state: PrefixState, vectors: torch.Tensor, layers: list[int]) -> torch.Tensor | None:
+        """Optional minimal path: last-position logits of the prefilled prompts with
+        ``vectors[:, i]`` (``(B, len(layers), hidden)``) added after ``layers[i]`` (increasing),
+        recomputing only the last position from the first of them up, differentiable in
+        ``vectors``. ``None`` (the default): :func:`mfv.steering.steered_logits` runs
+        :meth:`forward_last` under the residual hooks instead, which is also exact."""
         return None
 
     def reuse_context(self, store: dict | None = None):

@@ -202,10 +202,11 @@ def load_qwen3vl(
         raise _processor_error(model_path, FileNotFoundError(model_path))
     try:
         with offline_hub():
+            # use_fast: transformers' default since 4.52; saying so silences its notice.
             processor = AutoProcessor.from_pretrained(model_path, cache_dir=cache_dir, local_files_only=True,
-                                                      min_pixels=min_pixels, max_pixels=max_pixels)
+                                                      use_fast=True, min_pixels=min_pixels, max_pixels=max_pixels)
             model = Qwen3VLForConditionalGeneration.from_pretrained(
-                model_path, cache_dir=cache_dir, local_files_only=True, torch_dtype=getattr(torch, dtype)
+                model_path, cache_dir=cache_dir, local_files_only=True, dtype=getattr(torch, dtype)
             )
     except (OSError, ValueError) as exc:  # the hub raises ValueError subclasses for bad local paths
         raise _processor_error(model_path, exc) from exc
@@ -229,7 +230,41 @@ def random_qwen3vl(
     seed: int = 0,
 ) -> Qwen3VLAdapter:
     """A tiny random Qwen3-VL with a tokenizer, image processor and chat template built in code."""
-    from transformers import Qwen2TokenizerFast, Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    processor = stand_in_processor(words, max_pixels=max_pixels)
+    ids = special_token_ids(processor.tokenizer)
+    config = Qwen3VLConfig(
+        text_config=dict(
+            vocab_size=len(processor.tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
+            num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+            head_dim=head_dim, max_position_embeddings=4096,
+            rope_scaling={"rope_type": "default", "mrope_section": [head_dim // 4, head_dim // 8, head_dim // 8],
+                          "mrope_interleaved": True},
+        ),
+        vision_config=dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
+                           num_heads=2, patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
+                           out_hidden_size=hidden_size, num_position_embeddings=64, deepstack_visual_indexes=[0]),
+        **ids,
+    )
+    config.text_config._attn_implementation = "eager"
+    config.vision_config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = Qwen3VLForConditionalGeneration(config)
+    adapter = Qwen3VLAdapter(model, processor, backbone_id="qwen3vl-tiny")
+    adapter.freeze()
+    return adapter
+
+
+SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+
+
+def stand_in_processor(words: Sequence[str] | None = None, min_pixels: int = 32 * 32,
+                       max_pixels: int = 64 * 64) -> Any:
+    """A Qwen3-VL processor built in code: a word-level tokenizer over ``words`` (default: the
+    object names) and the prompt's words, Qwen's special tokens, the real image processor
+    (16-pixel patches, 2x2 merge) and the chat template. No download."""
+    from transformers import Qwen2TokenizerFast, Qwen3VLProcessor
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
     from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 
@@ -243,31 +278,61 @@ def random_qwen3vl(
     base = build_word_tokenizer([*words, *prompt_words])
     tokenizer = Qwen2TokenizerFast(tokenizer_object=base._tokenizer, unk_token="<unk>", pad_token="<PAD>",
                                    eos_token="<|im_end|>", bos_token=None)
-    specials = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
-    tokenizer.add_special_tokens({"additional_special_tokens": specials})
+    tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS})
     image_processor = Qwen2VLImageProcessor(patch_size=16, temporal_patch_size=2, merge_size=2,
-                                            min_pixels=32 * 32, max_pixels=max_pixels)
-    processor = Qwen3VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                 video_processor=Qwen3VLVideoProcessor(), chat_template=CHAT_TEMPLATE)
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in specials}
-    config = Qwen3VLConfig(
-        text_config=dict(
-            vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
-            num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
-            head_dim=head_dim, max_position_embeddings=4096,
-            rope_scaling={"rope_type": "default", "mrope_section": [head_dim // 4, head_dim // 8, head_dim // 8],
-                          "mrope_interleaved": True},
-        ),
-        vision_config=dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
-                           num_heads=2, patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
-                           out_hidden_size=hidden_size, num_position_embeddings=64, deepstack_visual_indexes=[0]),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-    )
-    config.text_config._attn_implementation = "eager"
-    config.vision_config._attn_implementation = "eager"
+                                            min_pixels=min_pixels, max_pixels=max_pixels)
+    return Qwen3VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                            video_processor=Qwen3VLVideoProcessor(), chat_template=CHAT_TEMPLATE)
+
+
+def special_token_ids(tokenizer: Any) -> dict[str, int]:
+    """The config fields naming the image and video tokens, as ``tokenizer`` numbers them."""
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    return {"image_token_id": ids["<|image_pad|>"], "video_token_id": ids["<|video_pad|>"],
+            "vision_start_token_id": ids["<|vision_start|>"], "vision_end_token_id": ids["<|vision_end|>"]}
+
+
+# Qwen/Qwen3-VL-4B-Instruct's config.json (text and vision towers). The token ids come from
+# the tokenizer that is saved beside it (see write_qwen3vl_layout).
+QWEN3VL_4B_INSTRUCT: dict[str, Any] = {
+    "text_config": dict(
+        vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=128, hidden_act="silu", max_position_embeddings=262144, rms_norm_eps=1e-6,
+        rope_theta=5000000, attention_bias=False, tie_word_embeddings=True,
+        rope_scaling={"rope_type": "default", "mrope_section": [24, 20, 20], "mrope_interleaved": True},
+    ),
+    "vision_config": dict(
+        depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, hidden_act="gelu_pytorch_tanh",
+        patch_size=16, spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=2560,
+        num_position_embeddings=2304, deepstack_visual_indexes=[5, 11, 17],
+    ),
+    "tie_word_embeddings": True,
+}
+
+
+def write_qwen3vl_layout(out: str | Path, config: dict[str, Any] | None = None, dtype: str = "bfloat16",
+                         seed: int = 0) -> Path:
+    """Writes a random Qwen3-VL in the published layout: ``save_pretrained`` of the model
+    (safetensors shards, ``config.json``) and of a processor (tokenizer, image processor at
+    the paper's pixel budget, chat template), the folder a user's download is.
+
+    Args:
+        out: The model folder (created).
+        config: ``Qwen3VLConfig`` keyword arguments; default: Qwen3-VL-4B-Instruct's.
+        dtype: The dtype the weights are built and saved in (the release is bfloat16).
+        seed: Seed of the random weights.
+
+    Returns:
+        ``out``.
+    """
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    out = Path(out)
+    processor = stand_in_processor(min_pixels=PAPER_MAX_PIXELS, max_pixels=PAPER_MAX_PIXELS)
+    config = Qwen3VLConfig(**(config or QWEN3VL_4B_INSTRUCT), **special_token_ids(processor.tokenizer))
     torch.manual_seed(seed)
-    model = Qwen3VLForConditionalGeneration(config)
-    adapter = Qwen3VLAdapter(model, processor, backbone_id="qwen3vl-tiny")
-    adapter.freeze()
-    return adapter
+    # Built directly in the release dtype: a float32 copy of 4B parameters would double the memory.
+    model = Qwen3VLForConditionalGeneration._from_config(config, dtype=getattr(torch, dtype))
+    model.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+    return out

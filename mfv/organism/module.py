@@ -105,7 +105,7 @@ class OrganismModule(L.LightningModule):
         tokens, latents = self._encode_vision(prompts.pixel_values.to(self.dtype))
         lang = self.model.lang_encoder
         try:
-            out = lang(**self.adapter._lm_kwargs(prompts.input_ids, prompts.attention_mask), output_hidden_states=True)
+            out = lang(**self.adapter.lm_inputs(prompts.input_ids, prompts.attention_mask), output_hidden_states=True)
         finally:
             lang.clear_conditioned_layers()
         rows, cols, targets = batch.answers.T

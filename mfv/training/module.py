@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from contextlib import ExitStack
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
@@ -12,23 +12,41 @@ from torch import nn
 
 from mfv.data.episodes import EncodedBatch
 from mfv.errors import ConfigError
-from mfv.hooks import add_to_residual
+from mfv.evaluation.engine import Outcomes
+from mfv.evaluation.scoring import Score
 from mfv.io import ensure_writable_dir
-from mfv.training.loops import ConditionLoops
-from mfv.training.optim import RowwiseAdam
 from mfv.method.function_vector import FunctionVectorSet
 from mfv.models import load_backbone
-from mfv.models.weights import cast_weights
 from mfv.models.base import BackboneAdapter
+from mfv.models.weights import cast_weights
+from mfv.steering import Steer, steered_logits
+from mfv.training.optim import RowwiseAdam
 
 FV_PARAMETER = "function_vectors"
 
 
-class FunctionVectorModule(ConditionLoops, L.LightningModule):
+def _check_options(init: str, scheduler_interval: str, relation_training: str, injection: str, lr: float,
+                   backbone_dtype: str) -> None:
+    """Raises :class:`ConfigError` naming the first bad ``model.*`` option."""
+    choices = {"init": (init, ("extracted", "zeros", "random")),
+               "scheduler_interval": (scheduler_interval, ("step", "epoch")),
+               "relation_training": (relation_training, ("joint", "separate")),
+               "injection": (injection, ("single", "distributed")),
+               "backbone_dtype": (backbone_dtype, ("float32", "bfloat16"))}
+    for name, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"model.{name} must be one of {list(allowed)}, got {value!r}")
+    if lr <= 0:
+        raise ConfigError(f"model.lr = {lr} must be > 0")
+
+
+class FunctionVectorModule(L.LightningModule):
     """Fine-tunes one function vector per relation inside a frozen backbone.
 
     The FV of a row's relation is added after ``layer`` at the last prompt position of a
-    zero-shot prompt; the loss is cross-entropy on the answer's first token.
+    zero-shot prompt; the loss is cross-entropy on the answer's first token. Validation and
+    test score the current FVs on their split with the evaluation library
+    (:mod:`mfv.evaluation.engine`); the evaluation protocol itself needs no module.
 
     Args:
         backbone: Registered backbone name (see ``mfv.models.BACKBONES``).
@@ -46,7 +64,8 @@ class FunctionVectorModule(ConditionLoops, L.LightningModule):
         injection: ``single`` (one summed vector after ``layer``) or ``distributed`` (each
             selected head's projected mean at its own layer, one trainable vector per layer
             that holds a selected head).
-        backbone_dtype: ``float32`` or ``bfloat16`` for the frozen weights; FVs stay fp32.
+        backbone_dtype: ``float32`` or ``bfloat16`` for the frozen weights (the one dtype
+            setting: builders that take a ``dtype`` build in it); FVs stay fp32.
         export_dir: Optional extra export folder (``<backbone>-finetuned.safetensors`` there);
             the best FVs always go to the run folder. An existing file there is an error at
             start, never silently replaced.
@@ -70,18 +89,7 @@ class FunctionVectorModule(ConditionLoops, L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        if init not in ("extracted", "zeros", "random"):
-            raise ConfigError(f"init must be one of ['extracted', 'zeros', 'random'], got {init!r}")
-        if scheduler_interval not in ("step", "epoch"):
-            raise ConfigError(f"model.scheduler_interval must be 'step' or 'epoch', got {scheduler_interval!r}")
-        if relation_training not in ("joint", "separate"):
-            raise ConfigError(f"model.relation_training must be 'joint' or 'separate', got {relation_training!r}")
-        if injection not in ("single", "distributed"):
-            raise ConfigError(f"model.injection must be 'single' or 'distributed', got {injection!r}")
-        if lr <= 0:
-            raise ConfigError(f"model.lr = {lr} must be > 0")
-        if backbone_dtype not in ("float32", "bfloat16"):
-            raise ConfigError(f"backbone_dtype must be 'float32' or 'bfloat16', got {backbone_dtype!r}")
+        _check_options(init, scheduler_interval, relation_training, injection, lr, backbone_dtype)
         # Which names are valid depends on the data (synthetic or GQA); the datamodule
         # checks them (train.py links model.relations into it).
         self.relations = list(relations)
@@ -115,13 +123,27 @@ class FunctionVectorModule(ConditionLoops, L.LightningModule):
                                   f"(the run folder always gets the FVs)")
             ensure_writable_dir(export_dir, "model.export_dir")
         self.strict_loading = False  # checkpoints hold only the FVs
-        self.init_condition_loops()
+        # Per-image work of the frozen vision tower, kept for a whole fit (every epoch sees the same images).
+        self._image_store: dict | None = None
+        self._outcomes: Outcomes | None = None
+        self.scores: dict[int, Score] = {}
 
     def _build_backbone(self) -> None:
-        self.adapter = load_backbone(self.hparams.backbone, **(self.hparams.backbone_options or {}))
+        """The frozen backbone in ``model.backbone_dtype``, the one dtype setting: built in it
+        where the builder takes a ``dtype`` (no float32 copy of a 4B model), else cast."""
+        from mfv.models import backbone_spec
+
+        options = dict(self.hparams.backbone_options or {})
+        if "dtype" in options:
+            raise ConfigError("model.backbone_options.dtype: set model.backbone_dtype instead (the one dtype "
+                              "setting of the frozen weights)")
+        dtype = self.hparams.backbone_dtype
+        if backbone_spec(self.hparams.backbone).takes("dtype"):
+            options["dtype"] = dtype
+        self.adapter = load_backbone(self.hparams.backbone, **options)
         self.adapter.freeze()
-        if self.hparams.backbone_dtype == "bfloat16":
-            cast_weights(self.adapter.model, torch.bfloat16)  # rotary inv_freq stays fp32
+        if self.adapter.dtype != getattr(torch, dtype):
+            cast_weights(self.adapter.model, getattr(torch, dtype))  # rotary inv_freq stays fp32
 
     def __getstate__(self) -> dict[str, Any]:
         # open_flamingo mixes classes at run time, which pickle cannot name: ddp_spawn
@@ -195,24 +217,27 @@ class FunctionVectorModule(ConditionLoops, L.LightningModule):
         )
 
     # ----- steps -------------------------------------------------------------------
-    def forward(self, batch: EncodedBatch, use_fv: bool = True) -> torch.Tensor:
-        """Last-position logits, with each row's relation FV injected."""
-        if not use_fv:
-            return self.adapter.forward(batch.prompts)
+    def steer(self) -> Steer:
+        """The trainable FVs as a relation-indexed :class:`~mfv.steering.Steer` (gradients flow
+        into the parameter)."""
         if self.hparams.injection == "distributed":
-            per_layer = self._per_layer()[batch.relation_ids]  # (B, layers, hidden)
-            with ExitStack() as stack:
-                for layer in self.active_layers:
-                    stack.enter_context(add_to_residual(self.adapter, layer, per_layer[:, layer]))
-                return self.adapter.forward(batch.prompts)
-        vectors = self.function_vectors[batch.relation_ids]
-        if torch.is_grad_enabled():
-            # Training: a graph over the last position from the injection layer up only.
-            logits = self.adapter.steered_logits(batch.prompts, vectors, self.layer)
-            if logits is not None:
-                return logits
-        with add_to_residual(self.adapter, self.layer, vectors):
-            return self.adapter.forward(batch.prompts)
+            return Steer.per_layer(self._per_layer(), self.active_layers)
+        return Steer.at(self.layer, self.function_vectors)
+
+    def forward(self, batch: EncodedBatch) -> torch.Tensor:
+        """Last-position logits, with each row's relation FV injected (:func:`mfv.steering.steered_logits`)."""
+        return steered_logits(self.adapter, batch.prompts, self.steer().injection(batch.relation_ids, batch.indices))
+
+    def reusing(self):
+        """The backbone's reuse context over the fit's image store (a no-op outside a fit).
+        Entered per step, so that nothing stays installed on the backbone if a run stops."""
+        return self.adapter.reuse_context(self._image_store) if self._image_store is not None else nullcontext()
+
+    def on_fit_start(self) -> None:
+        self._image_store = {}
+
+    def on_fit_end(self) -> None:
+        self._image_store = None
 
     def training_step(self, batch: EncodedBatch, batch_idx: int) -> torch.Tensor:
         with self.reusing():
@@ -232,6 +257,45 @@ class FunctionVectorModule(ConditionLoops, L.LightningModule):
         periods = self.trainer.estimated_stepping_batches if interval == "step" else self.trainer.max_epochs
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, int(periods)))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
+
+    # ----- validation and test: the current FVs on the split -------------------------
+    def _start(self, loaders) -> None:
+        loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
+        self._outcomes = Outcomes([len(loader.dataset) for loader in loaders], self.device)
+
+    def _record(self, batch: EncodedBatch, dataloader_idx: int) -> None:
+        with torch.no_grad(), self.reusing():
+            self._outcomes.record(dataloader_idx, batch, self(batch))
+
+    def _finish(self, stage: str) -> dict[int, Score]:
+        outcomes, self._outcomes = self._outcomes, None
+        scores = dict(enumerate(outcomes.scores([self.relations] * len(outcomes.tables), self.all_gather)))
+        # Identical on every rank after the gather: no further reduction.
+        for relation, entry in scores[0].per_relation().items():
+            self.log(f"{stage}/acc_{relation}", entry["accuracy"], sync_dist=False)
+        self.log(f"{stage}/acc", scores[0].accuracy, prog_bar=True, sync_dist=False)
+        return scores
+
+    def on_validation_epoch_start(self) -> None:
+        self._start(self.trainer.val_dataloaders)
+
+    def validation_step(self, batch: EncodedBatch, batch_idx: int) -> None:
+        self._record(batch, 0)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            self._outcomes = None
+            return
+        self._finish("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._start(self.trainer.test_dataloaders)
+
+    def test_step(self, batch: EncodedBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._record(batch, dataloader_idx)
+
+    def on_test_epoch_end(self) -> None:
+        self.scores = self._finish("test")
 
     # ----- checkpoints -------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

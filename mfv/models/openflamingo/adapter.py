@@ -18,6 +18,7 @@ from torch import nn
 from mfv.compat import ensure_torchvision
 from mfv.hooks import keep_input_contiguous
 from mfv.models.base import BackboneAdapter, Example, PrefixState, Prompt, PromptBatch
+from mfv.models.openflamingo import last_position
 
 IMAGE_TOKEN = "<image>"
 END_OF_CHUNK = "<|endofchunk|>"
@@ -134,7 +135,7 @@ class OpenFlamingoAdapter(BackboneAdapter):
         image_transform: PIL image -> ``(C, H, W)`` tensor.
         family: Language-model family key of :data:`LANGUAGE_FAMILIES`.
         backbone_id: Name stored with function vectors.
-        tiny_config: The sizes when the model is a tiny one (see ``tiny.save_tiny``).
+        tiny_config: The sizes when the model is a tiny one (see :func:`mfv.models.openflamingo.tiny.save_tiny_openflamingo`).
     """
 
     def __init__(
@@ -163,7 +164,7 @@ class OpenFlamingoAdapter(BackboneAdapter):
     # ----- shape -------------------------------------------------------------------
     @property
     def num_layers(self) -> int:
-        return len(self._layers)
+        return len(self.blocks)
 
     @property
     def num_heads(self) -> int:
@@ -178,15 +179,17 @@ class OpenFlamingoAdapter(BackboneAdapter):
         return self._hidden
 
     @property
-    def _layers(self) -> nn.ModuleList:
+    def blocks(self) -> nn.ModuleList:
+        """The language model's layers as open_flamingo wraps them (a gated cross-attention
+        block, possibly ``None``, before each ``decoder_layer``)."""
         return self.model.lang_encoder._get_decoder_layers()
 
     # ----- sites -------------------------------------------------------------------
     def head_site(self, layer: int) -> nn.Module:
-        return _getattr_path(self._layers[layer], self.family.attn_out_attr)
+        return _getattr_path(self.blocks[layer], self.family.attn_out_attr)
 
     def residual_site(self, layer: int) -> nn.Module:
-        return self._layers[layer]
+        return self.blocks[layer]
 
     # ----- prompts -----------------------------------------------------------------
     def build_prompt(self, demonstrations: Sequence[Example], query: Example) -> Prompt:
@@ -216,7 +219,8 @@ class OpenFlamingoAdapter(BackboneAdapter):
         return PromptBatch(tokens["input_ids"], tokens["attention_mask"], pixel_values)
 
     # ----- forward -----------------------------------------------------------------
-    def _lm_kwargs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, Any]:
+    def lm_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, Any]:
+        """Keyword arguments of the language model for a left-padded batch."""
         kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
         if self.family.accepts_position_ids:
             # Rotary positions must count real tokens only, or left padding shifts them.
@@ -224,11 +228,11 @@ class OpenFlamingoAdapter(BackboneAdapter):
         return kwargs
 
     @contextmanager
-    def _conditioned(self, pixel_values: torch.Tensor) -> Iterator[None]:
+    def conditioned(self, pixel_values: torch.Tensor) -> Iterator[None]:
         """Encodes each prompt's images once and conditions every cross-attention layer."""
         try:
             latents = self._encode_images(pixel_values.to(self.device, self.dtype))
-            for layer in self._layers:
+            for layer in self.blocks:
                 layer.condition_vis_x(latents)
             yield
         finally:
@@ -247,7 +251,7 @@ class OpenFlamingoAdapter(BackboneAdapter):
         outer = self._vision_cache
         self._vision_cache = store if store is not None else ({} if outer is None else outer)
         try:
-            with attend_immediate_media_only(self._layers):
+            with attend_immediate_media_only(self.blocks):
                 yield
         finally:
             self._vision_cache = outer
@@ -279,31 +283,23 @@ class OpenFlamingoAdapter(BackboneAdapter):
 
     def forward(self, batch: PromptBatch) -> torch.Tensor:
         batch = batch.to(self.device)
-        with self._conditioned(batch.pixel_values):
+        with self.conditioned(batch.pixel_values):
             out = self.model.lang_encoder(
-                **self._lm_kwargs(batch.input_ids, batch.attention_mask), logits_to_keep=1, use_cache=False
+                **self.lm_inputs(batch.input_ids, batch.attention_mask), logits_to_keep=1, use_cache=False
             )
         return out.logits[:, -1]
 
     def single_head_patch_probabilities(self, batch, values, answers):
         """The minimal exact computation (:mod:`mfv.models.openflamingo.last_position`)."""
-        from mfv.models.openflamingo import last_position
-
         if not last_position.supports(self):
             return None
         return last_position.single_head_patch_logits(self, batch, values, answers)
 
-    def last_position_prefix(self, batch):
-        from mfv.models.openflamingo import last_position
-
-        return last_position.prefix_of(self, batch)
-
-    def steered_logits(self, batch, vectors, layer, prefix=None):
-        """Only the last position from ``layer + 1`` up is recomputed (and carries a graph)
+    def steered_logits(self, state, vectors, layers):
+        """Only the last position from ``layers[0] + 1`` up is recomputed (and carries a graph)
         (:func:`mfv.models.openflamingo.last_position.steered_logits`)."""
-        from mfv.models.openflamingo import last_position
-
-        return last_position.steered_logits(self, batch, vectors, layer, prefix)
+        minimal = state.data.get("minimal")
+        return None if minimal is None else last_position.steered_logits(self, vectors, layers, minimal)
 
     @torch.no_grad()
     def generate(self, batch: PromptBatch, max_new_tokens: int = 5, min_new_tokens: int = 0) -> torch.Tensor:
@@ -316,28 +312,32 @@ class OpenFlamingoAdapter(BackboneAdapter):
         return out[:, batch.input_ids.shape[1]:]
 
     def prefill(self, batch: PromptBatch) -> PrefixState:
+        """The prompt once. GPT-NeoX Flamingos run it whole (:func:`last_position.prefill`: the
+        state also feeds the minimal path and holds the unsteered logits); others run every
+        position but the last."""
+        batch = batch.to(self.device)
+        if last_position.supports(self):
+            return last_position.prefill(self, batch)
         from transformers import DynamicCache
 
-        batch = batch.to(self.device)
-        kwargs = self._lm_kwargs(batch.input_ids, batch.attention_mask)
-        with self._conditioned(batch.pixel_values):
-            vis_x = self._layers[0].vis_x
-            prefix_kwargs = {k: v[:, :-1] for k, v in kwargs.items()}
-            out = self.model.lang_encoder(
-                **prefix_kwargs, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1
-            )
-            media_locations = self._layers[0].media_locations
+        kwargs = self.lm_inputs(batch.input_ids, batch.attention_mask)
+        with self.conditioned(batch.pixel_values):
+            vis_x = self.blocks[0].vis_x
+            out = self.model.lang_encoder(**{k: v[:, :-1] for k, v in kwargs.items()}, past_key_values=DynamicCache(),
+                                          use_cache=True, logits_to_keep=1)
+            media_locations = self.blocks[0].media_locations
         cache = out.past_key_values
-        data = {
-            "keys": [layer.keys for layer in cache.layers],
-            "values": [layer.values for layer in cache.layers],
-            "vis_x": vis_x,
-            "media_locations": media_locations,
-            "last_ids": batch.input_ids[:, -1:],
-            "attention_mask": batch.attention_mask,
-            "position_ids": kwargs.get("position_ids"),
-        }
-        return PrefixState(data=data, batch_size=len(batch))
+        return PrefixState(data=self.cached_prompt(batch, [layer.keys for layer in cache.layers],
+                                                   [layer.values for layer in cache.layers], vis_x, media_locations),
+                           batch_size=len(batch))
+
+    def cached_prompt(self, batch: PromptBatch, keys: list[torch.Tensor], values: list[torch.Tensor],
+                      vis_x: torch.Tensor, media_locations: torch.Tensor) -> dict[str, Any]:
+        """What :meth:`forward_last` reads: per-layer keys and values of positions ``0..S-2``,
+        the image latents and where the images are, the last token and the mask."""
+        return {"keys": keys, "values": values, "vis_x": vis_x, "media_locations": media_locations,
+                "last_ids": batch.input_ids[:, -1:], "attention_mask": batch.attention_mask,
+                "position_ids": self.lm_inputs(batch.input_ids, batch.attention_mask).get("position_ids")}
 
     def forward_last(self, state: PrefixState, rows: torch.Tensor) -> torch.Tensor:
         from transformers import DynamicCache
@@ -347,7 +347,7 @@ class OpenFlamingoAdapter(BackboneAdapter):
         cache = DynamicCache(ddp_cache_data=[(k[rows], v[rows]) for k, v in zip(data["keys"], data["values"])])
         lang = self.model.lang_encoder
         try:
-            for layer in self._layers:
+            for layer in self.blocks:
                 layer.condition_vis_x(data["vis_x"][rows])
                 layer.condition_media_locations(data["media_locations"][rows])
             # The last token attends to the latest image of its prefix, exactly as in a

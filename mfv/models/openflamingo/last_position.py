@@ -27,6 +27,7 @@ import torch
 from einops import rearrange
 
 from mfv.hooks import record_last_inputs
+from mfv.models.base import PrefixState
 
 
 @dataclass
@@ -39,13 +40,15 @@ class _Prefix:
     sin: torch.Tensor
     image_kv: dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer -> (P, xheads, n, dh) each
     base_logits: torch.Tensor  # (P, vocab)
+    latents: torch.Tensor  # (P, images, n, d_visual): every image's resampler latents
+    media_locations: torch.Tensor  # (P, S): where the images are
     heads: list[torch.Tensor] | None = None  # per layer: (P, heads * hs), the full forward's head outputs
     decoder_inputs: list[torch.Tensor] | None = None  # per layer: (P, D), after cross-attention
 
 
 def supports(adapter) -> bool:
     """Whether the minimal path applies: a GPT-NeoX Flamingo attending to its latest image only."""
-    layers = adapter._layers
+    layers = adapter.blocks
     if adapter.family.layers_attr != "gpt_neox.layers":
         return False
     blocks = [layer.gated_cross_attn_layer for layer in layers if layer.gated_cross_attn_layer is not None]
@@ -56,17 +59,17 @@ def _prefill(adapter, batch, record: bool = False) -> _Prefix:
     from transformers import DynamicCache
 
     lang = adapter.model.lang_encoder
-    kwargs = adapter._lm_kwargs(batch.input_ids, batch.attention_mask)
+    kwargs = adapter.lm_inputs(batch.input_ids, batch.attention_mask)
     # Recording (fast AIE only) hooks the per-head sites and decoder-layer inputs; steering skips it.
-    sites = [adapter.head_site(i) for i in range(adapter.num_layers)] + [l.decoder_layer for l in adapter._layers]
-    with adapter._conditioned(batch.pixel_values), (record_last_inputs(sites) if record else nullcontext()) as recorded:
-        first = adapter._layers[0]
+    sites = [adapter.head_site(i) for i in range(adapter.num_layers)] + [l.decoder_layer for l in adapter.blocks]
+    with adapter.conditioned(batch.pixel_values), (record_last_inputs(sites) if record else nullcontext()) as recorded:
+        first = adapter.blocks[0]
         latents = first.vis_x
         out = lang(**kwargs, past_key_values=DynamicCache(), use_cache=True, output_hidden_states=True,
                    logits_to_keep=1)
         media_locations = first.media_locations
     cache = out.past_key_values
-    num_layers = len(adapter._layers)
+    num_layers = len(adapter.blocks)
     inputs = [out.hidden_states[layer][:, -1] for layer in range(num_layers)]
     keys = [cache.layers[layer].keys[:, :, :-1] for layer in range(num_layers)]
     values = [cache.layers[layer].values[:, :, :-1] for layer in range(num_layers)]
@@ -79,7 +82,7 @@ def _prefill(adapter, batch, record: bool = False) -> _Prefix:
     latest = media_locations.sum(-1) - 1
     query_latents = latents[torch.arange(len(latest), device=latents.device), latest]  # (P, n, d_visual)
     image_kv = {}
-    for index, layer in enumerate(adapter._layers):
+    for index, layer in enumerate(adapter.blocks):
         block = layer.gated_cross_attn_layer
         if block is not None:
             k, v = block.attn.to_kv(query_latents).chunk(2, dim=-1)
@@ -87,8 +90,8 @@ def _prefill(adapter, batch, record: bool = False) -> _Prefix:
                                rearrange(v, "p n (h d) -> p h n d", h=block.attn.heads))
     heads = recorded[:num_layers] if record else None
     decoder_inputs = recorded[num_layers:] if record else None
-    return _Prefix(inputs, keys, values, mask, cos[:, None], sin[:, None], image_kv, out.logits[:, -1],
-                   heads, decoder_inputs)
+    return _Prefix(inputs, keys, values, mask, cos[:, None], sin[:, None], image_kv, out.logits[:, -1], latents,
+                   media_locations, heads, decoder_inputs)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -105,7 +108,7 @@ def _attend(adapter, index: int, x: torch.Tensor, prefix: _Prefix) -> tuple[torc
     Returns the decoder layer's input (after the gated cross-attention) and the heads'
     outputs ``(P, M, heads * hs)`` (the per-head site).
     """
-    layer = adapter._layers[index]
+    layer = adapter.blocks[index]
     block = layer.gated_cross_attn_layer
     if block is not None:
         attn = block.attn
@@ -131,7 +134,7 @@ def _attend(adapter, index: int, x: torch.Tensor, prefix: _Prefix) -> tuple[torc
 def _finish(adapter, index: int, x: torch.Tensor, heads_out: torch.Tensor) -> torch.Tensor:
     """The rest of layer ``index``: output projection, residual and MLP, from the decoder
     layer's input ``x`` and the heads' outputs."""
-    decoder = adapter._layers[index].decoder_layer
+    decoder = adapter.blocks[index].decoder_layer
     attn_out = decoder.attention.dense(heads_out)
     if decoder.use_parallel_residual:
         return decoder.mlp(decoder.post_attention_layernorm(x)) + attn_out + x
@@ -185,28 +188,24 @@ def single_head_patch_logits(adapter, batch, values: torch.Tensor, answers: torc
     return probabilities[..., heads], probabilities[..., :heads]
 
 
-def prefix_of(adapter, batch) -> _Prefix | None:
-    """The prompt run once (no graph): what :func:`steered_logits` continues from."""
-    if not supports(adapter):
-        return None
+def prefill(adapter, batch) -> PrefixState:
+    """The prompt run once, whole (no graph): the state :meth:`OpenFlamingoAdapter.forward_last`
+    continues from (keys and values of positions ``0..S-2``) and, under ``"minimal"``, what
+    :func:`steered_logits` continues from; with the unsteered logits."""
     with torch.no_grad():
-        return _prefill(adapter, batch.to(adapter.device))
+        prefix = _prefill(adapter, batch)
+    data = adapter.cached_prompt(batch, prefix.keys, prefix.values, prefix.latents, prefix.media_locations)
+    return PrefixState(data={**data, "minimal": prefix}, batch_size=len(batch), base_logits=prefix.base_logits)
 
 
-def steered_logits(adapter, batch, vectors: torch.Tensor, layer: int | list[int], prefix: _Prefix | None = None
-                   ) -> torch.Tensor | None:
-    """Last-position logits with ``vectors`` ``(B, D)`` added after ``layer``, differentiable in
-    ``vectors`` only: the prompt runs once without a graph (or ``prefix`` is reused), then the
-    last position of layers ``layer+1..L-1`` runs with one. The graph (and what backward keeps)
-    is those layers at one position, whatever the prompt length. With a list of layers,
-    ``vectors`` is ``(B, len(layers), D)``: one vector added after each (distributed steering).
-    ``None`` where this path does not apply."""
-    layers = [layer] if isinstance(layer, int) else sorted(layer)
-    vectors = vectors[:, None] if isinstance(layer, int) else vectors
-    if not supports(adapter) or not layers or layers[-1] >= adapter.num_layers - 1:
+def steered_logits(adapter, vectors: torch.Tensor, layers: list[int], prefix: _Prefix) -> torch.Tensor | None:
+    """Last-position logits with ``vectors[:, i]`` (``(B, len(layers), D)``) added after
+    ``layers[i]`` (increasing), differentiable in ``vectors`` only: the prompt ran once without
+    a graph (``prefix``), then the last position of layers ``layers[0]+1..L-1`` runs with one.
+    The graph (and what backward keeps) is those layers at one position, whatever the prompt
+    length. ``None`` where this path does not apply (an injection after the last layer)."""
+    if not layers or layers[-1] >= adapter.num_layers - 1:
         return None
-    if prefix is None:
-        prefix = prefix_of(adapter, batch)
     dtype = prefix.inputs[0].dtype
     x = (prefix.inputs[layers[0] + 1] + vectors[:, 0].to(dtype))[:, None]
     for index in range(layers[0] + 1, adapter.num_layers):

@@ -1,0 +1,135 @@
+"""Evaluation as a library: conditions to scores over a backbone, no trainable module needed.
+
+Each condition records one outcome per dataset row (seen, correct, relation, answer
+probability), addressed by the row's dataset index. Across ranks the outcome tables are
+gathered with ``max``: counts stay exact whatever padding a distributed sampler adds.
+
+Conditions that share a dataset (zero-shot prompts with several injected vectors: FV
+conditions, layer and K sweeps, composite variants) are scored from one loader: each batch
+is encoded once and, with ``reuse``, run once up to the last position
+(:func:`mfv.steering.prompt_pass`), after which every condition recomputes only the last
+position from its injection layer up. With ``reuse`` the frozen vision tower's per-image
+work is also kept for the whole run (:meth:`BackboneAdapter.reuse_context`).
+
+The trainable module's validation and test loops use :class:`Outcomes` and
+:func:`condition_logits` from here; :func:`score_conditions` runs a list of conditions in
+this process, or on every rank of a Lightning ``Fabric`` (DDP).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Any, Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from mfv.data.episodes import EncodedBatch, episode_collator
+from mfv.evaluation.conditions import Condition
+from mfv.evaluation.scoring import Score
+from mfv.method.aie import answer_probability
+from mfv.models.base import BackboneAdapter
+from mfv.steering import prompt_pass, steered_logits
+
+
+def group_by_dataset(conditions: Sequence[Condition], share: bool = True) -> list[list[int]]:
+    """Indices of conditions sharing one dataset object, in first-seen order (one per group
+    when not ``share``)."""
+    groups: dict[int, list[int]] = {}
+    for index, condition in enumerate(conditions):
+        groups.setdefault(id(condition.dataset) if share else index, []).append(index)
+    return list(groups.values())
+
+
+class Outcomes:
+    """Per-row outcomes of several conditions, each over its own dataset.
+
+    Args:
+        sizes: Dataset length of each condition.
+        device: Where the tables live (the backbone's device: gathers run there).
+    """
+
+    def __init__(self, sizes: Sequence[int], device: torch.device | str = "cpu") -> None:
+        # rows: seen, correct, relation id, answer probability
+        self.tables = [torch.tensor([[0.0], [0.0], [-1.0], [0.0]], device=device).repeat(1, size) for size in sizes]
+
+    def record(self, index: int, batch: EncodedBatch, logits: torch.Tensor) -> None:
+        """Writes the outcomes of ``batch`` under condition ``index``."""
+        table = self.tables[index]
+        rows = batch.indices.to(table.device)
+        answers = batch.answer_ids.to(logits.device)
+        table[0, rows] = 1.0
+        table[1, rows] = (logits.argmax(-1) == answers).float().to(table.device)
+        table[2, rows] = batch.relation_ids.float().to(table.device)
+        table[3, rows] = answer_probability(logits, answers).detach().float().to(table.device)
+
+    def scores(self, relations_of: Sequence[Sequence[str]],
+               gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[Score]:
+        """One score per condition over every row seen on any rank (``gather``: an all-gather
+        returning ``(ranks, ...)``, or the table itself in a single process)."""
+        scores = []
+        for relations, table in zip(relations_of, self.tables):
+            gathered = gather(table) if gather is not None else table
+            if gathered.dim() == 3:
+                gathered = gathered.max(0).values
+            seen = gathered[0] > 0
+            scores.append(Score.from_tensors(list(relations), gathered[1][seen], gathered[2][seen],
+                                             gathered[3][seen]))
+        return scores
+
+
+def condition_logits(adapter: BackboneAdapter, conditions: Sequence[Condition], batch: EncodedBatch,
+                     share_prompt_pass: bool = True) -> list[torch.Tensor]:
+    """Last-position logits of ``batch`` under each condition (no graph).
+
+    With ``share_prompt_pass`` and some condition injecting, the prompt runs once and each
+    condition recomputes only its last position (where the backbone offers that path).
+    """
+    with torch.no_grad():
+        steered = any(c.steer is not None for c in conditions)
+        prefix = prompt_pass(adapter, batch.prompts) if share_prompt_pass and steered else None
+        return [steered_logits(adapter, batch.prompts, c.injection(batch), prefix) for c in conditions]
+
+
+def score_conditions(
+    adapter: BackboneAdapter,
+    conditions: Sequence[Condition],
+    batch_size: int = 16,
+    num_workers: int = 0,
+    reuse: bool = True,
+    fabric: Any | None = None,
+    progress: bool = False,
+) -> dict[str, Score]:
+    """Scores of ``conditions`` by name.
+
+    Args:
+        adapter: The backbone (on its device).
+        conditions: What to evaluate (:mod:`mfv.evaluation.conditions`).
+        batch_size: Prompts per batch.
+        num_workers: DataLoader workers.
+        reuse: Compute nothing twice (shared images and prompt passes); ``False``: every
+            condition from scratch. Scores are equal either way to float rounding.
+        fabric: A launched ``lightning.Fabric``: each rank scores its share of every dataset
+            and the outcomes are gathered. ``None``: this process scores everything.
+        progress: One labelled progress bar per group of conditions.
+    """
+    conditions = list(conditions)
+    outcomes = Outcomes([len(c.dataset) for c in conditions], adapter.device)
+    store: dict | None = {} if reuse else None
+    for group in group_by_dataset(conditions, reuse):
+        dataset = conditions[group[0]].dataset
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                                             collate_fn=episode_collator(adapter, dataset.relations))
+        if fabric is not None:
+            loader = fabric.setup_dataloaders(loader, move_to_device=False)
+        names = [conditions[i].name for i in group]
+        label = names[0] if len(names) == 1 else f"{names[0]} +{len(names) - 1}"
+        for batch in tqdm(loader, desc=label, unit="batch", disable=not progress, leave=False):
+            with adapter.reuse_context(store) if store is not None else nullcontext():
+                logits = condition_logits(adapter, [conditions[i] for i in group], batch, reuse)
+            for index, row_logits in zip(group, logits):
+                outcomes.record(index, batch, row_logits)
+    gather = fabric.all_gather if fabric is not None else None
+    scores = outcomes.scores([c.dataset.relations for c in conditions], gather)
+    return {c.name: s for c, s in zip(conditions, scores)}
+
