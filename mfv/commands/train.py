@@ -53,6 +53,22 @@ class FunctionVectorCLI(LightningCLI):
         parser.add_class_arguments(EvaluationSettings, "evaluation", skip={"limit"})
         parser.link_arguments("model.relations", "data.init_args.relations")
 
+    def before_instantiate_classes(self) -> None:
+        """The TensorBoard logger's own options, set before it is built: ``hp_metric`` is logged
+        once (with the final test accuracy), and a resumed run continues in its checkpoint's
+        folder (``<save_dir>/<name>/<version>/checkpoints/last.ckpt``)."""
+        logger = self.config.get("trainer", {}).get("logger")
+        ckpt_path = self.config.get("ckpt_path")
+        for entry in logger if isinstance(logger, list) else [logger]:
+            if not str(getattr(entry, "class_path", "")).endswith("TensorBoardLogger"):
+                continue
+            options = entry.init_args
+            options.default_hp_metric = False
+            if ckpt_path is not None:
+                run = Path(ckpt_path).resolve().parents[1]
+                if run.parent == (Path(options.save_dir) / (options.name or "")).resolve():
+                    options.version = run.name
+
     @property
     def aie_settings(self) -> AIESettings:
         """The parsed ``aie:`` section (one object for the callback and the commands)."""
@@ -98,18 +114,12 @@ def build_cli(cli_class: type[LightningCLI], args: Sequence[str] | None, trainer
         raise SystemExit(2) from exc
 
 
-def _pin_run_folder(trainer: L.Trainer, ckpt_path: str | None) -> None:
-    """One run, one folder: a resumed run continues in its checkpoint's folder, and the
-    version is fixed before fit so spawned processes (ddp_spawn) agree on it."""
+def _pin_run_folder(trainer: L.Trainer) -> None:
+    """One run, one folder: the version is resolved before fit so that spawned processes
+    (ddp_spawn) agree on it (a resumed run's was set from its checkpoint at parse time)."""
     for logger in trainer.loggers:
-        if not isinstance(logger, TensorBoardLogger):
-            continue
-        if ckpt_path is not None:
-            run = Path(ckpt_path).resolve().parents[1]  # <save_dir>/<name>/<version>/checkpoints/last.ckpt
-            if run.parent == Path(logger.root_dir).resolve():
-                logger._version = run.name
-        _ = logger.version  # resolves (and so fixes) the next free version in this process
-        logger._default_hp_metric = False  # hp_metric is logged once, with the final test accuracy
+        if isinstance(logger, TensorBoardLogger):
+            _ = logger.version  # resolves (and so fixes) the next free version in this process
 
 
 def _aie_summary(cli: FunctionVectorCLI, model: FunctionVectorModule, datamodule) -> dict | None:
@@ -133,7 +143,7 @@ def main(args: Sequence[str] | None = None) -> dict:
     if not trainer.loggers:  # --trainer.logger false: nothing to log the learning rate to
         trainer.callbacks[:] = [c for c in trainer.callbacks if not isinstance(c, LearningRateMonitor)]
     ckpt_path = cli.config.get("ckpt_path")
-    _pin_run_folder(trainer, ckpt_path)
+    _pin_run_folder(trainer)
     try:
         validate_extraction(model.adapter, list(model.relations), datamodule, cli.aie_settings)
     except MfvError as exc:
