@@ -202,6 +202,9 @@ def _fast_effects(adapter: BackboneAdapter, batch: EncodedBatch, means: torch.Te
     return _generic_fast_effects(adapter, batch, values, layers, rows_per_pass)
 
 
+ROW_COPY_BUDGET = 1 << 30  # bytes of per-row cache copies in one pass of the generic fast path
+
+
 def _generic_fast_effects(adapter: BackboneAdapter, batch: EncodedBatch, values: torch.Tensor, layers: list[int],
                           rows_per_pass: int) -> torch.Tensor:
     """Fast AIE through the adapter's cached last-position pass (:meth:`BackboneAdapter.forward_last`).
@@ -214,6 +217,10 @@ def _generic_fast_effects(adapter: BackboneAdapter, batch: EncodedBatch, values:
     heads = adapter.num_heads
     num_prompts = len(batch)
     state = adapter.prefill(batch.prompts)
+    # forward_last copies a prompt's cached keys and values per row (transformers' cache
+    # concatenates): bound the rows of a pass by that copy (162 MB a row for a 4B model at
+    # 1100 tokens: 512 rows would need 83 GB).
+    rows_per_pass = max(1, min(rows_per_pass, ROW_COPY_BUDGET // max(1, state.row_bytes())))
     with record_heads(adapter, layers) as recording:
         adapter.forward(batch.prompts)
     own = recording.stacked()  # (P, len(layers), H, head_dim), the full forward's

@@ -94,6 +94,13 @@ class PrefixState:
     batch_size: int
     base_logits: torch.Tensor | None = None
 
+    def row_bytes(self) -> int:
+        """Bytes of the per-row tensors of one prompt (its cached keys and values above all):
+        what :meth:`BackboneAdapter.forward_last` may copy for each row it recomputes."""
+        tensors = [t for value in self.data.values() for t in (value if isinstance(value, (list, tuple)) else [value])
+                   if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == self.batch_size]
+        return sum(t.numel() * t.element_size() for t in tensors) // max(1, self.batch_size)
+
 
 class BackboneAdapter(ABC):
     """Uniform view of one multimodal language model for the function-vector method.
