@@ -9,7 +9,7 @@ import yaml
 
 from mfv.errors import MissingWeightsError
 from mfv.commands.evaluate import main as evaluate_main
-from mfv.models.qwen3vl import load_qwen3vl
+from mfv.models.families.qwen3vl import load as load_qwen3vl
 from mfv.commands.train import main as train_main
 
 
@@ -40,6 +40,11 @@ def test_train_and_evaluate_on_tiny_qwen3vl(tmp_path):
 
 
 def test_missing_qwen_weights_are_a_clear_error(tmp_path):
+    """A hub id not in the cache: the download command; a local folder that is not there:
+    what it should hold, never a download of a local path."""
     missing = tmp_path / "no-such-qwen"
-    with pytest.raises(MissingWeightsError, match="huggingface-cli download"):
+    with pytest.raises(MissingWeightsError, match="holds config.json") as local:
         load_qwen3vl(str(missing))
+    assert "huggingface-cli" not in str(local.value) and str(missing) in str(local.value)
+    with pytest.raises(MissingWeightsError, match="huggingface-cli download Qwen/No-Such-Model"):
+        load_qwen3vl("Qwen/No-Such-Model", cache_dir=str(tmp_path / "hub"))

@@ -66,11 +66,17 @@ BACKBONES: dict[str, BackboneSpec] = {
         "mfv.models.openflamingo.tiny:random_openflamingo", "mfv.models.openflamingo.tiny:random_openflamingo",
         _TINY_OPENFLAMINGO, "a random OpenFlamingo built from sizes (tests, benchmarks)"),
     "qwen3vl": BackboneSpec(
-        "mfv.models.qwen3vl:load_qwen3vl", "mfv.models.qwen3vl:random_qwen3vl", _TINY_QWEN3VL,
+        "mfv.models.families.qwen3vl:load", "mfv.models.families.qwen3vl:tiny", _TINY_QWEN3VL,
         "Qwen3-VL (paper v2) from a local folder or the Hugging Face cache"),
     "qwen3vl-random": BackboneSpec(
-        "mfv.models.qwen3vl:random_qwen3vl", "mfv.models.qwen3vl:random_qwen3vl", _TINY_QWEN3VL,
+        "mfv.models.families.qwen3vl:tiny", "mfv.models.families.qwen3vl:tiny", _TINY_QWEN3VL,
         "a random Qwen3-VL built from sizes (tests)"),
+    "qwen2.5vl": BackboneSpec(
+        "mfv.models.families.qwen25vl:load", "mfv.models.families.qwen25vl:tiny", {"num_layers": 2},
+        "Qwen2.5-VL from a local folder or the Hugging Face cache"),
+    "llava": BackboneSpec(
+        "mfv.models.families.llava:load", "mfv.models.families.llava:tiny", {"num_layers": 2},
+        "LLaVA-1.5 from a local folder or the Hugging Face cache"),
 }
 
 

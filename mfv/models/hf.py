@@ -1,0 +1,296 @@
+"""One adapter for Hugging Face image-text-to-text models, driven by a declarative :class:`Family`.
+
+A family (``mfv/models/families/<name>.py``) says where things are and how prompts look:
+the decoder layers and the attention output projection (the per-head site; the residual
+site is the layer itself), the prompt format (the chat template with a system message, or
+plain text with the processor's image placeholder), how ``pixel_values`` are laid out
+(per image, per patch with grids, or per row), how positions are computed (rotary from
+the attention mask, or the model's multimodal rotary index), and how to build a tiny
+random stand-in offline. Everything else lives here once:
+
+* ``forward``: the last position's logits of a left-padded batch, with explicit positions
+  so that a row gives the same logits alone and in any batch;
+* ``prefill`` / ``forward_last``: the contract's one last-position mechanism (positions
+  ``0..S-2`` once, into transformers' cache; then the last position for any rows), on which
+  fast AIE, the fine-tuning graph and shared evaluation passes run for every family;
+* loading from a local folder or the Hugging Face cache, offline, naming what to download.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, Sequence
+
+import torch
+from torch import nn
+
+from mfv.compat import offline_hub
+from mfv.errors import ConfigError, MissingWeightsError
+from mfv.hooks import keep_input_contiguous
+from mfv.models.base import BackboneAdapter, Example, PrefixState, Prompt, PromptBatch
+
+# The authors' system message (paper v2): the answer template, the relation never stated.
+SYSTEM_PROMPT = "Use the following template to answer the question:\nQ:object1. A:object2"
+
+
+@dataclass(frozen=True)
+class Family:
+    """Where a Hugging Face vision-language family keeps what the method needs.
+
+    Attributes:
+        name: Registry name.
+        model_class: The transformers class (``"LlavaForConditionalGeneration"``).
+        default_path: Hub id or folder loaded when none is given.
+        layers: Attribute path from the model to the decoder layers.
+        attn_out: Attribute path from a decoder layer to the attention output projection.
+        text_config: Attribute of the model config holding the language model's sizes.
+        prompt: ``chat`` (the processor's chat template, a system message, one user turn with
+            images and text interleaved) or ``plain`` (text with ``image_text`` per image).
+        image_text: What stands for an image in a ``plain`` prompt.
+        images: ``per_image`` (``pixel_values`` one entry per image), ``per_patch`` (flattened
+            patches, ``image_grid_thw`` per image) or ``per_row``.
+        positions: ``rotary`` (from the attention mask) or a function ``(model, batch) ->
+            position_ids`` (multimodal rotary, shaped ``(..., B, S)``).
+        processor_options: Keyword options of ``AutoProcessor.from_pretrained``.
+        stand_in: ``"module:function"`` building a tiny random model of the family offline.
+    """
+
+    name: str
+    model_class: str
+    default_path: str
+    stand_in: str
+    layers: str = "model.language_model.layers"
+    attn_out: str = "self_attn.o_proj"
+    text_config: str = "text_config"
+    prompt: Literal["chat", "plain"] = "chat"
+    image_text: str = "<image>"
+    images: Literal["per_image", "per_patch", "per_row"] = "per_image"
+    positions: str | Callable[[nn.Module, PromptBatch], torch.Tensor] = "rotary"
+    processor_options: dict[str, Any] = field(default_factory=dict)
+
+    def model_type(self) -> type:
+        return getattr(importlib.import_module("transformers"), self.model_class)
+
+
+def _path(root: Any, path: str) -> Any:
+    for part in path.split("."):
+        root = getattr(root, part)
+    return root
+
+
+class HFAdapter(BackboneAdapter):
+    """The adapter of every :class:`Family`.
+
+    Args:
+        model: The ``...ForConditionalGeneration`` model.
+        processor: Its processor (tokenizer, image processor, chat template).
+        family: The family's description.
+        backbone_id: Name stored with function vectors.
+        system_prompt: The system message of ``chat`` prompts.
+    """
+
+    def __init__(self, model: nn.Module, processor: Any, family: Family, backbone_id: str | None = None,
+                 system_prompt: str = SYSTEM_PROMPT) -> None:
+        self.model = model
+        self.processor = processor
+        self.family = family
+        self.tokenizer = processor.tokenizer
+        self.tokenizer.padding_side = "left"
+        self.backbone_id = backbone_id or family.name
+        self.system_prompt = system_prompt
+        self.text_config = getattr(model.config, family.text_config)
+        # Batched last-position logits without a copy of the head's weight per row (see the hook).
+        self._head_hook = keep_input_contiguous(model.get_output_embeddings())
+
+    @property
+    def num_layers(self) -> int:
+        return self.text_config.num_hidden_layers
+
+    @property
+    def num_heads(self) -> int:
+        return self.text_config.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return getattr(self.text_config, "head_dim", None) or self.hidden_size // self.num_heads
+
+    @property
+    def hidden_size(self) -> int:
+        return self.text_config.hidden_size
+
+    def head_site(self, layer: int) -> nn.Module:
+        return _path(_path(self.model, self.family.layers)[layer], self.family.attn_out)
+
+    def residual_site(self, layer: int) -> nn.Module:
+        return _path(self.model, self.family.layers)[layer]
+
+    # ----- prompts -----------------------------------------------------------------
+    def build_prompt(self, demonstrations: Sequence[Example], query: Example) -> Prompt:
+        pairs = [(d.image, f"Q:{d.question}. A:{d.answer}.\n") for d in demonstrations]
+        pairs.append((query.image, f"Q:{query.question}. A:"))
+        images = [image for image, _ in pairs]
+        if self.family.prompt == "plain":
+            return Prompt("".join(f"{self.family.image_text}{text}" for _, text in pairs), images)
+        content: list[dict[str, str]] = []
+        for _, text in pairs:
+            content += [{"type": "image"}, {"type": "text", "text": text}]
+        messages = [{"role": "system", "content": [{"type": "text", "text": self.system_prompt}]},
+                    {"role": "user", "content": content}]
+        text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return Prompt(text, images)
+
+    def collate(self, prompts: Sequence[Prompt]) -> PromptBatch:
+        images = [image for p in prompts for image in p.images]
+        if any(isinstance(image, torch.Tensor) for image in images):
+            raise TypeError(f"the {self.family.name} adapter preprocesses PIL images itself; pass PIL images")
+        out = self.processor(text=[p.text for p in prompts], images=images, padding=True, return_tensors="pt")
+        extra = {k: v for k, v in out.items() if k not in ("input_ids", "attention_mask", "pixel_values")
+                 and isinstance(v, torch.Tensor)}
+        extra["images_per_row"] = torch.tensor([len(p.images) for p in prompts])
+        return PromptBatch(out["input_ids"], out["attention_mask"], out["pixel_values"], extra)
+
+    def select_rows(self, batch: PromptBatch, rows: torch.Tensor) -> PromptBatch:
+        """Rows of a batch: per-row tensors by row, per-image tensors by the rows' images,
+        flattened patches by the rows' images' patches."""
+        per_row = batch.extra["images_per_row"]
+        start = torch.cat([per_row.new_zeros(1), per_row.cumsum(0)])
+        image_ids = torch.cat([torch.arange(start[r], start[r + 1]) for r in rows.tolist()])
+        count, total = len(batch), int(per_row.sum())
+
+        def pick(name: str, tensor: torch.Tensor) -> torch.Tensor:
+            if name == "pixel_values" and self.family.images == "per_patch":
+                patches = batch.extra["image_grid_thw"].prod(-1)
+                first = torch.cat([patches.new_zeros(1), patches.cumsum(0)])
+                return tensor[torch.cat([torch.arange(first[i], first[i + 1]) for i in image_ids.tolist()])]
+            per_image = self.family.images != "per_row" and name != "images_per_row" and total != count
+            return tensor[image_ids] if per_image and tensor.shape[0] == total else tensor[rows]
+
+        extra = {name: pick(name, value) for name, value in batch.extra.items()}
+        return PromptBatch(batch.input_ids[rows], batch.attention_mask[rows], pick("pixel_values", batch.pixel_values),
+                           extra)
+
+    # ----- forward -----------------------------------------------------------------
+    def _inputs(self, batch: PromptBatch) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Per-token inputs (ids, mask, positions, token types) and the vision inputs."""
+        per_token = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
+                     "position_ids": self._positions(batch)}
+        vision = {"pixel_values": batch.pixel_values.to(self.dtype)}
+        for name, value in batch.extra.items():
+            if name == "images_per_row":
+                continue
+            if value.shape == batch.input_ids.shape:
+                per_token[name] = value
+            else:
+                vision[name] = value.to(self.dtype) if value.is_floating_point() else value
+        return per_token, vision
+
+    def _positions(self, batch: PromptBatch) -> torch.Tensor:
+        if self.family.positions == "rotary":
+            # Rotary positions must count real tokens only, or left padding shifts them.
+            return (batch.attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        return self.family.positions(self.model, batch)
+
+    def forward(self, batch: PromptBatch) -> torch.Tensor:
+        per_token, vision = self._inputs(batch.to(self.device))
+        out = self.model(**per_token, **vision, use_cache=False, logits_to_keep=1)
+        return out.logits[:, -1]
+
+    @torch.no_grad()
+    def generate(self, batch: PromptBatch, max_new_tokens: int = 5, min_new_tokens: int = 0) -> torch.Tensor:
+        batch = batch.to(self.device)
+        per_token, vision = self._inputs(batch)
+        per_token.pop("position_ids")  # generation continues positions itself
+        out = self.model.generate(**per_token, **vision, max_new_tokens=max_new_tokens,
+                                  min_new_tokens=min_new_tokens, do_sample=False,
+                                  pad_token_id=self.tokenizer.pad_token_id)
+        return out[:, batch.input_ids.shape[1]:]
+
+    def prefill(self, batch: PromptBatch) -> PrefixState:
+        from transformers import DynamicCache
+
+        per_token, vision = self._inputs(batch.to(self.device))
+        prefix = {k: v[..., :-1] for k, v in per_token.items() if k != "attention_mask"}
+        out = self.model(**prefix, attention_mask=per_token["attention_mask"][:, :-1], **vision,
+                         past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
+        cache = out.past_key_values
+        last = {k: v[..., -1:] for k, v in per_token.items() if k != "attention_mask"}
+        return PrefixState({"keys": [layer.keys for layer in cache.layers],
+                            "values": [layer.values for layer in cache.layers],
+                            "attention_mask": per_token["attention_mask"], "last": last}, len(batch))
+
+    def forward_last(self, state: PrefixState, rows: torch.Tensor) -> torch.Tensor:
+        from transformers import DynamicCache
+
+        data = state.data
+        rows = rows.to(self.device)
+        cache = DynamicCache(ddp_cache_data=[(k[rows], v[rows]) for k, v in zip(data["keys"], data["values"])])
+        last = {k: v.index_select(-2, rows) for k, v in data["last"].items()}
+        out = self.model(**last, attention_mask=data["attention_mask"][rows], past_key_values=cache, use_cache=True,
+                         logits_to_keep=1)
+        return out.logits[:, -1]
+
+
+def _missing(family: Family, path: str) -> MissingWeightsError:
+    local = path.startswith((".", "/", "~")) or Path(path).expanduser().exists()
+    fix = (f"check that {path} holds config.json, the processor files and the weights"
+           if local else f"download them where you have network: `huggingface-cli download {path}`")
+    return MissingWeightsError(f"{family.name} weights not found at {path} (model.backbone_options.model_path); {fix}")
+
+
+def load_family(family: Family, model_path: str | None = None, cache_dir: str | None = None,
+                dtype: str = "bfloat16", system_prompt: str = SYSTEM_PROMPT, **processor_options: Any) -> HFAdapter:
+    """Loads a family's model and processor from a local folder or the Hugging Face cache (no network).
+
+    Args:
+        family: The family.
+        model_path: Hub id or folder (default: the family's).
+        cache_dir: Hugging Face cache folder (default: the standard one).
+        dtype: ``float32``, ``bfloat16`` or ``float16``; weights are built in it.
+        system_prompt: The system message of chat prompts.
+        **processor_options: Processor options (e.g. ``max_pixels``) over the family's.
+    """
+    from transformers import AutoProcessor
+
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"dtype must be float32, bfloat16 or float16, got {dtype!r} (model.backbone_dtype)")
+    path = model_path or family.default_path
+    looks_local = path.startswith((".", "/", "~")) or Path(path).expanduser().exists()
+    if looks_local and not Path(path).expanduser().is_dir():
+        raise _missing(family, path)
+    options = {**family.processor_options, **processor_options}
+    try:
+        with offline_hub():
+            processor = AutoProcessor.from_pretrained(path, cache_dir=cache_dir, local_files_only=True, use_fast=True,
+                                                      **options)
+            model = family.model_type().from_pretrained(path, cache_dir=cache_dir, local_files_only=True,
+                                                         dtype=getattr(torch, dtype))
+    except (OSError, ValueError) as exc:  # the hub raises ValueError subclasses for bad local paths
+        raise _missing(family, path) from exc
+    adapter = HFAdapter(model, processor, family, path.rstrip("/").split("/")[-1].lower(), system_prompt)
+    adapter.freeze()
+    return adapter
+
+
+def random_model(family: Family, config: Any, processor: Any, seed: int = 0) -> HFAdapter:
+    """A random model of ``family`` from a config built in code (stand-ins), eager attention."""
+    for sub in ("text_config", "vision_config"):
+        if hasattr(config, sub):
+            getattr(config, sub)._attn_implementation = "eager"
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    adapter = HFAdapter(family.model_type()(config), processor, family, f"{family.name}-tiny")
+    adapter.freeze()
+    return adapter
+
+
+def write_layout(family: Family, config: Any, processor: Any, out: str | Path, dtype: str = "bfloat16",
+                 seed: int = 0) -> Path:
+    """``save_pretrained`` of a random ``family`` model with ``config`` and of ``processor``:
+    the folder a user's download is (full-size rehearsals, loading tests)."""
+    torch.manual_seed(seed)
+    # Built directly in the release dtype: a float32 copy of 4B parameters would double the memory.
+    family.model_type()._from_config(config, dtype=getattr(torch, dtype)).save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+    return Path(out)
