@@ -74,9 +74,16 @@ BACKBONES: dict[str, BackboneSpec] = {
     "qwen2.5vl": BackboneSpec(
         "mfv.models.families.qwen25vl:load", "mfv.models.families.qwen25vl:tiny", {"num_layers": 2},
         "Qwen2.5-VL from a local folder or the Hugging Face cache"),
+    "qwen2.5vl-random": BackboneSpec(
+        "mfv.models.families.qwen25vl:tiny", "mfv.models.families.qwen25vl:tiny", {"num_layers": 2},
+        "a random Qwen2.5-VL built from sizes (tests)"),
     "llava": BackboneSpec(
         "mfv.models.families.llava:load", "mfv.models.families.llava:tiny", {"num_layers": 2},
         "LLaVA-1.5 from a local folder or the Hugging Face cache"),
+    "llava-random": BackboneSpec(
+        "mfv.models.families.llava:tiny", "mfv.models.families.llava:tiny", {"num_layers": 2},
+        "a random LLaVA built from sizes (tests)"),
+    # New families: one entry each above this line (and a "-random" one for configs and tests).
 }
 
 
