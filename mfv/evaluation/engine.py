@@ -8,12 +8,12 @@ Conditions that share a dataset (zero-shot prompts with several injected vectors
 conditions, layer and K sweeps, composite variants) are scored from one loader: each batch
 is encoded once and, with ``reuse``, run once up to the last position
 (:func:`mfv.steering.prompt_pass`), after which every condition recomputes only the last
-position from its injection layer up. With ``reuse`` the frozen vision tower's per-image
+position (from its injection layer up where the backbone has a minimal path). With ``reuse`` the frozen vision tower's per-image
 work is also kept for the whole run (:meth:`BackboneAdapter.reuse_context`).
 
-The trainable module's validation and test loops use :class:`Outcomes` and
-:func:`condition_logits` from here; :func:`score_conditions` runs a list of conditions in
-this process, or on every rank of a Lightning ``Fabric`` (DDP).
+The trainable module's validation and test loops record into :class:`Outcomes` from here;
+:func:`score_conditions` runs a list of conditions in this process, or on every rank of a
+Lightning ``Fabric`` (DDP).
 """
 
 from __future__ import annotations
