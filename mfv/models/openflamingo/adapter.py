@@ -18,7 +18,7 @@ from torch import nn
 from mfv.compat import ensure_torchvision
 from mfv.hooks import keep_input_contiguous
 from mfv.models.base import BackboneAdapter, Example, PrefixState, Prompt, PromptBatch
-from mfv.models.openflamingo import last_position
+import mfv.models.openflamingo.last_position as last_position
 
 IMAGE_TOKEN = "<image>"
 END_OF_CHUNK = "<|endofchunk|>"
