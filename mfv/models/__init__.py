@@ -83,6 +83,30 @@ BACKBONES: dict[str, BackboneSpec] = {
     "llava-random": BackboneSpec(
         "mfv.models.families.llava:tiny", "mfv.models.families.llava:tiny", {"num_layers": 2},
         "a random LLaVA built from sizes (tests)"),
+    "idefics3": BackboneSpec(
+        "mfv.models.families.idefics3:load", "mfv.models.families.idefics3:tiny", {"num_layers": 2},
+        "Idefics3 / SmolVLM from a local folder or the Hugging Face cache"),
+    "idefics3-random": BackboneSpec(
+        "mfv.models.families.idefics3:tiny", "mfv.models.families.idefics3:tiny", {"num_layers": 2},
+        "a random Idefics3 built from sizes (tests)"),
+    "gemma3": BackboneSpec(
+        "mfv.models.families.gemma3:load", "mfv.models.families.gemma3:tiny", {"num_layers": 2},
+        "Gemma 3 from a local folder or the Hugging Face cache"),
+    "gemma3-random": BackboneSpec(
+        "mfv.models.families.gemma3:tiny", "mfv.models.families.gemma3:tiny", {"num_layers": 2},
+        "a random Gemma 3 built from sizes (tests)"),
+    "internvl": BackboneSpec(
+        "mfv.models.families.internvl:load", "mfv.models.families.internvl:tiny", {"num_layers": 2},
+        "InternVL 3 (-hf layout) from a local folder or the Hugging Face cache"),
+    "internvl-random": BackboneSpec(
+        "mfv.models.families.internvl:tiny", "mfv.models.families.internvl:tiny", {"num_layers": 2},
+        "a random InternVL 3 built from sizes (tests)"),
+    "llava-onevision": BackboneSpec(
+        "mfv.models.families.llava_onevision:load", "mfv.models.families.llava_onevision:tiny", {"num_layers": 2},
+        "LLaVA-OneVision from a local folder or the Hugging Face cache"),
+    "llava-onevision-random": BackboneSpec(
+        "mfv.models.families.llava_onevision:tiny", "mfv.models.families.llava_onevision:tiny", {"num_layers": 2},
+        "a random LLaVA-OneVision built from sizes (tests)"),
     # New families: one entry each above this line (and a "-random" one for configs and tests).
 }
 

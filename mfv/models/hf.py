@@ -54,6 +54,10 @@ class Family:
         positions: ``rotary`` (from the attention mask) or a function ``(model, batch) ->
             position_ids`` (multimodal rotary, shaped ``(..., B, S)``).
         processor_options: Keyword options of ``AutoProcessor.from_pretrained``.
+        images_by_prompt: The processor takes images as one list per prompt (not one flat list).
+        call_options: Keyword options of every processor call (they override the processor's defaults).
+        chat_template: A chat template used instead of the processor's (e.g. one that keeps each
+            image in place where the release's template moves every image first).
         stand_in: ``"module:function"`` building a tiny random model of the family offline.
     """
 
@@ -69,6 +73,9 @@ class Family:
     images: Literal["per_image", "per_patch", "per_row"] = "per_image"
     positions: str | Callable[[nn.Module, PromptBatch], torch.Tensor] = "rotary"
     processor_options: dict[str, Any] = field(default_factory=dict)
+    images_by_prompt: bool = False
+    call_options: dict[str, Any] = field(default_factory=dict)
+    chat_template: str | None = None
 
     def model_type(self) -> type:
         return getattr(importlib.import_module("transformers"), self.model_class)
@@ -138,14 +145,20 @@ class HFAdapter(BackboneAdapter):
             content += [{"type": "image"}, {"type": "text", "text": text}]
         messages = [{"role": "system", "content": [{"type": "text", "text": self.system_prompt}]},
                     {"role": "user", "content": content}]
-        text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = self.processor.apply_chat_template(messages, chat_template=self.family.chat_template, tokenize=False,
+                                                  add_generation_prompt=True)
+        bos = self.tokenizer.bos_token
+        if bos and text.startswith(bos) and self.tokenizer("")["input_ids"][:1] == [self.tokenizer.bos_token_id]:
+            text = text[len(bos):]  # the template writes BOS and the tokenizer adds it again: keep one
         return Prompt(text, images)
 
     def collate(self, prompts: Sequence[Prompt]) -> PromptBatch:
         images = [image for p in prompts for image in p.images]
         if any(isinstance(image, torch.Tensor) for image in images):
             raise TypeError(f"the {self.family.name} adapter preprocesses PIL images itself; pass PIL images")
-        out = self.processor(text=[p.text for p in prompts], images=images, padding=True, return_tensors="pt")
+        by_prompt = [list(p.images) for p in prompts] if self.family.images_by_prompt else images
+        out = self.processor(text=[p.text for p in prompts], images=by_prompt, padding=True, return_tensors="pt",
+                             **self.family.call_options)
         extra = {k: v for k, v in out.items() if k not in ("input_ids", "attention_mask", "pixel_values")
                  and isinstance(v, torch.Tensor)}
         extra["images_per_row"] = torch.tensor([len(p.images) for p in prompts])

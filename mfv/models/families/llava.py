@@ -15,7 +15,9 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
 
-FAMILY = Family("llava", "LlavaForConditionalGeneration", "llava-hf/llava-1.5-7b-hf", "mfv.models.families.llava:tiny")
+# The released llava-hf template puts every image of a turn first; this one keeps each in place.
+FAMILY = Family("llava", "LlavaForConditionalGeneration", "llava-hf/llava-1.5-7b-hf", "mfv.models.families.llava:tiny",
+                chat_template=CHAT_TEMPLATE)
 
 
 def load(model_path: str = FAMILY.default_path, cache_dir: str | None = None, dtype: str = "bfloat16",
