@@ -17,11 +17,12 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(MAKE) --no-print-directory torch-$(TORCH) PY=$(PY)
 	$(PIP) install --quiet -c constraints.txt -e ".[dev]"
-	# open-flamingo pins torch==2.0.1; its real needs are in pyproject.toml.
+	# open-flamingo pins torch==2.0.1; its real needs are in pyproject.toml (the same command
+	# works in any environment after `pip install .`).
 	$(PIP) install --quiet --no-deps -c constraints.txt open-flamingo==2.0.1
-	# Any import order of lightning / torchmetrics / open_clip works in this venv (mfv/compat.py).
-	echo "import mfv.compat as _mfv_compat; _mfv_compat.install_torchvision_hook()" > \
-	  "$$($(PY) -c 'import site; print(site.getsitepackages()[0])')/mfv_compat.pth"
+	# Any import order of lightning / torchmetrics / open_clip works in this venv (mfv/compat.py):
+	# a wheel (`pip install .`) ships mfv_compat.pth itself; this editable install cannot.
+	$(PY) -c "import mfv.compat as c; c.install_startup_hook()"
 ifeq ($(TORCH),cpu)
 	@! $(PIP) freeze | grep -i '^nvidia-' || (echo "CUDA wheels were installed into a CPU-only venv" && false)
 endif

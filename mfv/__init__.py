@@ -6,7 +6,7 @@ from mfv.compat import install_torchvision_hook
 # CPU torch whoever comes first (cheap: nothing is imported here).
 install_torchvision_hook()
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one source: pyproject.toml, `mfv --version`, CITATION.cff and CHANGELOG.md follow it
 
 # The public API (mfv/api.py), imported on first use so that `import mfv` stays cheap.
 _API = {

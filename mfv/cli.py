@@ -1,7 +1,7 @@
 """``mfv <command> [options]``: every job behind one entry point, one convention.
 
-Every command takes ``--help`` (each option with its default), ``--config FILE`` and
-``--print_config``, with dotted overrides (jsonargparse / LightningCLI).
+Every command takes ``--help`` (each option with its default and help), ``--config FILE``
+and dotted overrides (jsonargparse / LightningCLI); ``mfv --version`` prints the version.
 
     mfv train --config configs/toy.yaml                     # = python train.py
     mfv evaluate --config configs/toy.yaml --fv F --out D   # = python evaluate.py
@@ -11,51 +11,240 @@ Every command takes ``--help`` (each option with its default), ``--config FILE``
     mfv demo                                                # = make demo (without set-up)
     mfv train-organism --out checkpoints/organism           # the model organism's recipe
     mfv seeds --config configs/toy.yaml --seeds 3            # mean and spread over seeds
+
+A list option takes ``[a,b]`` or, for one element, the bare value: ``--relations agentic``
+is ``--relations [agentic]`` and ``--scene_graphs train.json`` is ``--scene_graphs
+[train.json]``; several bare values after the option are one list (``--scene_graphs *.json``).
 """
 
 from __future__ import annotations
 
+import collections.abc
+import dataclasses
+import inspect
+import json
+import re
 import sys
-from typing import Callable, Sequence
+import types
+import typing
+from contextlib import contextmanager
+from pathlib import PurePath
+from typing import Any, Callable, Iterator, Sequence
+
+_SEQUENCES = (list, set, frozenset, collections.abc.Sequence, collections.abc.MutableSequence,
+              collections.abc.Set, collections.abc.Collection, collections.abc.Iterable)
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+# --------------------------------------------------------------------------- list options
+
+
+def _is_text(hint: Any) -> bool:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return all(_is_text(a) for a in typing.get_args(hint) if a is not type(None))
+    return isinstance(hint, type) and issubclass(hint, (str, PurePath))
+
+
+def _list_of_text(hint: Any) -> bool | None:
+    """``None`` unless ``hint`` is a list type (optionally ``| None``); else whether its
+    elements are text (``str``, paths). ``str | list[str]`` is not a list type: a bare value
+    already means something there."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        others = [a for a in args if a is not type(None)]
+        return _list_of_text(others[0]) if len(others) == 1 else None
+    if origin is tuple:
+        return _is_text(args[0]) if len(args) == 2 and args[1] is Ellipsis else None
+    if origin in _SEQUENCES or hint in (list, tuple, set):
+        return _is_text(args[0]) if args else True
+    return None
+
+
+def _dataclass_of(hint: Any) -> type | None:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        others = [a for a in typing.get_args(hint) if a is not type(None)]
+        return _dataclass_of(others[0]) if len(others) == 1 else None
+    return hint if isinstance(hint, type) and dataclasses.is_dataclass(hint) else None
+
+
+def list_options(target: Callable, prefix: str = "") -> dict[str, bool]:
+    """The list-typed options a function's, class's or dataclass's parameters become on a
+    jsonargparse command line (``--scene_graphs``, ``--settings.blacklist``), each with
+    whether its elements are text. Nested dataclass parameters are followed."""
+    function = target.__init__ if isinstance(target, type) else target
+    try:
+        hints = typing.get_type_hints(function)
+        parameters = inspect.signature(target).parameters
+    except (NameError, TypeError, ValueError):  # unresolvable annotations: nothing to rewrite
+        return {}
+    options: dict[str, bool] = {}
+    for name, parameter in parameters.items():
+        if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD) or name not in hints:
+            continue
+        text = _list_of_text(hints[name])
+        nested = _dataclass_of(hints[name])
+        if text is not None:
+            options[f"--{prefix}{name}"] = text
+        elif nested is not None:
+            options.update(list_options(nested, f"{prefix}{name}."))
+    return options
+
+
+def _is_bare(value: str) -> bool:
+    return not value.lstrip().startswith(("[", "{", "(")) and value not in ("null", "None", "-", "")
+
+
+def _is_value(token: str) -> bool:
+    return not token.startswith("-") or token == "-" or _NUMBER.fullmatch(token) is not None
+
+
+def _as_list(values: Sequence[str], text: bool) -> str:
+    return "[" + ",".join(v if not text and _NUMBER.fullmatch(v) else json.dumps(v) for v in values) + "]"
+
+
+def bracket_lists(argv: Sequence[str], *targets: Callable, **sections: Callable) -> list[str]:
+    """``argv`` with the bare values of list options written as lists, for jsonargparse.
+
+    jsonargparse reads a list option only as ``[a,b]``; a bare ``agentic`` is an error, and a
+    bare path to a list of paths is read as a file *of* paths, one per line (a JSON file given
+    that way is dumped into the error). Here ``--relations agentic`` becomes ``--relations
+    ["agentic"]``, ``--scene_graphs a.json b.json`` becomes ``--scene_graphs ["a.json","b.json"]``
+    and ``--relations=above`` becomes ``--relations=["above"]``; lists, ``null`` and ``-``
+    (stdin) are kept. Nothing else is touched, so calling it twice changes nothing.
+
+    Args:
+        argv: The command line (without the program).
+        targets: Functions, classes or dataclasses whose parameters are top-level options
+            (``jsonargparse.CLI(prepare)``: ``bracket_lists(argv, prepare)``).
+        sections: Classes whose parameters are options under a section
+            (``model=FunctionVectorModule`` for ``--model.relations``).
+    """
+    options: dict[str, bool] = {}
+    for target in targets:
+        options.update(list_options(target))
+    for section, target in sections.items():
+        options.update(list_options(target, f"{section}."))
+    argv, out, index = list(argv), [], 0
+    while index < len(argv):
+        token = argv[index]
+        name, equals, value = token.partition("=")
+        if name not in options:
+            out.append(token)
+            index += 1
+        elif equals:
+            out.append(f"{name}={_as_list([value], options[name])}" if _is_bare(value) else token)
+            index += 1
+        else:
+            end = index + 1
+            while end < len(argv) and _is_value(argv[end]):
+                end += 1
+            values = argv[index + 1:end]
+            if values and all(_is_bare(v) for v in values):
+                out += [name, _as_list(values, options[name])]
+            else:
+                out += argv[index:end]
+            index = end
+    return out
+
+
+# --------------------------------------------------------------------------- commands
 
 
 def _prepare_data(args: Sequence[str]) -> None:
     """Generates or checks the data a config's DataModule reads (no model is loaded)."""
+    import argparse
+
     import lightning as L
     from jsonargparse import ActionConfigFile, ArgumentParser
 
     parser = ArgumentParser(prog="mfv prepare-data", description=_prepare_data.__doc__)
     parser.add_argument("--config", action=ActionConfigFile, help="a train.py config")
     parser.add_subclass_arguments(L.LightningDataModule, "data", required=True)
+    # The config's other sections are read and ignored (not listed in --help).
     for other in ("seed_everything", "model", "trainer", "aie", "checkpoint", "last_checkpoint", "evaluation"):
-        parser.add_argument(f"--{other}", type=object | None, default=None, help="(ignored here)")
+        parser.add_argument(f"--{other}", type=object | None, default=None, help=argparse.SUPPRESS)
     config = parser.instantiate_classes(parser.parse_args(list(args)))
     config.data.prepare_data()
     print(f"data ready: {getattr(config.data, 'data_dir', getattr(config.data, 'dataset_dir', ''))}")
 
 
-def _commands() -> dict[str, Callable[[Sequence[str]], object]]:
+def _prepare_gqa(args: Sequence[str]) -> object:
     import importlib
 
+    prepare = importlib.import_module("mfv.data.gqa.prepare")  # the package exports a function of that name
+    return prepare.main(bracket_lists(args, prepare.prepare))
+
+
+def _lightning(command: Callable[[Sequence[str]], object]) -> Callable[[Sequence[str]], object]:
+    """train / evaluate with bare values of their list options accepted."""
+
+    def run(args: Sequence[str]) -> object:
+        from mfv.evaluation.protocol import EvaluationSettings
+        from mfv.method.extraction import AIESettings
+        from mfv.training.module import FunctionVectorModule
+
+        return command(bracket_lists(args, model=FunctionVectorModule, aie=AIESettings, evaluation=EvaluationSettings))
+
+    return run
+
+
+COMMANDS = ("train", "evaluate", "prepare-data", "prepare-gqa", "generate-synthetic", "demo", "train-organism", "seeds")
+
+
+def _commands() -> dict[str, Callable[[Sequence[str]], object]]:
     from mfv import demo, seeds
     from mfv.commands import evaluate, train
     from mfv.data import synthetic
     from mfv.organism import train as organism
 
-    return {"train": train.main, "evaluate": evaluate.main, "prepare-data": _prepare_data,
-            "prepare-gqa": importlib.import_module("mfv.data.gqa.prepare").main,
-            "generate-synthetic": synthetic.main, "demo": demo.main,
+    return {"train": _lightning(train.main), "evaluate": _lightning(evaluate.main), "prepare-data": _prepare_data,
+            "prepare-gqa": _prepare_gqa, "generate-synthetic": synthetic.main, "demo": demo.main,
             "train-organism": organism.main, "seeds": seeds.main}
 
 
+# Commands whose jsonargparse parser takes its name from ``sys.argv[0]`` and which never
+# start processes of their own. The others keep ``sys.argv`` as it is: Lightning's DDP launcher
+# starts every further rank by re-running ``sys.argv`` (train, evaluate, train-organism, and
+# seeds and demo through them); they name themselves (``prog``) instead.
+_NAMED_BY_ARGV = ("prepare-gqa", "generate-synthetic")
+
+
+@contextmanager
+def _program(name: str) -> Iterator[None]:
+    """Usage lines and "run: ... --help" tips name the sub-command (argparse takes the program
+    from ``sys.argv[0]``)."""
+    saved = sys.argv
+    sys.argv = [name]
+    try:
+        yield
+    finally:
+        sys.argv = saved
+
+
 def main(argv: Sequence[str] | None = None) -> None:
+    from mfv import __version__
+    from mfv.console import quiet
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = _commands()
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
+    if argv[:1] in (["--version"], ["-V"]):
+        print(f"mfv {__version__}")
+        return
+    if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS:
+        print(f"error: unknown command {argv[0]!r}; commands: {', '.join(COMMANDS)} (run: mfv --help)",
+              file=sys.stderr)
+        raise SystemExit(2)
+    if not argv or argv[0] not in COMMANDS:
         print(__doc__)
-        print("commands: " + ", ".join(commands))
+        print("commands: " + ", ".join(COMMANDS))
         raise SystemExit(0 if argv[:1] in (["-h"], ["--help"]) else 2)
-    commands[argv[0]](argv[1:])
+    quiet()
+    command = _commands()[argv[0]]
+    # Not returned: the console script exits with main()'s value.
+    if argv[0] in _NAMED_BY_ARGV:
+        with _program(f"mfv {argv[0]}"):
+            command(argv[1:])
+    else:
+        command(argv[1:])
 
 
 if __name__ == "__main__":

@@ -6,6 +6,13 @@ C++ operators (``torchvision::nms``) that the CUDA-less wheel cannot load, so th
 import fails. mfv never uses those operators (open_clip only needs transforms and a
 few pure-Python ops), so the two modules are replaced by empty stubs *only* when the
 plain import fails. Call :func:`ensure_torchvision` before importing open_clip.
+
+The package installs the hook itself: ``import mfv`` installs it, and the wheel carries
+``mfv_compat.pth`` (written by :class:`BuildPyWithHook`, named in ``pyproject.toml``), so
+that in an environment where mfv is installed any import order works, ``import lightning``
+before ``import mfv`` included. ``open_flamingo`` pins ``torch==2.0.1``; mfv declares its
+real needs and it is installed with ``pip install --no-deps open-flamingo==2.0.1``
+(:func:`require_open_flamingo` says so where it is missing).
 """
 
 from __future__ import annotations
@@ -14,7 +21,13 @@ import os
 import sys
 import types
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
+
+OPEN_FLAMINGO_INSTALL = "pip install --no-deps open-flamingo==2.0.1"
+HOOK_PTH = "mfv_compat.pth"
+# Run by Python's site module at start-up (one line starting with "import" is executed).
+HOOK_LINE = "import mfv.compat as _mfv_compat; _mfv_compat.install_torchvision_hook()\n"
 
 _STUBBED_MODULES = ("torchvision._meta_registrations", "torchvision._autograd_registrations")
 
@@ -51,8 +64,8 @@ class _TorchvisionHook:
 def install_torchvision_hook() -> None:
     """Makes any later ``import torchvision`` work on CPU torch, whoever imports it first.
 
-    Called by ``import mfv`` and, in the project's venv, at interpreter start-up (a ``.pth``
-    file written by ``make setup``), so that ``import lightning`` before ``mfv`` works too.
+    Called by ``import mfv`` and at interpreter start-up by ``mfv_compat.pth``, which the
+    package installs into site-packages, so that ``import lightning`` before ``mfv`` works too.
     """
     if "torchvision" in sys.modules or any(isinstance(f, _TorchvisionHook) for f in sys.meta_path):
         return
@@ -98,3 +111,52 @@ def offline_hub() -> Iterator[None]:
             os.environ.pop("HF_HUB_OFFLINE", None)
         else:
             os.environ["HF_HUB_OFFLINE"] = previous_env
+
+
+def install_startup_hook(site_packages: str | os.PathLike | None = None) -> Path:
+    """Writes :data:`HOOK_PTH` into ``site_packages`` (default: this interpreter's first).
+
+    A wheel install (``pip install .``) ships the file; an editable install (``pip install
+    -e .``, as ``make setup`` does) cannot, so ``make setup`` calls this.
+    """
+    import site
+
+    path = Path(site_packages or site.getsitepackages()[0]) / HOOK_PTH
+    path.write_text(HOOK_LINE)
+    return path
+
+
+def require_open_flamingo() -> None:
+    """Raises ``ImportError`` with the install command when ``open_flamingo`` is missing
+    (it is not a dependency of the package: it pins ``torch==2.0.1``)."""
+    import importlib.util
+
+    if importlib.util.find_spec("open_flamingo") is None:
+        raise ImportError("open_flamingo is not installed; it pins torch==2.0.1, so install it without its "
+                          f"dependencies (mfv declares the ones it needs): {OPEN_FLAMINGO_INSTALL}")
+
+
+def _build_py_with_hook() -> type:
+    """setuptools' ``build_py`` that also writes :data:`HOOK_PTH` at the root of the build,
+    so wheels (``pip install .``) carry it into site-packages. Only imported at build time."""
+    from setuptools.command.build_py import build_py
+
+    class BuildPyWithHook(build_py):
+        def run(self) -> None:
+            super().run()
+            Path(self.build_lib).mkdir(parents=True, exist_ok=True)
+            (Path(self.build_lib) / HOOK_PTH).write_text(HOOK_LINE)
+
+        def get_outputs(self, include_bytecode: bool = True) -> list[str]:
+            return [*super().get_outputs(include_bytecode), str(Path(self.build_lib) / HOOK_PTH)]
+
+    BuildPyWithHook.__module__ = __name__
+    return BuildPyWithHook
+
+
+def __getattr__(name: str):
+    # ``[tool.setuptools.cmdclass]`` names ``mfv.compat.BuildPyWithHook``; built on demand so that
+    # importing mfv never imports setuptools.
+    if name == "BuildPyWithHook":
+        return _build_py_with_hook()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

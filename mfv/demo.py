@@ -38,9 +38,17 @@ def run_demo(configs: Sequence[str] = ("configs/toy.yaml",), out: str = "runs/de
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
+    """``mfv demo`` / ``python -m mfv.demo``; several configs as ``--configs A B`` or ``--configs [A,B]``."""
+    import sys
+
     from jsonargparse import CLI
 
-    return CLI(run_demo, args=argv, as_positional=False)
+    from mfv.cli import bracket_lists
+    from mfv.console import quiet
+
+    quiet()
+    argv = bracket_lists(sys.argv[1:] if argv is None else argv, run_demo)
+    return CLI(run_demo, args=argv, as_positional=False, prog="mfv demo")
 
 
 if __name__ == "__main__":

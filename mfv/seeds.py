@@ -1,34 +1,26 @@
 """Repeat extraction, fine-tuning and evaluation over seeds; report mean and spread.
 
-    python -m mfv.seeds --config configs/toy.yaml --seeds 3 --out runs/seeds [--limit N] [-- overrides]
+    mfv seeds --config configs/toy.yaml --seeds 3 --out runs/seeds [--limit N] [overrides]
 
-Seed ``s`` sets ``seed_everything`` and the data seed (a new synthetic set and new episodes),
-so the spread covers data, AIE prompts and fine-tuning order. Writes ``seeds.json`` (every
+Every option that is not one of this command's own (``--config``, ``--seeds``, ``--out``,
+``--limit``) is a train.py / evaluate.py override, written as for those commands (``mfv
+train --help`` lists them); train.py's parser checks each before any compute. Seed ``s``
+sets ``seed_everything`` and the data seed (a new synthetic set and new episodes), so the
+spread covers data, AIE prompts and fine-tuning order. Writes ``seeds.json`` (every
 condition: mean, sample standard deviation, min, max, per-seed values) and ``seeds.md``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 from typing import Sequence
 
-from mfv.commands.evaluate import main as evaluate_main
-from mfv.commands.train import main as train_main
 from mfv.io import atomic_write_text, ensure_writable_dir
 
-
-def split_overrides(overrides: Sequence[str]) -> tuple[list[str], list[str]]:
-    """Overrides for both commands, and ``--evaluation.*`` ones (with their values) for evaluate only."""
-    shared, evaluation_only, index = [], [], 0
-    while index < len(overrides):
-        token = overrides[index]
-        takes_value = index + 1 < len(overrides) and not overrides[index + 1].startswith("--") and "=" not in token
-        group = overrides[index:index + 1 + takes_value]
-        (evaluation_only if token.startswith("--evaluation.") else shared).extend(group)
-        index += len(group)
-    return shared, evaluation_only
+OVERRIDES_HELP = ("Every other option is a train.py / evaluate.py override, e.g. --trainer.max_epochs 5 or "
+                  "--evaluation.max_k 10 (mfv train --help and mfv evaluate --help list them); no -- is needed "
+                  "before them.")
 
 
 def aggregate(per_seed: list[dict]) -> dict[str, dict]:
@@ -42,36 +34,92 @@ def aggregate(per_seed: list[dict]) -> dict[str, dict]:
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m mfv.seeds", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                     description=__doc__.split("\n")[0])
-    parser.add_argument("--config", required=True, help="train.py / evaluate.py config")
-    parser.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1)")
-    parser.add_argument("--out", default="runs/seeds", help="output folder")
-    parser.add_argument("--limit", type=int, default=None, help="prompts per evaluation condition")
-    parser.add_argument("overrides", nargs="*", help="more train/evaluate overrides, after --")
-    args = parser.parse_args(argv)
-    if args.seeds < 1:
-        parser.exit(2, f"error: --seeds = {args.seeds} must be >= 1\n")
-    out = ensure_writable_dir(args.out, "--out")
-    shared, evaluation_only = split_overrides(args.overrides)
+def run_seeds(config: str, seeds: int = 3, out: str = "runs/seeds", limit: int | None = None,
+              overrides: Sequence[str] = ()) -> dict:
+    """Trains and evaluates once per seed 0..seeds-1, then writes the mean and spread.
+
+    Args:
+        config: The train.py / evaluate.py config file.
+        seeds: Number of seeds (0..N-1), at least 1.
+        out: Output folder (one sub-folder per seed, seeds.json and seeds.md).
+        limit: Prompts per evaluation condition (default: every prompt of each split).
+        overrides: train.py / evaluate.py overrides, given to both (train.py parses and
+            ignores the evaluation section).
+
+    Returns:
+        The summary written to ``seeds.json``.
+    """
+    from mfv.commands.evaluate import main as evaluate_main
+    from mfv.commands.train import main as train_main
+
+    folder = ensure_writable_dir(out, "--out")
     per_seed = []
-    for seed in range(args.seeds):
-        folder = out / f"seed{seed}"
-        common = ["--config", args.config, "--seed_everything", str(seed), "--data.init_args.seed", str(seed),
-                  *shared]
-        trained = train_main([*common, "--trainer.logger.init_args.save_dir", str(folder), "--trainer.logger.init_args.name",
-                              "train"])
-        evaluation = [*common, *evaluation_only, "--fv", trained["exported_fv"], "--out", str(folder / "eval")]
-        per_seed.append(evaluate_main(evaluation + (["--limit", str(args.limit)] if args.limit else [])))
-    summary = {"config": args.config, "seeds": args.seeds, "conditions": aggregate(per_seed)}
-    atomic_write_text(out / "seeds.json", json.dumps(summary, indent=2))
-    lines = [f"# {args.seeds} seeds of {args.config}\n", "| condition | mean | sd | min | max |", "|---|---|---|---|---|"]
+    for seed in range(seeds):
+        common = ["--config", config, "--seed_everything", str(seed), "--data.init_args.seed", str(seed), *overrides]
+        trained = train_main([*common, "--trainer.logger.init_args.save_dir", str(folder / f"seed{seed}"),
+                              "--trainer.logger.init_args.name", "train"])
+        evaluation = [*common, "--fv", trained["exported_fv"], "--out", str(folder / f"seed{seed}" / "eval")]
+        per_seed.append(evaluate_main(evaluation + (["--limit", str(limit)] if limit else [])))
+    summary = {"config": config, "seeds": seeds, "conditions": aggregate(per_seed)}
+    atomic_write_text(folder / "seeds.json", json.dumps(summary, indent=2))
+    lines = [f"# {seeds} seeds of {config}\n", "| condition | mean | sd | min | max |", "|---|---|---|---|---|"]
     lines += [f"| {n} | {c['mean']:.3f} | {c['std']:.3f} | {c['min']:.3f} | {c['max']:.3f} |"
               for n, c in summary["conditions"].items()]
-    atomic_write_text(out / "seeds.md", "\n".join(lines) + "\n")
+    atomic_write_text(folder / "seeds.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     return summary
+
+
+def build_parser():
+    """``mfv seeds``'s own options (jsonargparse, help text from :func:`run_seeds`)."""
+    from jsonargparse import ArgumentParser
+    from jsonargparse.typing import PositiveInt
+
+    parser = ArgumentParser(prog="mfv seeds", description=__doc__.split("\n")[0], epilog=OVERRIDES_HELP)
+    parser.add_argument("--config", type=str, required=True, help="The train.py / evaluate.py config file.")
+    parser.add_argument("--seeds", type=PositiveInt, default=3, help="Number of seeds (0..N-1), at least 1.")
+    parser.add_argument("--out", type=str, default="runs/seeds",
+                        help="Output folder (one sub-folder per seed, seeds.json and seeds.md).")
+    parser.add_argument("--limit", type=PositiveInt | None, default=None,
+                        help="Prompts per evaluation condition (default: every prompt of each split).")
+    return parser
+
+
+OWN_OPTIONS = ("--config", "--seeds", "--out", "--limit", "-h", "--help")
+
+
+def split_arguments(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """This command's own options (with their values) and the train/evaluate overrides.
+
+    An override is an option and the values after it up to the next option; a ``--``
+    separator (the old convention) is accepted and dropped.
+    """
+    own, overrides, index, argv = [], [], 0, list(argv)
+    while index < len(argv):
+        token = argv[index]
+        if token == "--":
+            index += 1
+            continue
+        end = index + 1
+        if token.startswith("-") and "=" not in token:
+            while end < len(argv) and not argv[end].startswith("--") and argv[end] not in ("-h",):
+                end += 1
+        name = token.partition("=")[0]
+        (own if name in OWN_OPTIONS or not token.startswith("-") else overrides).extend(argv[index:end])
+        index = end
+    return own, overrides
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """``mfv seeds`` / ``python -m mfv.seeds``."""
+    import sys
+
+    from mfv.console import quiet
+
+    quiet()
+    own, overrides = split_arguments(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(own)
+    return run_seeds(args.config, args.seeds, args.out, args.limit, overrides)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Reports written from an :class:`~mfv.evaluation.protocol.EvaluationResult`.
 
-``metrics.json`` (machines), ``report.md`` (people), PNG figures and TensorBoard
-scalars and figures. Every accuracy shown carries its 95% interval and n.
+``metrics.json`` (machines), ``report.md`` (people), figures as PNG and PDF (sized and
+lettered for a paper, :mod:`mfv.evaluation.plots`) and TensorBoard scalars and figures.
+Every accuracy shown carries its 95% interval and n.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Sequence
 
 from mfv.evaluation import plots
 from mfv.evaluation.protocol import EvaluationResult
-from mfv.io import atomic_write, atomic_write_text
+from mfv.io import atomic_write_text
 from mfv.method.extraction import Extraction
 
 GROUP_TITLES = {"test": "Test split (trained objects)", "novel": "Novel objects",
@@ -51,6 +52,7 @@ def report_markdown(metrics: dict) -> str:
     finetuned = metrics["injected"].get("finetuned")
     if finetuned:
         parts.append(f"Fine-tuned FVs injected after layer {finetuned['layer']}. ")
+    parts.append(provenance(metrics))
     parts.append(
         f"{extraction['heads_for_half_positive_aie']} of the LM's {extraction['lm_heads']} heads "
         f"({extraction['heads_for_half_positive_aie_share']:.1%}) carry half of the positive AIE; the top 10 "
@@ -79,28 +81,81 @@ def report_markdown(metrics: dict) -> str:
             at = sweep.get("test_at_chosen")
             parts.append(f"\nBest {label} on the validation split: {sweep['chosen']}"
                          + (f"; on test there: {_fmt(at['accuracy'], at['ci95'])} (n={at['n']})" if at else "") + ".")
-    parts.append("\n\nFigures: conditions.png, layer_sweep.png, k_sweep.png, aie_heatmap.png.\n")
+    if metrics.get("not_run"):
+        parts.append("\n\n## Not run\n\n| condition | reason |\n|---|---|\n")
+        parts += [f"| `{name}` | {reason} |\n" for name, reason in metrics["not_run"].items()]
+    parts.append("\n\nFigures (PNG and PDF): " + ", ".join(figure_stems(metrics)) + ".\n")
     return "".join(parts)
 
 
+# The setting each sweep varies: (config option, what the report calls it).
+SWEPT = {"layer": ("model.layer", "layer"), "k": ("aie.k", "K")}
+
+
+def provenance(metrics: dict) -> str:
+    """Whether the injected layer and K were chosen on validation or fixed by the config."""
+    fixed, chosen_here = [], []
+    for name, (option, label) in SWEPT.items():
+        used, sweep = metrics["settings"].get(name), metrics["sweeps"].get(name) or {}
+        if used is None or "chosen" not in sweep:
+            continue
+        if used == sweep["chosen"]:
+            chosen_here.append(f"{label} {used}")
+        else:
+            outside = "" if min(sweep["x"]) <= used <= max(sweep["x"]) else \
+                f", outside the swept {min(sweep['x'])}..{max(sweep['x'])}"
+            fixed.append(f"{label} {used} (`{option}`; validation chose {sweep['chosen']}{outside})")
+    text = ""
+    if fixed:
+        text += ("The injected " + " and ".join(fixed) + " were fixed by the config, not chosen on the validation "
+                 "split of this evaluation. ")
+    if chosen_here:
+        text += "The injected " + " and ".join(chosen_here) + " are the validation sweeps' choices. "
+    return text
+
+
+def figure_stems(metrics: dict) -> list[str]:
+    """The figures :func:`figures` draws for ``metrics``, by file stem."""
+    return ["conditions", *(f"{name}_sweep" for name in ("layer", "k") if metrics["sweeps"].get(name)), "aie_heatmap"]
+
+
 def _reference_lines(metrics: dict) -> dict[str, float]:
+    """Zero-shot and ICL accuracy on test (4-shot ICL, else the most shots evaluated)."""
     summary = metrics["summary"]
-    return {label: summary[name] for name, label in (("zero_shot", "zero-shot (test)"), ("icl_4", "4-shot ICL (test)"))
-            if name in summary}
+    lines = {"zero-shot (test)": summary["zero_shot"]} if "zero_shot" in summary else {}
+    shots = sorted(int(n[4:]) for n in summary if n.startswith("icl_") and n[4:].isdigit() and int(n[4:]) > 0)
+    if shots:
+        n = 4 if 4 in shots else shots[-1]
+        lines[f"{n}-shot ICL (test)"] = summary[f"icl_{n}"]
+    return lines
+
+
+def _sweep_note(metrics: dict, name: str, sweep: dict) -> str:
+    """What the sweep held fixed and its n per point."""
+    settings = metrics["settings"]
+    if name == "layer":
+        held = f"K = {settings.get('k')} heads ({settings.get('selection')}) held fixed"
+    else:
+        held = f"injected after layer {settings.get('layer')}"
+    ns = ", ".join(f"{sweep[split]['n']} ({split})" for split in ("val", "test") if split in sweep)
+    return f"{held}\nn = {ns} prompts per point" if ns else held
 
 
 def figures(metrics: dict, extraction: Extraction) -> dict[str, object]:
     """Every figure of the report, by file stem."""
     rows = [{"name": n, "group": c["group"], "label": c.get("description") or n, "accuracy": c["accuracy"],
-             "ci95": c["ci95"]} for n, c in metrics["conditions"].items()]
-    out = {"conditions": plots.conditions_chart(rows)}
+             "ci95": c["ci95"], "n": c.get("n")} for n, c in metrics["conditions"].items()]
+    out = {"conditions": plots.conditions_chart(rows, f"Accuracy by condition — {metrics['settings']['backbone']}",
+                                                GROUP_TITLES)}
     for name, label in (("layer", "injection layer"), ("k", "heads K")):
         sweep = metrics["sweeps"].get(name)
         if sweep:
             series = {f"zero-shot + FV ({split})": (sweep[split]["accuracy"], sweep[split]["ci95"])
                       for split in ("val", "test") if split in sweep}
             out[f"{name}_sweep"] = plots.sweep_plot(sweep["x"], series, label, f"Accuracy vs {label}",
-                                                    _reference_lines(metrics), sweep.get("chosen"))
+                                                    _reference_lines(metrics), sweep.get("chosen"),
+                                                    note=_sweep_note(metrics, name, sweep),
+                                                    used=metrics["settings"].get(name))
     injected = metrics["injected"]["extracted"]
     heads = {r: [tuple(h) for h in hs] for r, hs in injected["heads"].items()}
     pooled_heads = extraction.heads(injected["k"], "pooled")[extraction.relations[0]]
@@ -110,7 +165,8 @@ def figures(metrics: dict, extraction: Extraction) -> dict[str, object]:
 
 
 def write_report(result: EvaluationResult, out: str | Path, extraction: Extraction, tensorboard=None) -> dict:
-    """Writes metrics.json, report.md and the PNG figures into ``out``; logs to ``tensorboard``.
+    """Writes metrics.json, report.md and the figures (``<stem>.png`` and ``<stem>.pdf``) into
+    ``out``; logs to ``tensorboard``.
 
     Args:
         tensorboard: A ``SummaryWriter`` (e.g. the training run's logger experiment) or None.
@@ -126,7 +182,7 @@ def write_report(result: EvaluationResult, out: str | Path, extraction: Extracti
     for stem, figure in figures(metrics, extraction).items():
         if tensorboard is not None:
             tensorboard.add_figure(f"eval/{stem}", figure, global_step=0, close=False)
-        atomic_write(out / f"{stem}.png", lambda tmp, f=figure: f.savefig(tmp, dpi=120, format="png"))
+        plots.write(figure, out / stem)
         plots.save_close(figure)
     if tensorboard is not None:
         for group in GROUP_TITLES:

@@ -30,7 +30,7 @@ import uuid
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence, TextIO
+from typing import Any, Iterator, Literal, Sequence, TextIO
 
 from mfv.errors import DataError
 from mfv.io import atomic_write_text
@@ -325,7 +325,7 @@ def prepare(
     seed: int = 0,
     image_ext: str = ".jpg",
     progress: bool = True,
-    split: str = "image_disjoint",
+    split: Literal["image_disjoint", "per_relation"] = "image_disjoint",
 ) -> dict[str, Any]:
     """Filters scene graphs into tasks and writes the split dataset and its summary.
 
@@ -466,8 +466,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["prepare"]:
         argv = argv[1:]
+    from mfv.cli import bracket_lists
+
+    argv = bracket_lists(argv, prepare)  # `--relations agentic` = `--relations [agentic]`
     try:
-        summary = CLI(prepare, args=argv, as_positional=False)
+        summary = CLI(prepare, args=argv, as_positional=False, prog="mfv prepare-gqa")
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from exc
