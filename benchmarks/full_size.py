@@ -12,7 +12,7 @@ Random weights at the published shapes, in the published file layouts, written o
   save rule, the RedPajama-INCITE-3B folder with its 50432-row config and 50277-token
   tokenizer, open_clip's CLIP file;
 - ``qwen3vl`` (Qwen3-VL-4B-Instruct, about 9 GB): ``save_pretrained`` of a random model with
-  the release's config (:func:`mfv.models.families.qwen3vl.write_layout`) and of a processor
+  the release's config (:func:`mfv.models.families.layouts.write_qwen3vl_layout`) and of a processor
   at the paper's pixel budget (its tokenizer is word-level: the real one cannot be downloaded
   here; the LM keeps the release's 151936 rows).
 
@@ -91,7 +91,7 @@ class Stages:
 def build(family: str, work: Path) -> None:
     start = time.perf_counter()
     if family == "qwen3vl":
-        from mfv.models.families.qwen3vl import write_layout as write_qwen3vl_layout
+        from mfv.models.families.layouts import write_qwen3vl_layout
 
         write_qwen3vl_layout(work / "release")
     else:

@@ -25,7 +25,7 @@ from typing import Iterator, Literal, Sequence
 
 import torch
 
-from mfv.data.episodes import Episode, EpisodeSampler, encode_episodes
+from mfv.data.episodes import Episode, EpisodeSampler, encode_episodes, images_digest
 from mfv.evaluation.protocol import EvaluationResult, EvaluationSettings, Vectors
 from mfv.evaluation.protocol import evaluate as _evaluate_protocol
 from mfv.evaluation.protocol import evaluate_episodes
@@ -34,6 +34,7 @@ from mfv.method.extraction import extract as _extract
 from mfv.method.function_vector import FunctionVectorSet
 from mfv.models import load_backbone
 from mfv.models.base import BackboneAdapter
+from mfv.preflight import check_extraction
 from mfv.steering import Injection, steered_logits, steering
 
 # Small split sizes for notebooks and tests (the DataModule's defaults are the paper's).
@@ -62,8 +63,13 @@ def load(name: str, device: str | torch.device | None = None, **options) -> Back
 
 
 def _sampler_fingerprint(sampler: EpisodeSampler) -> str:
-    digest = hashlib.sha256(repr([(s.image_path, s.anchor, sorted(s.neighbours.items()), s.relation)
-                                  for s in sampler.queries]).encode())
+    """Content hash of your own episodes: the sampler's kind, its queries and demonstration
+    scenes, and the bytes of every image they show (replacing an image at the same path
+    gives another key)."""
+    scenes = lambda group: [(s.image_path, s.anchor, sorted(s.neighbours.items()), s.relation) for s in group]
+    digest = hashlib.blake2b(repr((type(sampler).__qualname__, scenes(sampler.queries), scenes(sampler.scenes())))
+                             .encode(), digest_size=16)
+    digest.update(images_digest(sampler.image_paths()).encode())
     return f"episodes:{digest.hexdigest()[:16]}"
 
 
@@ -93,6 +99,7 @@ def extract(
     """
     aie = AIESettings(num_mean_prompts=num_mean_prompts, num_aie_prompts=num_aie_prompts, k=k,
                       selection=selection, aie_filter=aie_filter, cache_dir=str(cache_dir))
+    check_extraction(model, data, aie)  # the commands' preflight: settings, images, tokenizer, cache folder
     if isinstance(data, EpisodeSampler):
         aie.validate(model)
         settings = aie.extraction_settings(list(data.relations), data.shots, data.seed)
@@ -162,11 +169,22 @@ def evaluate(
         return evaluate_episodes(model, list(data), vectors, settings)
     data.attach(model)
     data.prepare_data()
-    return _evaluate_protocol(model, data, vectors, settings, only=conditions)
+    result = _evaluate_protocol(model, data, vectors, settings, only=conditions)
+    result.settings["data_fingerprints"] = {s: data.fingerprint(s) for s in ("test", "val", "novel") if data.has_split(s)}
+    return result
 
 
-def save(fvs: FunctionVectorSet, path: str | Path) -> Path:
-    """Writes an FV file (safetensors with provenance)."""
+def save(fvs: FunctionVectorSet, path: str | Path, overwrite: bool = False) -> Path:
+    """Writes an FV file (safetensors with provenance).
+
+    Raises:
+        FileExistsError: ``path`` exists and ``overwrite`` is not set (nothing is replaced
+            unless asked).
+        IncompatibleVectorError: a vector holds NaN or inf.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; mfv.save(..., overwrite=True) replaces it, or choose another path")
     return fvs.save(path)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from pathlib import Path
 from typing import Callable
@@ -10,6 +11,11 @@ from typing import Callable
 import torch
 
 from mfv.errors import ConfigError
+
+
+# Free space every output folder must have besides what a run estimates it writes: a full
+# disk is refused before compute, not found after it.
+MIN_FREE_BYTES = 64 * 2**20
 
 
 def _temporary(path: Path) -> Path:
@@ -49,18 +55,43 @@ def atomic_torch_save(obj: object, path: str | Path) -> Path:
     return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
-def ensure_writable_dir(path: str | Path, field: str) -> Path:
-    """Creates ``path`` if needed and proves a file can be written there, before any compute.
+def check_writable(path: str | Path, field: str, needed_bytes: int = 0) -> Path:
+    """Proves, creating nothing, that the folder ``path`` (existing or not yet) can be
+    written and that its disk has room: a probe file in ``path`` or its nearest existing
+    ancestor (removed again), and ``MIN_FREE_BYTES + needed_bytes`` free.
+
+    Raises:
+        ConfigError: one line naming ``field``, the folder and what to do.
+    """
+    path = Path(path)
+    existing = path
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{field}: cannot write into {path} ({existing} is not a folder); choose a writable folder")
+    try:
+        probe = _temporary(existing / "write-check")
+        probe.write_bytes(b"\0")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"{field}: cannot write into {path} ({exc.strerror or exc}); choose a writable folder") from exc
+    free = shutil.disk_usage(existing).free
+    if free < MIN_FREE_BYTES + needed_bytes:
+        raise ConfigError(f"{field}: the disk of {path} has {free / 2**20:.1f} MiB free, this run needs about "
+                          f"{(MIN_FREE_BYTES + needed_bytes) / 2**20:.0f} MiB there; free space or choose another folder")
+    return path
+
+
+def ensure_writable_dir(path: str | Path, field: str, needed_bytes: int = 0) -> Path:
+    """Creates ``path`` if needed and proves a file can be written there (and that its disk
+    has room, :func:`check_writable`), before any compute.
 
     Raises:
         ConfigError: naming ``field`` and the folder.
     """
-    path = Path(path)
+    path = check_writable(path, field, needed_bytes)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = _temporary(path / "write-check")
-        probe.write_text("")
-        probe.unlink()
     except OSError as exc:
         raise ConfigError(f"{field}: cannot write into {path} ({exc.strerror or exc}); choose a writable folder") from exc
-    return path
+    return check_writable(path, field, needed_bytes)

@@ -143,7 +143,7 @@ def test_damaged_fv_files_are_clear_errors(tmp_path, capsys, fv_file, damage, ne
 def test_report_prints_the_layer_actually_injected(tmp_path, fv_file):
     _rewrite(fv_file, layer="2")  # edited metadata: the file now says layer 2
     path = write_config(tmp_path)
-    metrics = evaluate_main(["--config", str(path), "--fv", str(fv_file), "--out", str(tmp_path / "o"), "--limit", "2",
+    metrics = evaluate_main(["--config", str(path), "--fv", str(fv_file), "--out", str(tmp_path / "o"), "--limit", "4",
                              "--evaluation.analogies", "false", "--evaluation.max_k", "2", "--evaluation.sweep_limit", "2"])
     assert metrics["injected"]["finetuned"]["layer"] == 2
     assert metrics["conditions"]["zero_shot_finetuned_fv"]["layer"] == 2
@@ -300,3 +300,412 @@ def test_a_failed_checkpoint_write_leaves_no_partial_file(tmp_path, monkeypatch)
     with pytest.raises(OSError, match="No space"):
         AtomicCheckpointIO().save_checkpoint({"state_dict": {}}, target)
     assert not target.exists() and not list(tmp_path.iterdir())
+
+
+# ----- issue 25: one preflight before any compute ---------------------------------------------
+
+def _no_compute(root: Path) -> None:
+    """No AIE ran (its cache folder was never made) and no run folder was written."""
+    assert not (root / "cache").exists()
+    assert not (root / "runs").exists()
+
+
+def _prepared(root: Path, **data) -> tuple[Path, "SyntheticRelationDataModule"]:
+    """A drill config and its generated synthetic data."""
+    from mfv.data.datamodule import SyntheticRelationDataModule
+
+    path = write_config(root, **data)
+    init = yaml.safe_load(path.read_text())["data"]["init_args"]
+    datamodule = SyntheticRelationDataModule(**init)
+    datamodule.prepare_data()
+    return path, datamodule
+
+
+@pytest.mark.parametrize("override, needle", [
+    (["--data.init_args.image_size", "-64"], "data.init_args.image_size = -64"),
+    (["--data.init_args.val_fraction", "0"], "data.init_args.val_fraction = 0"),
+    (["--aie.num_aie_prompts", "3"], "aie.num_aie_prompts = 3"),  # per-relation selection: one relation gets none
+    (["--aie.num_mean_prompts", "2"], "aie.num_mean_prompts = 2"),
+    (["--data.init_args.shots", "16"], "data.init_args.shots = 16"),  # 16 eval scenes: at most 15 demonstrations
+])
+def test_bad_data_settings_fail_before_any_compute(tmp_path, capsys, override, needle):
+    path = write_config(tmp_path)
+    err = fails_clearly(capsys, lambda: train_main(["--config", str(path), *override]), needle)
+    assert len(err.strip().splitlines()[-1]) > 20 and err.strip().splitlines()[-1].startswith("error: ")
+    _no_compute(tmp_path)
+
+
+def test_relation_without_aie_prompts_names_the_relation(tmp_path, capsys):
+    path = write_config(tmp_path)
+    fails_clearly(capsys, lambda: train_main(["--config", str(path), "--aie.num_aie_prompts", "3"]),
+                  "leave out relation(s) ['right']", "aie.num_aie_prompts >= 4")
+    # pooled heads need no AIE prompt of each relation: the same counts pass the preflight
+    from mfv.commands.train import FunctionVectorCLI, build_cli
+    from mfv.preflight import plan_training
+
+    cli = build_cli(FunctionVectorCLI, ["--config", str(path), "--aie.num_aie_prompts", "3", "--aie.selection", "pooled"])
+    assert set(plan_training(cli).fingerprints) == {"eval", "train", "val", "test"}
+
+
+@pytest.mark.parametrize("damage", ["deleted", "garbage", "truncated", "empty"])
+@pytest.mark.parametrize("split", ["eval", "test"])
+def test_a_broken_image_fails_before_any_compute(tmp_path, capsys, damage, split):
+    path, datamodule = _prepared(tmp_path)
+    image = Path(datamodule.sampler(split).image_paths()[3])
+    if damage == "deleted":
+        image.unlink()
+    elif damage == "garbage":
+        image.write_bytes(os.urandom(3000))
+    elif damage == "truncated":
+        image.write_bytes(image.read_bytes()[:100])
+    else:
+        image.write_bytes(b"")
+    fails_clearly(capsys, lambda: train_main(["--config", str(path)]), str(image), "remove")
+    fails_clearly(capsys, lambda: evaluate_main(["--config", str(path), "--out", str(tmp_path / "o")]), str(image))
+    _no_compute(tmp_path)
+
+
+def _checkpoint(path: Path, relations=RELATIONS, layer: int = 1, injection: str = "single") -> Path:
+    """What train.py writes, built by the module's own hook (no fit)."""
+    from mfv.training.module import FunctionVectorModule
+
+    module = FunctionVectorModule("openflamingo-random", BACKBONE, relations, layer, init="random", injection=injection)
+    checkpoint = {"state_dict": module.state_dict(), "epoch": 0, "global_step": 10}
+    module.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, path)
+    return path
+
+
+@pytest.mark.parametrize("case, needle", [
+    ("missing", "no such file"),
+    ("empty", "the file is empty"),
+    ("truncated", "unreadable checkpoint"),
+    ("random", "unreadable checkpoint"),
+    ("not_mfv", "not a train.py checkpoint"),
+    ("other_relations", "other relations"),
+    ("reordered", "the same relations in another order"),
+    ("other_layer", "model.layer = 2"),
+    ("other_injection", "model.injection = 'distributed'"),
+    ("nan", "NaN"),
+])
+def test_a_checkpoint_that_does_not_match_the_run_fails_before_any_compute(tmp_path, capsys, case, needle):
+    path = write_config(tmp_path)
+    ckpt = tmp_path / "last.ckpt"
+    if case == "empty":
+        ckpt.write_bytes(b"")
+    elif case in ("truncated", "random"):
+        valid = _checkpoint(tmp_path / "valid.ckpt").read_bytes()
+        ckpt.write_bytes(valid[: len(valid) // 2] if case == "truncated" else os.urandom(len(valid)))
+    elif case == "not_mfv":
+        torch.save({"state_dict": {}}, ckpt)
+    elif case == "other_relations":
+        _checkpoint(ckpt, relations=["above", "below"])
+    elif case == "reordered":
+        _checkpoint(ckpt, relations=["below", "above", "left", "right"])
+    elif case == "other_layer":
+        _checkpoint(ckpt, layer=2)
+    elif case == "other_injection":
+        _checkpoint(ckpt, injection="distributed")
+    elif case == "nan":
+        _checkpoint(ckpt)
+        saved = torch.load(ckpt, weights_only=False)
+        saved["state_dict"]["function_vectors"][0, 0] = float("nan")
+        torch.save(saved, ckpt)
+    fails_clearly(capsys, lambda: train_main(["--config", str(path), "--ckpt_path", str(ckpt)]), "--ckpt_path",
+                  str(ckpt), needle)
+    _no_compute(tmp_path)
+
+
+def test_a_matching_checkpoint_passes_and_on_load_refuses_reordered_relations(tmp_path):
+    from mfv.errors import ConfigError
+    from mfv.training.module import FunctionVectorModule
+
+    saved = torch.load(_checkpoint(tmp_path / "ok.ckpt"), weights_only=False)
+    module = FunctionVectorModule("openflamingo-random", BACKBONE, RELATIONS, 1, init="random")
+    module.on_load_checkpoint(saved)  # the same run: accepted
+    reordered = FunctionVectorModule("openflamingo-random", BACKBONE, ["right", "left", "below", "above"], 1, init="random")
+    with pytest.raises(ConfigError, match="another order"):
+        reordered.on_load_checkpoint(saved)
+
+
+@pytest.mark.parametrize("blocked, needle", [("--aie.cache_dir", "aie.cache_dir"),
+                                             ("--trainer.logger.init_args.save_dir", "run folder")])
+def test_unwritable_run_folder_or_cache_fails_before_any_compute(tmp_path, capsys, blocked, needle):
+    path = write_config(tmp_path)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    fails_clearly(capsys, lambda: train_main(["--config", str(path), blocked, str(blocker / "x")]), needle,
+                  str(blocker))
+    _no_compute(tmp_path)
+
+
+def test_a_full_disk_fails_before_any_compute(tmp_path, capsys, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    path = write_config(tmp_path)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 * 2**30, 10 * 2**30 - 2**20, 2**20))
+    fails_clearly(capsys, lambda: evaluate_main(["--config", str(path), "--out", str(tmp_path / "o")]),
+                  "--out", "1.0 MiB free")
+    fails_clearly(capsys, lambda: train_main(["--config", str(path)]), "MiB free")
+    _no_compute(tmp_path)
+    assert not (tmp_path / "o").exists()
+
+
+def test_fv_file_holding_nan_is_refused(tmp_path, capsys, fv_file):
+    tensors = load_file(str(fv_file))
+    tensors["fv.left"][3] = float("nan")
+    _rewrite(fv_file, tensors=tensors)
+    path = write_config(tmp_path)
+    fails_clearly(capsys, lambda: evaluate_main(["--config", str(path), "--fv", str(fv_file), "--out",
+                                                 str(tmp_path / "o")]), str(fv_file), "['left']", "NaN")
+    _no_compute(tmp_path)
+    from mfv.errors import IncompatibleVectorError
+
+    fvs = FunctionVectorSet.load  # and FunctionVectorSet.save never writes one
+    with pytest.raises(IncompatibleVectorError, match="NaN"):
+        fvs(fv_file)
+    broken = FunctionVectorSet({"left": torch.full((32,), float("inf"))}, 1, {}, "x", {})
+    with pytest.raises(IncompatibleVectorError, match="not written"):
+        broken.save(tmp_path / "inf.safetensors")
+    assert not (tmp_path / "inf.safetensors").exists()
+
+
+@pytest.mark.parametrize("limit", ["1", "3"])
+def test_limit_below_the_number_of_relations_is_an_error(tmp_path, capsys, limit):
+    path = write_config(tmp_path)
+    fails_clearly(capsys, lambda: evaluate_main(["--config", str(path), "--out", str(tmp_path / "o"), "--limit",
+                                                 limit]), f"--limit {limit}", "--limit >= 4")
+    _no_compute(tmp_path)
+
+
+# ----- GQA data through the same preflight ------------------------------------------------------
+
+def _gqa_image(i: int, names: tuple[str, str, str], relation: str) -> dict:
+    def obj(name, x, y, w, h, relations=()):
+        return {"name": name, "x": x, "y": y, "w": w, "h": h, "attributes": [],
+                "relations": [{"name": n, "object": o} for n, o in relations]}
+
+    return {"width": 100, "height": 100, "objects": {
+        f"{i}a": obj(names[0], 0, 0, 40, 40, [(relation, f"{i}b")]),
+        f"{i}b": obj(names[1], 50, 0, 40, 40),
+        f"{i}c": obj(names[2], 0, 50, 30, 40)}}
+
+
+def _gqa_config(root: Path, names=("apple", "ball", "lamp"), left: int = 40, above: int = 40,
+                relations=("left of", "above"), shots: int = 2) -> Path:
+    """A prepared GQA set (half of each relation's images for training, half of those held
+    out for validation) and a drill config reading it."""
+    from PIL import Image
+
+    from mfv.data.gqa import prepare
+
+    graphs = {f"l{i}": _gqa_image(i, names, "to the left of") for i in range(left)}
+    graphs.update({f"a{i}": _gqa_image(100 + i, names, "above") for i in range(above)})
+    (root / "images").mkdir(parents=True)
+    for number, image_id in enumerate(graphs):
+        Image.new("RGB", (64, 64), (number, 0, 0)).save(root / "images" / f"{image_id}.jpg")
+    (root / "sg.json").write_text(json.dumps(graphs))
+    prepare([root / "sg.json"], root / "images", ["left of", "above"], root / "gqa", progress=False,
+            split="per_relation")
+    settings = config(root)
+    settings["model"]["relations"] = list(relations)
+    settings["data"] = {"class_path": "mfv.data.gqa.GQARelationDataModule",
+                        "init_args": {"dataset_dir": str(root / "gqa"), "shots": shots, "batch_size": 4,
+                                      "val_fraction": 0.5}}
+    path = root / "gqa.yaml"
+    path.write_text(yaml.safe_dump(settings))
+    return path
+
+
+def test_gqa_answers_unknown_to_the_tokenizer_are_refused(tmp_path, capsys):
+    path = _gqa_config(tmp_path, names=("apple", "zebra", "lamp"))  # the answer 'zebra' is not in the tiny vocabulary
+    fails_clearly(capsys, lambda: train_main(["--config", str(path)]), "answers ('zebra')", "unknown", "<unk>")
+    fails_clearly(capsys, lambda: evaluate_main(["--config", str(path), "--out", str(tmp_path / "o")]), "'zebra'")
+    _no_compute(tmp_path)
+    asking = _gqa_config(tmp_path / "anchor", names=("yak", "ball", "lamp"))  # a question about an unknown 'yak'
+    fails_clearly(capsys, lambda: train_main(["--config", str(asking)]), "objects the questions name ('yak')")
+
+
+def test_gqa_relation_with_too_few_images_is_named_with_its_counts(tmp_path, capsys):
+    path = _gqa_config(tmp_path, above=4)  # per_relation split: 2 train images of 'above', a 2-shot task needs 3
+    fails_clearly(capsys, lambda: train_main(["--config", str(path)]), "['above']", "{'above': 2}",
+                  "needs 3", "data.init_args.shots")
+    _no_compute(tmp_path)
+
+
+def test_model_relations_must_be_among_the_datas(tmp_path, capsys):
+    path = _gqa_config(tmp_path, relations=("left of", "behind"))
+    fails_clearly(capsys, lambda: train_main(["--config", str(path)]), "['behind']", "['above', 'left of']")
+    _no_compute(tmp_path)
+
+
+def test_gqa_prompts_alternate_relations_and_icl_beyond_the_images_is_not_run(tmp_path):
+    from mfv.data.gqa import GQARelationDataModule
+
+    _gqa_config(tmp_path, left=10, above=8)
+    datamodule = GQARelationDataModule(str(tmp_path / "gqa"), ["left of", "above"], shots=2, tasks_per_relation=4)
+    sampler = datamodule.sampler("eval")
+    assert sampler.relations_of_prompts(4) == ["left of", "above", "left of", "above"]  # a --limit 2 covers both
+    assert sampler.max_shots() == 3  # 4 train images of 'above' (per_relation split): the query's and 3 others
+    sampler.episode(1, "clean", 3)
+    with pytest.raises(Exception, match="needs 4 distinct images of relation 'above'"):
+        sampler.episode(1, "clean", 4)
+
+
+# ----- content-addressed inputs --------------------------------------------------------------
+
+def _repaint(paths) -> None:
+    """Replaces every image at its path with other pixels, keeping its size and times."""
+    from PIL import Image
+
+    for path in paths:
+        stat = os.stat(path)
+        with Image.open(path) as image:
+            Image.new(image.mode, image.size, "black" if image.mode != "P" else 0).save(path, format=image.format)
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def test_replacing_every_image_changes_the_cache_key(tmp_path):
+    from mfv.api import _sampler_fingerprint
+    from mfv.method.extraction import ExtractionSettings, cache_key
+
+    adapter = load_backbone("openflamingo-random", **BACKBONE)
+    settings = ExtractionSettings(relations=RELATIONS, shots=2)
+    _, synthetic = _prepared(tmp_path / "synthetic")
+    gqa_path = _gqa_config(tmp_path / "gqa")
+    from mfv.data.gqa import GQARelationDataModule
+
+    gqa = GQARelationDataModule(str(tmp_path / "gqa" / "gqa"), ["left of", "above"], shots=2)
+    for data in (synthetic, gqa):
+        before = data.fingerprint("eval")
+        key = cache_key(adapter, settings, before)
+        _repaint(data.sampler("eval").image_paths())
+        data._samplers.clear()
+        assert data.fingerprint("eval") != before
+        assert cache_key(adapter, settings, data.fingerprint("eval")) != key
+    episodes = synthetic.sampler("test")
+    before = _sampler_fingerprint(episodes)
+    _repaint(episodes.image_paths()[:1])
+    assert _sampler_fingerprint(episodes) != before
+    assert gqa_path.is_file()
+
+
+# ----- nothing written where nobody asked ------------------------------------------------------
+
+def test_train_organism_refuses_an_existing_out_above_all_the_bundled_one(tmp_path, capsys, monkeypatch):
+    import shutil
+
+    from mfv.organism.train import main as organism_main
+
+    bundled = tmp_path / "checkpoints" / "organism"
+    shutil.copytree(ROOT / "checkpoints" / "organism", bundled)
+    before = {p: p.stat().st_mtime_ns for p in bundled.rglob("*")}
+    monkeypatch.chdir(tmp_path)
+    fails_clearly(capsys, lambda: organism_main(["--trainer.logger", "false"]),  # the README's command: default --out
+                  "--out checkpoints/organism", "bundled model organism")
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep")
+    fails_clearly(capsys, lambda: organism_main(["--trainer.logger", "false", "--out", str(other)]), str(other))
+    assert {p: p.stat().st_mtime_ns for p in bundled.rglob("*")} == before
+    assert (other / "notes.txt").read_text() == "keep" and not (tmp_path / "data").exists()
+
+
+def test_mfv_save_refuses_to_overwrite_unless_told(tmp_path, fv_file):
+    import mfv
+
+    fvs = FunctionVectorSet.load(fv_file)
+    original = fv_file.read_bytes()
+    fvs.vectors["left"] = torch.zeros_like(fvs.vectors["left"])
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        mfv.save(fvs, fv_file)
+    assert fv_file.read_bytes() == original
+    mfv.save(fvs, fv_file, overwrite=True)
+    assert torch.equal(FunctionVectorSet.load(fv_file).vectors["left"], torch.zeros(32))
+
+
+def test_training_without_a_logger_writes_only_under_a_run_folder(tmp_path, monkeypatch):
+    settings = config(tmp_path)
+    del settings["trainer"]["default_root_dir"]
+    settings["trainer"]["logger"] = False
+    path = tmp_path / "nolog.yaml"
+    path.write_text(yaml.safe_dump(settings))
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    metrics = train_main(["--config", str(path), "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2"])
+    assert sorted(p.name for p in cwd.iterdir()) == ["runs"]
+    run = cwd / "runs" / "train" / "version_0"
+    assert {"metrics.json", "function_vectors_finetuned.safetensors", "config.yaml", "aie_heatmap.png",
+            "checkpoints"} <= {p.name for p in run.iterdir()}
+    assert Path(metrics["best_checkpoint"]).resolve().parent == run / "checkpoints"
+    # provenance: the run's data fingerprints, in metrics.json and in the exported FV file
+    assert set(metrics["data_fingerprints"]) == {"eval", "train", "val", "test"}
+    exported = FunctionVectorSet.load(metrics["exported_fv"])
+    assert exported.metadata["data_fingerprints"] == metrics["data_fingerprints"]
+    assert exported.metadata["data_fingerprint"] == metrics["data_fingerprints"]["eval"]
+
+
+# ----- no silent numbers --------------------------------------------------------------------------
+
+def test_a_diverged_fit_exports_no_nan(tmp_path, capsys):
+    path = write_config(tmp_path)
+    fails_clearly(capsys, lambda: train_main(["--config", str(path), "--model.lr", "1e30", "--model.init", "random",
+                                              "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
+                                              "--trainer.limit_val_batches", "1", "--trainer.limit_test_batches", "1"]),
+                  "NaN or inf", "model.lr (now 1e+30)")
+    assert not list(tmp_path.rglob("*.safetensors")) and not list(tmp_path.rglob("metrics.json"))
+
+
+def test_one_prompt_per_relation_gives_an_honest_interval():
+    import numpy as np
+
+    from mfv.evaluation.scoring import Score, paired_comparison, wilson_interval
+
+    one_each = Score(RELATIONS, np.ones(4), np.arange(4), np.ones(4))
+    low, high = one_each.ci95()
+    assert one_each.accuracy == 1.0 and high == 1.0
+    assert low == pytest.approx(wilson_interval(1, 1)[0]) and low < 0.25  # not [1.000, 1.000]
+    assert "Wilson" in one_each.as_dict()["ci_method"]
+    wrong = Score(RELATIONS, np.zeros(4), np.arange(4), np.zeros(4))
+    difference = paired_comparison(one_each, wrong)
+    assert difference["ci95"][0] < 0.25 and "Wilson" in difference["method"]
+    many = Score(RELATIONS, np.ones(80), np.arange(80) % 4, np.ones(80))  # 20 per relation: the bootstrap
+    assert many.ci95() == (1.0, 1.0) and many.as_dict()["ci_method"] == "stratified bootstrap"
+
+
+def test_evaluation_records_data_fingerprints_lists_what_did_not_run_and_flags_other_data(tmp_path, capsys, fv_file):
+    _rewrite(fv_file, metadata=json.dumps({"data_fingerprints": {"eval": "0123456789abcdef"}}))
+    path = write_config(tmp_path)
+    metrics = evaluate_main(["--config", str(path), "--fv", str(fv_file), "--out", str(tmp_path / "o"), "--limit", "4",
+                             "--evaluation.shots", "[1, 500]", "--evaluation.analogies", "false",
+                             "--evaluation.max_k", "2", "--evaluation.sweep_limit", "4"])
+    err = capsys.readouterr().err
+    assert "not run: icl_500" in err and "icl_500" in metrics["not_run"] and "icl_1" in metrics["conditions"]
+    assert "0123456789abcdef" in err and metrics["settings"]["fv_data_mismatch"]["eval"][0] == "0123456789abcdef"
+    fingerprints = metrics["settings"]["data_fingerprints"]
+    assert {"eval", "test", "val"} <= set(fingerprints)
+    assert json.loads((tmp_path / "o" / "metrics.json").read_text())["settings"]["data_fingerprints"] == fingerprints
+
+
+def test_your_own_episodes_are_checked_before_extraction(tmp_path):
+    """The API's extraction over your own scenes gets the same checks (mfv.preflight.check_extraction)."""
+    from mfv.data.episodes import EpisodeSampler, read_scenes
+    from mfv.errors import ConfigError, DataError
+    from mfv.method.extraction import AIESettings
+    from mfv.preflight import check_extraction
+
+    _, datamodule = _prepared(tmp_path)
+    scenes = read_scenes(datamodule.split_dir("eval"))
+    sampler = EpisodeSampler(scenes, RELATIONS, shots=2)
+    adapter = load_backbone("openflamingo-random", **BACKBONE)
+    aie = dict(num_mean_prompts=8, k=3, cache_dir=str(tmp_path / "cache"))
+    assert check_extraction(adapter, sampler, AIESettings(num_aie_prompts=4, **aie)) == {}
+    with pytest.raises(ConfigError, match=r"aie.num_aie_prompts = 3: .* \['right'\]"):
+        check_extraction(adapter, sampler, AIESettings(num_aie_prompts=3, **aie))
+    Path(scenes[5].image_path).write_bytes(b"junk")
+    with pytest.raises(DataError, match=f"{scenes[5].image_path}: does not decode"):
+        check_extraction(adapter, sampler, AIESettings(num_aie_prompts=4, **aie))
+    assert not (tmp_path / "cache").exists()

@@ -6,24 +6,24 @@ The same config file, parser, overrides and defaults as ``train.py`` (LightningC
 Runs every condition of :mod:`mfv.evaluation.protocol` over the config's backbone, on the
 trainer's devices (several devices: one process per device through Lightning Fabric's
 ``ddp``, outcomes gathered); writes ``metrics.json``, ``report.md``, figures and TensorBoard
-logs into ``--out``, nowhere else (see :mod:`mfv.evaluation.report`).
+logs into ``--out``, nowhere else (see :mod:`mfv.evaluation.report`). Bad input stops
+before any compute with one ``error: ...`` line and exit status 2 (:mod:`mfv.preflight`).
 """
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Sequence
 
 from mfv.commands.train import FunctionVectorCLI, build_cli
-from mfv.errors import ConfigError, MfvError
+from mfv.errors import ConfigError
 from mfv.evaluation.engine import score_conditions
 from mfv.evaluation.protocol import EvaluationSettings, Scorer, Vectors, evaluate
 from mfv.evaluation.report import report_markdown, write_report
 from mfv.io import ensure_writable_dir
 from mfv.method.extraction import extract_from_datamodule
-from mfv.method.function_vector import FunctionVectorSet
 from mfv.models.base import BackboneAdapter
+from mfv.preflight import EVALUATION_OUTPUT_BYTES, exit_on_bad_input, plan_evaluation
 
 # Trainer settings that describe where to compute; the rest (epochs, loggers) is training's.
 _COMPUTE_KEYS = ("accelerator", "devices", "num_nodes", "strategy", "precision")
@@ -31,6 +31,8 @@ _COMPUTE_KEYS = ("accelerator", "devices", "num_nodes", "strategy", "precision")
 
 class EvaluateCLI(FunctionVectorCLI):
     """train.py's parser plus the evaluation options."""
+
+    prog = "mfv evaluate"
 
     def add_arguments_to_parser(self, parser) -> None:
         super().add_arguments_to_parser(parser)
@@ -70,24 +72,35 @@ def evaluation_scorer(trainer_config, adapter: BackboneAdapter, settings: Evalua
 
 
 def main(args: Sequence[str] | None = None) -> dict:
-    """Runs the evaluation and returns the metrics written to ``metrics.json``."""
+    """Runs the evaluation and returns the metrics written to ``metrics.json``.
+
+    The preflight (:func:`mfv.preflight.plan_evaluation`) checks settings, the ``--fv``
+    file, ``--out``, the cache and the data before any compute."""
     cli = build_cli(EvaluateCLI, args)
     config = cli.config
-    try:
+    with exit_on_bad_input(FileNotFoundError):
         settings = EvaluationSettings(limit=config.limit, **config.evaluation)
-        settings.validate()
-        out = ensure_writable_dir(config.out, "--out")
+        plan = plan_evaluation(cli, settings)
+        out = ensure_writable_dir(config.out, "--out", EVALUATION_OUTPUT_BYTES)
         module, datamodule = cli.model, cli.datamodule
-        finetuned = FunctionVectorSet.load(config.fv, module.adapter) if config.fv else None
+        for split, (recorded, now) in plan.fv_data_mismatch.items():
+            print(f"warning: --fv {config.fv} records data fingerprint {recorded} for the {split} split, this run's is "
+                  f"{now}: it was trained on other data (or the images changed since)", file=sys.stderr)
         aie = cli.aie_settings
         extraction = extract_from_datamodule(module.adapter, list(module.relations), datamodule, aie)
-        vectors = Vectors.from_extraction(module.adapter, extraction, aie.k, module.layer, aie.selection, finetuned)
+        vectors = Vectors.from_extraction(module.adapter, extraction, aie.k, module.layer, aie.selection,
+                                          plan.finetuned)
         scorer = evaluation_scorer(config.trainer, module.adapter, settings, datamodule)
         result = evaluate(module.adapter, datamodule, vectors, settings, scorer)
+        result.settings["data_fingerprints"] = plan.fingerprints
+        if plan.fv_data_mismatch:
+            result.settings["fv_data_mismatch"] = plan.fv_data_mismatch
         from lightning.fabric.utilities.rank_zero import rank_zero_only
 
         if rank_zero_only.rank != 0:  # other ranks of a multi-device run: rank 0 writes
             return result.to_dict()
+        for name, reason in result.not_run.items():
+            print(f"not run: {name}: {reason}", file=sys.stderr)
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(out / "tensorboard"))
@@ -95,9 +108,6 @@ def main(args: Sequence[str] | None = None) -> dict:
             metrics = write_report(result, out, extraction, writer)
         finally:
             writer.close()
-    except (MfvError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from exc
     print(report_markdown(metrics))
     print(f"wrote {out}/metrics.json, report.md and figures")
     return metrics

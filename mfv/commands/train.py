@@ -3,7 +3,9 @@
 LightningCLI without subcommands (``run=False``); dotted overrides such as
 ``--model.lr 0.001 --trainer.max_epochs 5`` work as usual. After fit, the best FVs are
 tested on the test split, exported as safetensors and ``metrics.json`` is written into
-the run directory.
+the run directory. Before any compute the preflight (:func:`mfv.preflight.plan_training`)
+checks settings, ``--ckpt_path``, outputs and data; bad input is one ``error: ...`` line and
+exit status 2.
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from mfv.errors import MfvError
+from mfv.cli import bracket_lists
+from mfv.console import quiet
 from mfv.evaluation.protocol import EvaluationSettings
 from mfv.io import atomic_write_text
-from mfv.method.extraction import AIESettings, extract_from_datamodule, validate_extraction
-from mfv.training.callbacks import AIEHeadSelection, AtomicCheckpointIO
+from mfv.method.extraction import AIESettings, extract_from_datamodule
+from mfv.preflight import exit_on_bad_input, plan_training
+from mfv.training.callbacks import AIEHeadSelection
 from mfv.training.module import FV_PARAMETER, FunctionVectorModule
 
 
@@ -33,6 +37,12 @@ class FunctionVectorCLI(LightningCLI):
     The ``aie:`` section is parsed once into an :class:`AIESettings` (:attr:`aie_settings`);
     the trainer gets an :class:`AIEHeadSelection` built from it (:attr:`aie_callback`).
     """
+
+    prog = "mfv train"
+
+    def init_parser(self, **kwargs):
+        """The parser, its usage line naming the subcommand."""
+        return super().init_parser(**{"prog": self.prog, **kwargs})
 
     aie_callback: AIEHeadSelection | None = None
 
@@ -54,11 +64,13 @@ class FunctionVectorCLI(LightningCLI):
         parser.link_arguments("model.relations", "data.init_args.relations")
 
     def before_instantiate_classes(self) -> None:
-        """The TensorBoard logger's own options, set before it is built: ``hp_metric`` is logged
-        once (with the final test accuracy), and a resumed run continues in its checkpoint's
-        folder (``<save_dir>/<name>/<version>/checkpoints/last.ckpt``)."""
+        """The run folder and the TensorBoard logger's own options, set before they are built:
+        ``hp_metric`` is logged once (with the final test accuracy), a resumed run continues in
+        its checkpoint's folder (``<save_dir>/<name>/<version>/checkpoints/last.ckpt``), and a
+        run without a logger gets a run folder too (:meth:`_run_folder_without_logger`)."""
         logger = self.config.get("trainer", {}).get("logger")
         ckpt_path = self.config.get("ckpt_path")
+        self._run_folder_without_logger(logger, ckpt_path)
         for entry in logger if isinstance(logger, list) else [logger]:
             if not str(getattr(entry, "class_path", "")).endswith("TensorBoardLogger"):
                 continue
@@ -68,6 +80,22 @@ class FunctionVectorCLI(LightningCLI):
                 run = Path(ckpt_path).resolve().parents[1]
                 if run.parent == (Path(options.save_dir) / (options.name or "")).resolve():
                     options.version = run.name
+
+    def _run_folder_without_logger(self, logger, ckpt_path: str | None) -> None:
+        """``--trainer.logger false`` without ``--trainer.default_root_dir``: Lightning would
+        write checkpoints into ``./checkpoints`` and the run's files into the working
+        directory. The run gets ``runs/train/version_N`` instead (the next free one; a
+        resumed run, its checkpoint's folder)."""
+        trainer = self.config.get("trainer")
+        if trainer is None or not (logger is False or logger == []) or trainer.get("default_root_dir"):
+            return
+        if ckpt_path is not None and Path(ckpt_path).resolve().parent.name == "checkpoints":
+            trainer.default_root_dir = str(Path(ckpt_path).resolve().parents[1])
+            return
+        save_dir, name = Path(RUNS_DIR), TRAINER_DEFAULTS["logger"]["init_args"]["name"]
+        taken = [int(p.name.split("_", 1)[1]) for p in (save_dir / name).glob("version_*")
+                 if p.name.split("_", 1)[1].isdigit()]
+        trainer.default_root_dir = str(save_dir / name / f"version_{max(taken, default=-1) + 1}")
 
     @property
     def aie_settings(self) -> AIESettings:
@@ -83,11 +111,15 @@ class FunctionVectorCLI(LightningCLI):
         return super()._instantiate_trainer(config, [*callbacks, self.aie_callback])
 
 
+RUNS_DIR = "runs"
 TRAINER_DEFAULTS = {
     # hp_metric is logged once with the final test accuracy (not Lightning's placeholder -1).
     "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-               "init_args": {"save_dir": "runs", "name": "train", "default_hp_metric": False}},
+               "init_args": {"save_dir": RUNS_DIR, "name": "train", "default_hp_metric": False}},
     "log_every_n_steps": 5,
+    # The sanity check covers the whole validation split: its accuracy (the FVs as extracted,
+    # before any step) is logged at step 0 (FunctionVectorModule.on_validation_epoch_end).
+    "num_sanity_val_steps": -1,
 }
 
 
@@ -96,9 +128,14 @@ def build_cli(cli_class: type[LightningCLI], args: Sequence[str] | None, trainer
 
     Bad input exits with status 2 and one line naming the field, never a traceback.
     """
+    quiet()  # the known Lightning / jsonargparse / litlogger noise, at its source
     torch.set_float32_matmul_precision("high")
-    try:
-        return cli_class(
+    args = bracket_lists(sys.argv[1:] if args is None else args, model=FunctionVectorModule, aie=AIESettings,
+                         evaluation=EvaluationSettings)
+    # jsonargparse wraps errors raised while instantiating classes in ValueError; either way
+    # the message names the field and the valid values.
+    with exit_on_bad_input(ValueError):
+        cli = cli_class(
             FunctionVectorModule,
             L.LightningDataModule,
             subclass_mode_data=True,
@@ -107,11 +144,20 @@ def build_cli(cli_class: type[LightningCLI], args: Sequence[str] | None, trainer
             save_config_kwargs={"overwrite": True},
             trainer_defaults={**TRAINER_DEFAULTS, **(trainer_defaults or {})},
         )
-    except (MfvError, ValueError) as exc:
-        # jsonargparse wraps errors raised while instantiating classes in ValueError;
-        # either way the message names the field and the valid values.
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from exc
+    quiet(cli.trainer)  # a progress bar without v_num
+    return cli
+
+
+def _hparams(cli: "FunctionVectorCLI") -> dict:
+    """Every setting of the run for TensorBoard's hparams (model, data, aie, seed), flattened."""
+    config = cli.config.as_dict()
+    data = config.get("data", {})
+    flat = {"seed": config.get("seed_everything"), "data": data.get("class_path")}
+    for section, values in (("model", config.get("model", {})), ("data", data.get("init_args", {})),
+                            ("aie", config.get("aie", {}))):
+        for key, value in values.items():
+            flat[f"{section}.{key}"] = value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
+    return flat
 
 
 def _pin_run_folder(trainer: L.Trainer) -> None:
@@ -135,7 +181,7 @@ def _aie_summary(cli: FunctionVectorCLI, model: FunctionVectorModule, datamodule
 def main(args: Sequence[str] | None = None) -> dict:
     """Runs the training job and returns the metrics written to ``metrics.json``."""
     cli = build_cli(FunctionVectorCLI, args, {"callbacks": [LearningRateMonitor(logging_interval="step")],
-                                              "plugins": [AtomicCheckpointIO()]})
+                                              "plugins": [{"class_path": "mfv.training.callbacks.AtomicCheckpointIO"}]})
     model: FunctionVectorModule = cli.model
     datamodule = cli.datamodule
     datamodule.attach(model.adapter)
@@ -144,11 +190,9 @@ def main(args: Sequence[str] | None = None) -> dict:
         trainer.callbacks[:] = [c for c in trainer.callbacks if not isinstance(c, LearningRateMonitor)]
     ckpt_path = cli.config.get("ckpt_path")
     _pin_run_folder(trainer)
-    try:
-        validate_extraction(model.adapter, list(model.relations), datamodule, cli.aie_settings)
-    except MfvError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from exc
+    with exit_on_bad_input():
+        plan = plan_training(cli)  # everything checked before the AIE and the fit
+    model.provenance = plan.provenance()
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
 
     checkpoint = next(c for c in trainer.callbacks if isinstance(c, ModelCheckpoint) and c.monitor)
@@ -173,9 +217,10 @@ def main(args: Sequence[str] | None = None) -> dict:
         return {"test": test[0] if test else {}, "fast_dev_run": True}
     if trainer.is_global_zero:
         aie = _aie_summary(cli, model, datamodule)
-        exported = model.export(run_dir / "function_vectors_finetuned.safetensors")
-        if model.hparams.export_dir:
-            model.export()
+        with exit_on_bad_input():  # non-finite FVs (a diverged fit) are refused, nothing exported
+            exported = model.export(run_dir / "function_vectors_finetuned.safetensors")
+            if model.hparams.export_dir:
+                model.export()
         metrics = {
             "test": test[0] if test else {},
             "best_val_acc": float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else None,
@@ -183,11 +228,12 @@ def main(args: Sequence[str] | None = None) -> dict:
             "exported_fv": str(exported),
             "layer": model.layer,
             "relations": model.relations,
+            "data_fingerprints": plan.fingerprints,
             "aie": aie,
         }
         atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2))
         if test and trainer.logger is not None:
-            trainer.logger.log_hyperparams(dict(model.hparams), {"hp_metric": test[0]["test/acc"]})
+            trainer.logger.log_hyperparams(_hparams(cli), {"hp_metric": test[0]["test/acc"]})
         print(json.dumps(metrics["test"], indent=2))
         print(f"run directory: {run_dir}")
     return metrics

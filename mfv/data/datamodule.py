@@ -17,9 +17,9 @@ import lightning as L
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
-from mfv.data.episodes import EpisodeDataset, EpisodeSampler, Mode, episode_collator, read_scenes
+from mfv.data.episodes import EpisodeDataset, EpisodeSampler, Mode, episode_collator, images_digest, read_scenes
 from mfv.data.objects import builtin_library, folder_library
-from mfv.data.synthetic import RELATIONS, generate_split, validate_relations
+from mfv.data.synthetic import MIN_IMAGE_SIZE, RELATIONS, generate_split, relations_of, validate_relations
 from mfv.errors import ConfigError
 from mfv.models.base import BackboneAdapter
 
@@ -31,6 +31,14 @@ def first_token_clashes(adapter: BackboneAdapter, names: list[str]) -> list[list
     for name in names:
         by_token.setdefault(adapter.answer_token_id(probe, name), []).append(name)
     return [group for group in by_token.values() if len(group) > 1]
+
+
+def unknown_first_tokens(adapter: BackboneAdapter, names: Sequence[str]) -> list[str]:
+    """Names whose first answer token is the tokenizer's unknown token (never scorable)."""
+    unk = getattr(adapter.tokenizer, "unk_token_id", None)
+    if unk is None:  # byte-level tokenizers know every string
+        return []
+    return [name for name in names if adapter.answer_token_id("Q:x. A:", name) == unk]
 
 
 def hash_files(paths: Sequence[Path], *extra: object) -> str:
@@ -68,6 +76,8 @@ class RelationDataModule(L.LightningDataModule):
     """
 
     adapter: BackboneAdapter | None = None
+    # Answers are names from a fixed object set: two sharing a first token is an error (preflight).
+    answers_closed: bool = True
 
     def attach(self, adapter: BackboneAdapter) -> None:
         """Sets the backbone whose prompt format and preprocessing the batches use."""
@@ -89,7 +99,14 @@ class RelationDataModule(L.LightningDataModule):
         raise NotImplementedError
 
     def fingerprint(self, split: str) -> str:
-        """A content hash of everything that defines ``split``'s episodes (cache keys use it)."""
+        """A content hash of everything that defines ``split``'s episodes (cache keys and
+        provenance use it): the split's table, how it is cut and sampled, and the bytes of
+        every image its episodes can show (:func:`~mfv.data.episodes.images_digest`), so that
+        replacing an image at the same path gives another fingerprint."""
+        raise NotImplementedError
+
+    def data_relations(self, split: str) -> list[str]:
+        """The relations the data of ``split`` has (by name), whatever this module asks for."""
         raise NotImplementedError
 
     def dataloader(
@@ -158,6 +175,9 @@ class SyntheticRelationDataModule(RelationDataModule):
     ) -> None:
         super().__init__()
         validate_data_settings(type(self).__name__, shots, batch_size, num_workers, val_fraction)
+        if image_size < MIN_IMAGE_SIZE:
+            raise ConfigError(f"data.init_args.image_size = {image_size}: the scene layout needs at least "
+                              f"{MIN_IMAGE_SIZE} px ({type(self).__name__})")
         bad = {k: v for k, v in (num_images or {}).items() if not isinstance(v, int) or v < 1}
         if bad:
             raise ConfigError(f"data.init_args.num_images: {bad} must be positive image counts")
@@ -193,8 +213,13 @@ class SyntheticRelationDataModule(RelationDataModule):
         return self.data_dir / f"{source}-{self.image_size}px-seed{self.seed}-n{self.num_images[source]}"
 
     def fingerprint(self, split: str) -> str:
-        """Hash of the split's scene table (object names, boxes, files) and how ``val`` is cut."""
-        return hash_files([self.split_dir(split) / "metadata.parquet"], split, self.val_fraction)
+        """Hash of the split's scene table (object names, boxes, files), how ``val`` is cut and
+        the bytes of every image of the split's episodes."""
+        images = images_digest(self.sampler(split).image_paths())
+        return hash_files([self.split_dir(split) / "metadata.parquet"], split, self.val_fraction, images)
+
+    def data_relations(self, split: str) -> list[str]:
+        return relations_of("train" if split == "val" else split)
 
     def prepare_data(self) -> None:
         for split in self.num_images:
@@ -208,14 +233,26 @@ class SyntheticRelationDataModule(RelationDataModule):
                 target.parent.mkdir(parents=True, exist_ok=True)
                 generated.rename(target)
 
+    def _validation_rows(self, scenes: list) -> set[int]:
+        """The held-out tail (``val_fraction``) of the train scenes; a relation the tail misses
+        (a small split) also gives its last scene to it, if it keeps another one for training,
+        so that validation covers every relation."""
+        held = set(range(int(len(scenes) * (1 - self.val_fraction)), len(scenes)))
+        for relation in self.relations:
+            rows = [i for i, s in enumerate(scenes) if s.relation == relation]
+            if len(rows) > 1 and not held.intersection(rows):
+                held.add(rows[-1])
+        return held
+
     def sampler(self, split: str) -> EpisodeSampler:
-        """Episode sampler of ``split`` (``val`` is the held-out tail of ``train``)."""
+        """Episode sampler of ``split`` (``val`` is the held-out tail of ``train``, see
+        :meth:`_validation_rows`)."""
         if split not in self._samplers:
             source = "train" if split == "val" else split
             scenes = read_scenes(self.split_dir(source))
             if source == "train":
-                cut = int(len(scenes) * (1 - self.val_fraction))
-                scenes = scenes[:cut] if split == "train" else scenes[cut:]
+                held = self._validation_rows(scenes)
+                scenes = [s for i, s in enumerate(scenes) if (i in held) == (split == "val")]
             relations = self.relations if split != "composite" else sorted({s.relation for s in scenes})
             self._samplers[split] = EpisodeSampler(scenes, relations, self.shots, seed=split_seed(self.seed, split))
         return self._samplers[split]

@@ -7,9 +7,14 @@ or rank builds the same episode for the same index.
 
 from __future__ import annotations
 
+import hashlib
+import io
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal, Sequence
+from typing import Callable, Iterable, Literal, Sequence
 
 import numpy as np
 import pandas as pd
@@ -38,6 +43,85 @@ class Scene:
                 return image.convert("RGB")
         except Exception as exc:
             raise DataError(f"{self.image_path}: unreadable image ({exc}); regenerate or remove it") from exc
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """What one read of an image file found: the blake2b digest of its bytes and, when it
+    does not open and decode, why (``problem``)."""
+
+    digest: str
+    problem: str | None = None
+
+
+# One read per file and process, keyed on what a replacement changes (inode, size, mtime, ctime).
+_RECORDS: dict[tuple, ImageRecord] = {}
+_RECORDS_LOCK = threading.Lock()
+
+
+def _stat_key(path: str) -> tuple:
+    stat = os.stat(path)
+    return (path, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+
+
+def scan_image(path: str | Path) -> ImageRecord:
+    """Reads ``path`` once: hashes its bytes and checks that it opens and decodes.
+
+    PIL's ``verify`` checks the whole file's structure (chunk CRCs, truncation) without
+    decoding; a JPEG (whose ``verify`` checks little) is also decoded at reduced size
+    (``draft``), which is cheap. The result is kept for the process while the file's
+    inode, size and times stay the same.
+    """
+    path = str(path)
+    try:
+        key = _stat_key(path)
+    except OSError as exc:
+        return ImageRecord("", f"missing ({exc.strerror or exc})")
+    with _RECORDS_LOCK:
+        if key in _RECORDS:
+            return _RECORDS[key]
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError as exc:
+        return ImageRecord("", f"unreadable ({exc.strerror or exc})")
+    record = ImageRecord(hashlib.blake2b(data, digest_size=16).hexdigest(), _decode_problem(data))
+    with _RECORDS_LOCK:
+        _RECORDS[key] = record
+    return record
+
+
+def _decode_problem(data: bytes) -> str | None:
+    if not data:
+        return "empty file"
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.verify()
+        with Image.open(io.BytesIO(data)) as image:
+            if image.format == "JPEG":
+                image.draft("RGB", (64, 64))
+                image.load()
+    except Exception as exc:  # PIL raises many types for bad bytes
+        return f"does not decode as an image ({type(exc).__name__}: {exc})"
+    return None
+
+
+def scan_images(paths: Iterable[str | Path]) -> dict[str, ImageRecord]:
+    """:func:`scan_image` of every distinct path (a few threads: hashing and decoding release the GIL)."""
+    unique = sorted({str(p) for p in paths})
+    if len(unique) < 16:
+        return {p: scan_image(p) for p in unique}
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        return dict(zip(unique, pool.map(scan_image, unique)))
+
+
+def images_digest(paths: Iterable[str | Path]) -> str:
+    """One content hash over the images at ``paths`` (their names and bytes): replacing any
+    image changes it, whatever its path and times."""
+    digest = hashlib.blake2b(digest_size=16)
+    for path, record in scan_images(paths).items():
+        digest.update(f"{path}\0{record.digest or record.problem}\0".encode())
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -101,6 +185,25 @@ class EpisodeSampler:
     def __len__(self) -> int:
         return len(self.queries)
 
+    def scenes(self) -> list[Scene]:
+        """Every scene an episode can show (queries and demonstrations), each once."""
+        seen: dict[int, Scene] = {}
+        for scene in (*self.queries, *self.demo_pool):
+            seen.setdefault(id(scene), scene)
+        return list(seen.values())
+
+    def image_paths(self) -> list[str]:
+        """Every image file an episode can load."""
+        return sorted({s.image_path for s in self.scenes()})
+
+    def max_shots(self) -> int:
+        """The most demonstrations an N-shot prompt of this sampler can hold."""
+        return len(self.demo_pool) - 1
+
+    def relations_of_prompts(self, count: int) -> list[str]:
+        """The relations of episodes ``0..count-1`` (each episode keeps its query's relation)."""
+        return [self.queries[i % len(self.queries)].relation for i in range(count)]
+
     def episode(self, index: int, mode: Mode = "clean", shots: int | None = None, relation: str | None = None) -> Episode:
         """Episode ``index``: query scene ``index`` with ``shots`` demonstrations.
 
@@ -112,8 +215,9 @@ class EpisodeSampler:
         if mode not in MODES:
             raise DataError(f"unknown episode mode {mode!r}; valid: {list(MODES)}")
         shots = self.shots if shots is None else shots
-        if mode != "zero_shot" and shots >= len(self.demo_pool):
-            raise DataError(f"{shots} shots need more than {len(self.demo_pool)} scenes in the demonstration pool")
+        if mode != "zero_shot" and shots > self.max_shots():
+            raise DataError(f"a {shots}-shot prompt needs {shots + 1} scenes to draw from (the query's and {shots} "
+                            f"others); this split has {len(self.demo_pool)}: lower the shots or add scenes")
         query_scene = self.queries[index % len(self.queries)]
         relation = relation or query_scene.relation
         rng = np.random.default_rng([self.seed, index])

@@ -198,12 +198,13 @@ def split_conditions(datamodule, split: str, vectors: Vectors, settings: Evaluat
         conditions.append(condition("zero_shot_finetuned_fv", zero, fv_steer(vectors.finetuned, relations),
                                     f"zero-shot + fine-tuned FV{kind}"))
     for shots in settings.shots:
-        if 0 < shots < len(sampler.demo_pool):
+        # The sampler says how many demonstrations one prompt can hold (GQA: distinct images per relation).
+        if 0 < shots <= sampler.max_shots():
             conditions.append(condition(f"icl_{shots}", EpisodeDataset(sampler, "clean", shots, settings.limit),
                                         None, f"{shots}-shot ICL"))
         else:
-            not_run[f"{prefix}icl_{shots}"] = (f"{shots} shots: the {split} split has {len(sampler.demo_pool)} "
-                                               f"demonstration scenes per prompt to draw from (1..{len(sampler.demo_pool) - 1})")
+            not_run[f"{prefix}icl_{shots}"] = (f"evaluation.shots has {shots}: a prompt of the {split} split can hold "
+                                               f"1..{sampler.max_shots()} demonstrations")
     shots = datamodule.shots
     shuffled = EpisodeDataset(sampler, "shuffled", shots, settings.limit)
     conditions += [condition(f"icl_shuffled_{shots}", shuffled, None, f"{shots}-shot ICL, shuffled labels"),

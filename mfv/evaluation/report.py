@@ -169,7 +169,7 @@ def write_report(result: EvaluationResult, out: str | Path, extraction: Extracti
     ``out``; logs to ``tensorboard``.
 
     Args:
-        tensorboard: A ``SummaryWriter`` (e.g. the training run's logger experiment) or None.
+        tensorboard: A ``SummaryWriter`` (figures, accuracies, sweeps and report.md as text) or None.
 
     Returns:
         The metrics dict.
@@ -178,7 +178,8 @@ def write_report(result: EvaluationResult, out: str | Path, extraction: Extracti
     out.mkdir(parents=True, exist_ok=True)
     metrics = result.to_dict()
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
-    atomic_write_text(out / "report.md", report_markdown(metrics))
+    markdown = report_markdown(metrics)
+    atomic_write_text(out / "report.md", markdown)
     for stem, figure in figures(metrics, extraction).items():
         if tensorboard is not None:
             tensorboard.add_figure(f"eval/{stem}", figure, global_step=0, close=False)
@@ -194,5 +195,6 @@ def write_report(result: EvaluationResult, out: str | Path, extraction: Extracti
                 if split in sweep:
                     for x, y in zip(sweep["x"], sweep[split]["accuracy"]):
                         tensorboard.add_scalar(f"sweep_{name}/{split}_accuracy_by_{name}", y, x)
+        tensorboard.add_text("eval/report", markdown, 0)
         tensorboard.flush()
     return metrics

@@ -9,6 +9,15 @@ first token (the paper's averaging), everywhere: training's ``val/acc`` and
   each relation (the per-relation counts stay fixed), with a fixed seed;
 * paired comparisons of two conditions on the same prompts: the bootstrap interval of the
   difference (same resampled prompts for both) and a two-sided bootstrap p-value.
+
+Small n: a relation with few prompts makes the bootstrap collapse (one prompt per relation
+resamples to the same outcome every time: a zero-width interval). So when any relation has
+fewer than :data:`MIN_BOOTSTRAP_PROMPTS` prompts, the interval of the mean is widened to
+cover the mean of the per-relation Wilson bounds as well: ``[min(bootstrap low, mean of
+Wilson lows), max(bootstrap high, mean of Wilson highs)]`` (``ci_method`` says so); a
+paired difference is widened likewise to cover ``[mean of a's Wilson lows - mean of b's
+Wilson highs, mean of a's Wilson highs - mean of b's Wilson lows]``. Never narrower than
+the bootstrap, never zero-width below the minimum.
 """
 
 from __future__ import annotations
@@ -22,6 +31,8 @@ import torch
 
 BOOTSTRAP_SAMPLES = 2000
 BOOTSTRAP_SEED = 0
+# Below this many prompts in any relation the bootstrap interval is widened (module docstring).
+MIN_BOOTSTRAP_PROMPTS = 10
 Z95 = 1.959963984540054
 
 
@@ -100,18 +111,43 @@ class Score:
                              "ci95": list(wilson_interval(correct, total))}
         return out
 
+    @property
+    def small(self) -> bool:
+        """Whether some relation has fewer than :data:`MIN_BOOTSTRAP_PROMPTS` prompts (the
+        interval is then widened, see the module docstring)."""
+        counts = [int((self.relation == r).sum()) for r in range(len(self.relations))]
+        return any(0 < c < MIN_BOOTSTRAP_PROMPTS for c in counts)
+
+    def wilson_mean_bounds(self) -> tuple[float, float]:
+        """The means over relations (with prompts) of the per-relation Wilson bounds."""
+        bounds = [entry["ci95"] for entry in self.per_relation().values()]
+        if not bounds:
+            return 0.0, 1.0
+        return float(np.mean([b[0] for b in bounds])), float(np.mean([b[1] for b in bounds]))
+
     def ci95(self, samples: int = BOOTSTRAP_SAMPLES, seed: int = BOOTSTRAP_SEED) -> tuple[float, float]:
-        """Stratified percentile bootstrap interval of :attr:`accuracy`."""
+        """Stratified percentile bootstrap interval of :attr:`accuracy`, widened to the mean
+        per-relation Wilson bounds when a relation has few prompts (:attr:`small`)."""
         if self.n == 0:
             return 0.0, 1.0
         strata = _bootstrap_indices(self.relation, len(self.relations), samples, seed)
         draws = _bootstrap_macro(self.correct, strata)
         low, high = np.percentile(draws, [2.5, 97.5])
+        if self.small:
+            wilson_low, wilson_high = self.wilson_mean_bounds()
+            low, high = min(low, wilson_low), max(high, wilson_high)
         # Percentiles of a discrete statistic can miss the point estimate by rounding.
         return float(min(low, self.accuracy)), float(max(high, self.accuracy))
 
+    @property
+    def ci_method(self) -> str:
+        if self.small:
+            return (f"stratified bootstrap widened to the mean per-relation Wilson bounds (a relation has fewer "
+                    f"than {MIN_BOOTSTRAP_PROMPTS} prompts)")
+        return "stratified bootstrap"
+
     def as_dict(self) -> dict:
-        return {"accuracy": self.accuracy, "ci95": list(self.ci95()), "ci_method": "stratified bootstrap",
+        return {"accuracy": self.accuracy, "ci95": list(self.ci95()), "ci_method": self.ci_method,
                 "n": self.n, "per_relation": self.per_relation()}
 
 
@@ -127,8 +163,13 @@ def paired_comparison(a: Score, b: Score, samples: int = BOOTSTRAP_SAMPLES, seed
     diff = _bootstrap_macro(a.correct, strata) - _bootstrap_macro(b.correct, strata)
     observed = a.accuracy - b.accuracy
     low, high = np.percentile(diff, [2.5, 97.5])
+    method = "paired stratified bootstrap"
+    if a.small or b.small:
+        (a_low, a_high), (b_low, b_high) = a.wilson_mean_bounds(), b.wilson_mean_bounds()
+        low, high = min(low, a_low - b_high), max(high, a_high - b_low)
+        method += f", widened by the mean per-relation Wilson bounds (a relation has fewer than {MIN_BOOTSTRAP_PROMPTS} prompts)"
     # Two-sided: how often the resampled difference falls on the other side of zero; never
     # reported below the bootstrap's resolution (1 / samples).
     p = min(1.0, max(1.0 / samples, 2 * min(float((diff <= 0).mean()), float((diff >= 0).mean()))))
     return {"difference": observed, "ci95": [float(min(low, observed)), float(max(high, observed))],
-            "p_value": p, "n": a.n, "method": "paired stratified bootstrap"}
+            "p_value": p, "n": a.n, "method": method}

@@ -202,7 +202,7 @@ def _fast_effects(adapter: BackboneAdapter, batch: EncodedBatch, means: torch.Te
     return _generic_fast_effects(adapter, batch, values, layers, rows_per_pass)
 
 
-ROW_COPY_BUDGET = 1 << 30  # bytes of per-row cache copies in one pass of the generic fast path
+ROW_COPY_BUDGET = 1 << 30  # least bytes of per-row cache copies allowed in one pass of the generic fast path
 
 
 def _generic_fast_effects(adapter: BackboneAdapter, batch: EncodedBatch, values: torch.Tensor, layers: list[int],
@@ -218,9 +218,12 @@ def _generic_fast_effects(adapter: BackboneAdapter, batch: EncodedBatch, values:
     num_prompts = len(batch)
     state = adapter.prefill(batch.prompts)
     # forward_last copies a prompt's cached keys and values per row (transformers' cache
-    # concatenates): bound the rows of a pass by that copy (162 MB a row for a 4B model at
-    # 1100 tokens: 512 rows would need 83 GB).
-    rows_per_pass = max(1, min(rows_per_pass, ROW_COPY_BUDGET // max(1, state.row_bytes())))
+    # concatenates), and every pass reads all weights: rows of a pass are bounded by copies of
+    # at most half the weights' bytes (at least 1 GiB), which balances the two (162 MB a row
+    # for a 4B model at 1100 tokens: 512 rows would need 83 GB; 27 rows copy 4.4 GB).
+    weights = sum(p.numel() * p.element_size() for p in adapter.model.parameters())
+    budget = max(ROW_COPY_BUDGET, weights // 2)
+    rows_per_pass = max(1, min(rows_per_pass, budget // max(1, state.row_bytes())))
     with record_heads(adapter, layers) as recording:
         adapter.forward(batch.prompts)
     own = recording.stacked()  # (P, len(layers), H, head_dim), the full forward's

@@ -186,7 +186,17 @@ class Extraction:
 
     def heads(self, k: int, selection: Selection = "per_relation") -> dict[str, list[tuple[int, int]]]:
         """Top-``k`` heads per relation: from its own AIE (``per_relation``, the authors')
-        or one set from the pooled AIE (``pooled``)."""
+        or one set from the pooled AIE (``pooled``).
+
+        Raises:
+            ConfigError: per-relation selection for a relation that got no AIE prompt (its
+                heads would be the first ``k`` in index order).
+        """
+        if selection == "per_relation":
+            empty = [r for r, n in zip(self.relations, self.aie_prompts) if n == 0]
+            if empty:
+                raise ConfigError(f"no AIE prompt of relation(s) {empty}: their per-relation heads would be arbitrary; "
+                                  f"raise aie.num_aie_prompts or use aie.selection pooled")
         return {r: top_heads(self.aie_pooled if selection == "pooled" else self.aie_per_relation[i], k)
                 for i, r in enumerate(self.relations)}
 

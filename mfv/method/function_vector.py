@@ -42,6 +42,11 @@ def build_function_vector(
     return vector
 
 
+def non_finite(vectors: dict[str, torch.Tensor]) -> list[str]:
+    """The relations whose vector holds a NaN or an inf."""
+    return [r for r, v in vectors.items() if not bool(torch.isfinite(v).all())]
+
+
 @dataclass
 class FunctionVectorSet:
     """One FV per relation, with where it goes and where it came from.
@@ -76,10 +81,19 @@ class FunctionVectorSet:
         return torch.stack([self.vectors[r] for r in (relations or self.relations)])
 
     def save(self, path: str | Path) -> Path:
-        """Writes a ``.safetensors`` file: one tensor per relation, provenance in metadata."""
+        """Writes a ``.safetensors`` file: one tensor per relation, provenance in metadata.
+
+        Raises:
+            IncompatibleVectorError: a vector holds a NaN or inf (nothing is written).
+        """
         from safetensors.torch import save_file
 
         path = Path(path)
+        bad = non_finite(self.vectors)
+        if bad:
+            raise IncompatibleVectorError(
+                f"{path}: not written: the FVs of {bad} hold NaN or inf (a diverged fit, e.g. too high a model.lr); "
+                f"an FV file only ever holds finite vectors")
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {f"fv.{r}": v.detach().float().contiguous().cpu() for r, v in self.vectors.items()}
         meta = {
@@ -100,7 +114,8 @@ class FunctionVectorSet:
 
         Raises:
             FileNotFoundError: no such file.
-            IncompatibleVectorError: saved for another backbone, shape or an out-of-range layer.
+            IncompatibleVectorError: saved for another backbone, shape or an out-of-range layer;
+                damaged; or holding a NaN or inf.
         """
         from safetensors import safe_open
 
@@ -137,6 +152,10 @@ class FunctionVectorSet:
                 raise IncompatibleVectorError(
                     f"{path}: tensor fv.{relation} has shape {tuple(vector.shape)} but field 'shape' says hidden_size "
                     f"{hidden}; the file was edited or is damaged")
+        bad = non_finite(vectors)
+        if bad:
+            raise IncompatibleVectorError(f"{path}: the vectors of {bad} hold NaN or inf; the file is damaged or "
+                                          f"came from a diverged fit: re-export it with train.py (lower model.lr)")
         heads = values["heads"]
         if not isinstance(heads, dict) or not all(isinstance(h, list) and all(len(p) == 2 for p in h)
                                                   for h in heads.values()):

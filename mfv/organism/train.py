@@ -8,7 +8,9 @@ is ``data.steps_per_epoch`` steps; the cosine schedule spans ``model.total_steps
 paper's prompts, trained and novel objects) and a checkpoint in ``WORK/checkpoints``; running
 the same command again resumes from its ``last.ckpt``; ``WORK/curves.jsonl`` collects every
 validation. At the end the model (no training heads) is saved to ``--out`` with
-``training.json`` and ``reference.json``.
+``training.json`` and ``reference.json``. An ``--out`` that exists and holds anything but
+this run's own earlier output (same work folder, being continued) is refused before any
+compute: the bundled ``checkpoints/organism`` is never overwritten by accident.
 """
 
 from __future__ import annotations
@@ -24,11 +26,13 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
+from mfv.errors import ConfigError
 from mfv.io import atomic_write_text
 from mfv.models.openflamingo import save_tiny_openflamingo
 from mfv.organism.data import OrganismDataModule
 from mfv.organism.module import OrganismModule
 from mfv.organism.reference import write_reference
+from mfv.preflight import exit_on_bad_input
 
 
 class _Curves(Callback):
@@ -49,10 +53,38 @@ class _Curves(Callback):
 
 class OrganismCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
-        parser.add_argument("--out", type=str, default="checkpoints/organism", help="where the trained model is saved")
+        parser.add_argument("--out", type=str, default="checkpoints/organism", help="where the trained model is saved: a new or empty folder (or this run's own, continued)")
         parser.add_argument("--threads", type=int | None, default=None, help="torch CPU threads (default: torch's)")
         # Everything a run writes (its config, Lightning's own checkpoints) goes to the work folder, not the cwd.
         parser.link_arguments("data.work_dir", "trainer.default_root_dir")
+
+
+def check_out(out: str | Path, work: Path) -> None:
+    """Refuses an ``--out`` that exists and holds anything but this recipe's own earlier
+    output from the same work folder (the run being continued, whose ``last.ckpt`` is
+    there): the bundled ``checkpoints/organism`` is never overwritten by accident.
+
+    Raises:
+        ConfigError: one line naming ``--out`` and what to do.
+    """
+    out = Path(out)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; choose a new folder")
+    contents = sorted(p.name for p in out.iterdir())
+    if not contents:
+        return
+    try:
+        record = json.loads((out / "training.json").read_text())
+        previous = Path(record.get("work_dir") or record["config"]["data"]["work_dir"])
+    except (OSError, ValueError, KeyError, TypeError):
+        previous = None
+    if previous is not None and previous.resolve() == work.resolve() and (work / "checkpoints" / "last.ckpt").is_file():
+        return  # the same recipe run, continued: its output is refreshed
+    shown = ", ".join(contents[:4]) + (", ..." if len(contents) > 4 else "")
+    raise ConfigError(f"--out {out} exists and holds files this run did not write ({shown}); choose a new --out "
+                      f"folder (checkpoints/organism is the bundled model organism) or move it away")
 
 
 def main(args: Sequence[str] | None = None) -> Path:
@@ -68,6 +100,8 @@ def main(args: Sequence[str] | None = None) -> Path:
         torch.set_num_threads(cli.config.threads)
     module, datamodule, trainer = cli.model, cli.datamodule, cli.trainer
     work = Path(datamodule.work_dir)
+    with exit_on_bad_input():
+        check_out(cli.config.out, work)
     # One file rewritten after every validation (Lightning 2.6 refreshes save_last only on top-k changes).
     checkpoints = ModelCheckpoint(dirpath=work / "checkpoints", filename="last", monitor=None, save_top_k=1,
                                   enable_version_counter=False, save_on_train_epoch_end=False)
@@ -80,6 +114,7 @@ def main(args: Sequence[str] | None = None) -> Path:
     out = save_tiny_openflamingo(module.adapter, cli.config.out)
     record = {
         "command": "python -m mfv.organism.train " + " ".join(sys.argv[1:] if args is None else args),
+        "work_dir": str(work.resolve()),
         "config": json.loads(json.dumps(cli.config.as_dict(), default=str)),
         "steps_done": int(trainer.global_step),
         "epochs_done": int(trainer.current_epoch),

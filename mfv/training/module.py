@@ -14,8 +14,8 @@ from mfv.data.episodes import EncodedBatch
 from mfv.errors import ConfigError
 from mfv.evaluation.engine import Outcomes
 from mfv.evaluation.scoring import Score
-from mfv.io import ensure_writable_dir
-from mfv.method.function_vector import FunctionVectorSet
+from mfv.io import check_writable
+from mfv.method.function_vector import FunctionVectorSet, non_finite
 from mfv.models import load_backbone
 from mfv.models.base import BackboneAdapter
 from mfv.models.weights import cast_weights
@@ -121,7 +121,9 @@ class FunctionVectorModule(L.LightningModule):
             if target.exists():
                 raise ConfigError(f"model.export_dir: {target} exists; move it away or choose another export_dir "
                                   f"(the run folder always gets the FVs)")
-            ensure_writable_dir(export_dir, "model.export_dir")
+            check_writable(export_dir, "model.export_dir")  # created when the FVs are exported
+        # Where the data came from (split -> content fingerprint), recorded in exports; set by train.py.
+        self.provenance: dict[str, Any] = {}
         self.strict_loading = False  # checkpoints hold only the FVs
         # Per-image work of the frozen vision tower, kept for a whole fit (every epoch sees the same images).
         self._image_store: dict | None = None
@@ -212,7 +214,7 @@ class FunctionVectorModule(L.LightningModule):
             heads=self.source_heads or {r: [] for r in self.relations},
             backbone_id=self.adapter.backbone_id,
             shape=self.adapter.shape_signature(),
-            metadata={"kind": kind, "epoch": self.exported_epoch,
+            metadata={"kind": kind, "epoch": self.exported_epoch, **self.provenance,
                       **({"injection": "distributed", "layers": self.active_layers} if distributed else {})},
         )
 
@@ -263,9 +265,11 @@ class FunctionVectorModule(L.LightningModule):
         loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
         self._outcomes = Outcomes([len(loader.dataset) for loader in loaders], self.device)
 
-    def _record(self, batch: EncodedBatch, dataloader_idx: int) -> None:
+    def _record(self, batch: EncodedBatch, dataloader_idx: int) -> torch.Tensor:
         with torch.no_grad(), self.reusing():
-            self._outcomes.record(dataloader_idx, batch, self(batch))
+            logits = self(batch)
+        self._outcomes.record(dataloader_idx, batch, logits)
+        return logits
 
     def _finish(self, stage: str) -> dict[int, Score]:
         outcomes, self._outcomes = self._outcomes, None
@@ -280,13 +284,25 @@ class FunctionVectorModule(L.LightningModule):
         self._start(self.trainer.val_dataloaders)
 
     def validation_step(self, batch: EncodedBatch, batch_idx: int) -> None:
-        self._record(batch, 0)
+        logits = self._record(batch, 0)
+        loss = nn.functional.cross_entropy(logits.float(), batch.answer_ids.to(logits.device))
+        self.log("val/loss", loss, batch_size=len(batch), sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
-        if self.trainer.sanity_checking:
-            self._outcomes = None
+        if not self.trainer.sanity_checking:
+            self._finish("val")
             return
-        self._finish("val")
+        # The sanity check runs the FVs as initialised (extracted, before any step). When it
+        # covers the whole split (num_sanity_val_steps -1, train.py's default), its accuracy is
+        # logged at step 0, so TensorBoard shows what fine-tuning starts from.
+        outcomes, self._outcomes = self._outcomes, None
+        table = outcomes.tables[0]
+        gathered = self.all_gather(table[0])
+        seen = (gathered.max(0).values if gathered.dim() == 2 else gathered) > 0
+        if bool(seen.all()):
+            score = outcomes.scores([self.relations], self.all_gather)[0]
+            for logger in self.loggers:
+                logger.log_metrics({"val/acc": score.accuracy}, step=0)
 
     def on_test_epoch_start(self) -> None:
         self._start(self.trainer.test_dataloaders)
@@ -304,6 +320,7 @@ class FunctionVectorModule(L.LightningModule):
         checkpoint["mfv"] = {
             "relations": self.relations,
             "layer": self.layer,
+            "injection": self.hparams.injection,
             "backbone_id": self.adapter.backbone_id,
             "shape": self.adapter.shape_signature(),
             "source_heads": {r: [list(h) for h in hs] for r, hs in self.source_heads.items()},
@@ -311,19 +328,64 @@ class FunctionVectorModule(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        meta = checkpoint.get("mfv", {})
-        if meta and meta.get("shape") != self.adapter.shape_signature():
-            raise ConfigError(
-                f"checkpoint was saved for backbone {meta.get('backbone_id')!r} with shape {meta.get('shape')}; "
-                f"this run's backbone has shape {self.adapter.shape_signature()}"
-            )
+        """Restores the FVs' provenance after :meth:`check_checkpoint` (a checkpoint of
+        another backbone, relations, relation order, layer or injection is refused: its rows
+        would be injected for the wrong relations or at the wrong layer)."""
+        self.check_checkpoint(checkpoint, require_finite=False)  # a diverged fit is refused at export
+        meta = checkpoint["mfv"]
         self.source_heads = {r: [tuple(h) for h in hs] for r, hs in meta.get("source_heads", {}).items()}
         self.active_layers = meta.get("active_layers", self.active_layers)
         self.fv_initialized = True
+
+    def check_checkpoint(self, checkpoint: Any, source: str | Path = "checkpoint", require_finite: bool = True) -> None:
+        """Raises :class:`ConfigError` (one line naming ``source`` and the field) unless
+        ``checkpoint`` is a train.py checkpoint of this run's backbone, relations in this
+        order, layer and injection, holding FVs of the right shape (finite, with ``require_finite``)."""
+        fix = "resume with the settings it was saved with, or start a new run without --ckpt_path"
+        meta = checkpoint.get("mfv") if isinstance(checkpoint, dict) else None
+        state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
+        vectors = state.get(FV_PARAMETER) if isinstance(state, dict) else None
+        if not isinstance(meta, dict) or not isinstance(vectors, torch.Tensor):
+            raise ConfigError(f"{source}: not a train.py checkpoint (no function vectors and 'mfv' record); "
+                              f"give --ckpt_path RUN/checkpoints/last.ckpt of a train.py run")
+        shape = self.adapter.shape_signature()
+        if meta.get("shape") != shape or meta.get("backbone_id", self.adapter.backbone_id) != self.adapter.backbone_id:
+            raise ConfigError(f"{source}: saved for backbone {meta.get('backbone_id')!r} with shape {meta.get('shape')}, "
+                              f"this run's model.backbone is {self.adapter.backbone_id!r} with shape {shape}; {fix}")
+        stored = list(meta.get("relations", []))
+        if stored != self.relations:
+            what = "the same relations in another order" if sorted(stored) == sorted(self.relations) else "other relations"
+            raise ConfigError(f"{source}: holds FVs for model.relations = {stored}, this run has {what}: "
+                              f"{self.relations} (each row would steer another relation); {fix}")
+        if meta.get("layer") != self.layer:
+            raise ConfigError(f"{source}: holds FVs for model.layer = {meta.get('layer')}, this run injects after "
+                              f"layer {self.layer}; {fix}")
+        injection = meta.get("injection") or ("distributed" if vectors.dim() == 2 and self.adapter.num_layers > 1 and
+                                              vectors.shape[1] == shape["hidden_size"] * self.adapter.num_layers
+                                              else "single")
+        if injection != self.hparams.injection:
+            raise ConfigError(f"{source}: holds FVs for model.injection = {injection!r}, this run has "
+                              f"{self.hparams.injection!r}; {fix}")
+        if tuple(vectors.shape) != tuple(self.function_vectors.shape):
+            raise ConfigError(f"{source}: its FVs have shape {tuple(vectors.shape)}, this run's "
+                              f"{tuple(self.function_vectors.shape)}; {fix}")
+        if require_finite and not bool(torch.isfinite(vectors).all()):
+            raise ConfigError(f"{source}: its FVs hold NaN or inf (the fit diverged); resume from an earlier "
+                              f"checkpoint or train again with a lower model.lr")
 
     def export_path(self, kind: str = "finetuned") -> Path:
         return Path(self.hparams.export_dir) / f"{self.adapter.backbone_id}-{kind}.safetensors"
 
     def export(self, path: str | Path | None = None, kind: str = "finetuned") -> Path:
-        """Saves the current FVs as safetensors (default: :meth:`export_path`)."""
-        return self.function_vector_set(kind).save(Path(path) if path else self.export_path(kind))
+        """Saves the current FVs as safetensors (default: :meth:`export_path`).
+
+        Raises:
+            ConfigError: an FV holds NaN or inf (the fit diverged); nothing is written.
+        """
+        fvs = self.function_vector_set(kind)
+        bad = non_finite(fvs.vectors)
+        if bad:
+            epoch = "" if self.exported_epoch is None else f" (epoch {self.exported_epoch})"
+            raise ConfigError(f"the fine-tuned FVs of {bad} hold NaN or inf{epoch}: the fit diverged and nothing "
+                              f"was exported; train again with a lower model.lr (now {self.hparams.lr:g})")
+        return fvs.save(Path(path) if path else self.export_path(kind))

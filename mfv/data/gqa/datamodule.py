@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from mfv.data.datamodule import RelationDataModule, hash_files, split_seed, validate_data_settings
-from mfv.data.episodes import Episode, EpisodeSampler, Mode, Scene
+from mfv.data.episodes import Episode, EpisodeSampler, Mode, Scene, images_digest
 from mfv.data.gqa.prepare import resolve_relations
 from mfv.errors import ConfigError, DataError
 from mfv.models.base import Example
@@ -50,12 +50,40 @@ class GQAEpisodeSampler(EpisodeSampler):
         if self.skipped:
             warnings.warn(f"GQA relations skipped: fewer than {shots + 1} distinct images for a {shots}-shot task "
                           f"(relation: images) {self.skipped}", stacklevel=2)
+        self.image_counts = counts
         usable = [s for s in scenes if s.relation not in self.skipped]
         if tasks_per_relation is not None:
             usable = self._one_task_per_image(usable, tasks_per_relation, seed)
         if not usable:
-            raise DataError(f"no GQA relation has {shots + 1} distinct images; image counts: {counts}")
-        super().__init__(usable, relations, shots, seed, demo_scenes)
+            raise DataError(f"no GQA relation has the {shots + 1} distinct images a {shots}-shot task needs "
+                            f"(relation: images) {counts}: lower data.init_args.shots or prepare more images")
+        super().__init__(self._interleaved(usable, relations), relations, shots, seed, demo_scenes)
+
+    @staticmethod
+    def _interleaved(scenes: list[Scene], relations: Sequence[str]) -> list[Scene]:
+        """The tasks taken in turn from each relation (each keeping its order), so that the
+        first N prompts (``--limit``, the AIE's prompt counts) cover every relation evenly."""
+        by_relation: dict[str, list[Scene]] = defaultdict(list)
+        for scene in scenes:
+            by_relation[scene.relation].append(scene)
+        order = [r for r in relations if r in by_relation] + sorted(set(by_relation) - set(relations))
+        columns = [by_relation[r] for r in order]
+        return [column[i] for i in range(max(map(len, columns), default=0)) for column in columns if i < len(column)]
+
+    def scenes(self) -> list[Scene]:
+        """Every scene an episode can show: the queries and every demonstration image's scenes."""
+        seen = {id(s): s for s in super().scenes()}
+        for by_image in self.images_of.values():
+            for group in by_image.values():
+                for scene in group:
+                    seen.setdefault(id(scene), scene)
+        return list(seen.values())
+
+    def max_shots(self) -> int:
+        """A K-shot task takes K images besides the query's, each showing the demonstrated
+        relation: at most the smallest image count of a relation in use, minus one."""
+        counts = [n for r, n in self.image_counts.items() if r not in self.skipped]
+        return min(counts) - 1 if counts else 0
 
     @staticmethod
     def _one_task_per_image(scenes: list[Scene], limit: int, seed: int) -> list[Scene]:
@@ -89,8 +117,9 @@ class GQAEpisodeSampler(EpisodeSampler):
             for label in labels:
                 images = [p for p in self.images_of[label] if p not in used]
                 if not images:
-                    raise DataError(f"no further distinct image for relation {label!r} (index {index}); "
-                                    f"lower shots or add images")
+                    raise DataError(f"a {shots}-shot GQA prompt needs {shots} distinct images of relation {label!r} "
+                                    f"besides the query's; this split has {len(self.images_of[label])} images of it: "
+                                    f"lower the shots (data.init_args.shots, evaluation.shots) or prepare more images")
                 path = images[int(rng.integers(len(images)))]
                 used.add(path)
                 choices = self.images_of[label][path]
@@ -126,6 +155,8 @@ class GQARelationDataModule(RelationDataModule):
             (the authors sample 200); ``None`` keeps every task.
     """
 
+    answers_closed = False  # open-vocabulary object names, scored on the first token as the authors do
+
     def __init__(self, dataset_dir: str = "data/gqa", relations: Sequence[str] = ("spatial",), shots: int = 4,
                  batch_size: int = 16, num_workers: int = 0, seed: int = 0, val_fraction: float = 0.2,
                  shuffle_train: bool = True, tasks_per_relation: int | None = None) -> None:
@@ -154,7 +185,15 @@ class GQARelationDataModule(RelationDataModule):
         files = [p for p in folder.iterdir() if p.is_file()] if folder.is_dir() else []
         if not files:
             raise DataError(f"{folder} is missing or empty: run `python -m mfv.data.gqa prepare` again")
-        return hash_files(files, split, self.val_fraction, self.tasks_per_relation)
+        images = images_digest(self.sampler(split).image_paths())
+        return hash_files(files, split, self.val_fraction, self.tasks_per_relation, "interleaved", images)
+
+    def data_relations(self, split: str) -> list[str]:
+        """The relations of the prepared tasks of ``split``'s source (train or test)."""
+        from datasets import load_from_disk
+
+        source = "test" if split == "test" else "train"
+        return sorted(set(load_from_disk(str(self.dataset_dir / "dataset"))[source]["relation"]))
 
     def prepare_data(self) -> None:
         if not (self.dataset_dir / "dataset").is_dir():

@@ -3,13 +3,11 @@ positions, flattened patches; images capped at 256*28*28 pixels as in the paper.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
 from mfv.models.hf import SYSTEM_PROMPT, Family, HFAdapter, load_family, random_model
-from mfv.models.hf import write_layout as write_layout_of
 
 PAPER_MAX_PIXELS = 256 * 28 * 28
 SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
@@ -84,26 +82,3 @@ def tiny(words: Sequence[str] | None = None, hidden_size: int = 64, num_layers: 
                            num_position_embeddings=64, deepstack_visual_indexes=[0]),
         **token_ids(processor.tokenizer))
     return random_model(FAMILY, config, processor, seed)
-
-
-# Qwen/Qwen3-VL-4B-Instruct's config.json (the token ids come from the saved tokenizer).
-QWEN3VL_4B_INSTRUCT: dict[str, Any] = {
-    "text_config": dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
-                        num_attention_heads=32, num_key_value_heads=8, head_dim=128, hidden_act="silu",
-                        max_position_embeddings=262144, rms_norm_eps=1e-6, rope_theta=5000000, attention_bias=False,
-                        tie_word_embeddings=True,
-                        rope_scaling={"rope_type": "default", "mrope_section": [24, 20, 20], "mrope_interleaved": True}),
-    "vision_config": dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, hidden_act="gelu_pytorch_tanh",
-                          patch_size=16, spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=2560,
-                          num_position_embeddings=2304, deepstack_visual_indexes=[5, 11, 17]),
-    "tie_word_embeddings": True,
-}
-
-
-def write_layout(out: str | Path, config: dict[str, Any] | None = None, dtype: str = "bfloat16") -> Path:
-    """A random Qwen3-VL (default: the 4B-Instruct config) saved as a download is."""
-    from transformers import Qwen3VLConfig
-
-    processor = stand_in_processor(min_pixels=PAPER_MAX_PIXELS, max_pixels=PAPER_MAX_PIXELS)
-    config = Qwen3VLConfig(**(config or QWEN3VL_4B_INSTRUCT), **token_ids(processor.tokenizer))
-    return write_layout_of(FAMILY, config, processor, out, dtype)
