@@ -28,8 +28,6 @@ def test_python_api_block_of_the_readme_runs_and_equals_the_cli(tmp_path, monkey
     on the same prompts (the 40 test prompts) and the same vectors (same extraction)."""
     from mfv.api import SMALL_SYNTHETIC
     from mfv.commands.evaluate import main as evaluate_main
-    from mfv.method.extraction import AIESettings
-
     block = _readme_api_block()
     assert len(block.strip().splitlines()) <= 10
     (tmp_path / "checkpoints").symlink_to(ROOT / "checkpoints")
@@ -39,12 +37,13 @@ def test_python_api_block_of_the_readme_runs_and_equals_the_cli(tmp_path, monkey
     assert "expected" in capsys.readouterr().out
     api = namespace["result"].to_dict()
 
-    defaults = AIESettings()  # what mfv.extract uses
+    prompts = {"num_mean_prompts": 100, "num_aie_prompts": 50}  # what the block passes to mfv.extract
+    assert all(f"{k}={v}" in block for k, v in prompts.items())
     cli = evaluate_main([
         "--config", str(ROOT / "configs/toy.yaml"), "--out", str(tmp_path / "eval"), "--limit", "40",
         "--data.init_args.data_dir", "data/api", "--data.init_args.num_images", json.dumps(SMALL_SYNTHETIC),
         "--model.layer", "1", "--aie.k", "6", "--aie.selection", "pooled",
-        "--aie.num_mean_prompts", str(defaults.num_mean_prompts), "--aie.num_aie_prompts", str(defaults.num_aie_prompts),
+        "--aie.num_mean_prompts", str(prompts["num_mean_prompts"]), "--aie.num_aie_prompts", str(prompts["num_aie_prompts"]),
         "--evaluation.analogies", "false", "--evaluation.max_k", "1", "--evaluation.sweep_limit", "2",
         "--trainer.enable_progress_bar", "false"])
     for name in ("zero_shot", "zero_shot_fv"):
