@@ -67,8 +67,10 @@ def evaluation_scorer(trainer_config, adapter: BackboneAdapter, settings: Evalua
         fabric = L.Fabric(**options, strategy="ddp")
         fabric.launch()
         adapter.model.to(fabric.device)
+    # One labelled bar per group of conditions sharing prompts, on rank 0, unless the config turns bars off.
+    progress = trainer_config.get("enable_progress_bar") is not False and (fabric is None or fabric.global_rank == 0)
     return lambda conditions: score_conditions(adapter, conditions, batch_size, datamodule.num_workers,
-                                               settings.reuse, fabric)
+                                               settings.reuse, fabric, progress)
 
 
 def main(args: Sequence[str] | None = None) -> dict:
