@@ -151,7 +151,16 @@ def test_tensorboard_of_training_and_of_evaluation_each_in_its_own_folder(tmp_pa
     assert sorted(p.name for p in run.iterdir()) == before
     tags = _tags(run)
     assert {"aie/heatmap"} <= tags["images"]
-    assert {"train/loss", "val/acc", "test/acc", "hp_metric"} <= tags["scalars"]
+    assert {"train/loss", "val/acc", "val/loss", "test/acc", "hp_metric"} <= tags["scalars"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    steps = set()
+    for events in run.glob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        accumulator.Reload()
+        if "val/acc" in accumulator.Tags()["scalars"]:
+            steps |= {event.step for event in accumulator.Scalars("val/acc")}
+    assert 0 in steps  # the extracted FVs' accuracy, before any fine-tuning step
     evaluation = _tags(tmp_path / "eval" / "tensorboard")
     assert {"eval/conditions", "eval/layer_sweep", "eval/k_sweep", "eval/aie_heatmap"} <= evaluation["images"]
     assert {"eval_test/zero_shot", "eval_test/zero_shot_fv"} <= evaluation["scalars"]

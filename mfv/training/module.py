@@ -296,11 +296,8 @@ class FunctionVectorModule(L.LightningModule):
         # covers the whole split (num_sanity_val_steps -1, train.py's default), its accuracy is
         # logged at step 0, so TensorBoard shows what fine-tuning starts from.
         outcomes, self._outcomes = self._outcomes, None
-        table = outcomes.tables[0]
-        gathered = self.all_gather(table[0])
-        seen = (gathered.max(0).values if gathered.dim() == 2 else gathered) > 0
-        if bool(seen.all()):
-            score = outcomes.scores([self.relations], self.all_gather)[0]
+        score = outcomes.scores([self.relations], self.all_gather)[0]  # gathered: the same on every rank
+        if score.n == outcomes.tables[0].shape[1]:
             for logger in self.loggers:
                 logger.log_metrics({"val/acc": score.accuracy}, step=0)
 
