@@ -1,6 +1,10 @@
 """Fast exact AIE against the reference loop, and against the minimal exact computation.
 
     python benchmarks/aie.py --json runs/bench/aie.json
+    python benchmarks/aie.py --families --json benchmarks/results/families_aie.json
+
+The second form measures every registered family's stand-in instead
+(:mod:`benchmarks.families_aie`).
 
 One thread (``torch.set_num_threads(1)``), CPU time (``time.process_time``) and wall time,
 all ratios from one run. Three shapes: the benchmark model (8 layers x 16 heads, hidden 512),
@@ -199,7 +203,14 @@ def main() -> None:
     parser.add_argument("--reference-prompts", type=int, default=1, help="prompts for the reference loop")
     parser.add_argument("--sampled-sites", type=int, default=4, help="reference forwards sampled at 4B width")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--families", action="store_true",
+                        help="instead: every registered family's stand-in (benchmarks/families_aie.py)")
     args = parser.parse_args()
+    if args.families:
+        import runpy
+
+        runpy.run_path(str(Path(__file__).with_name("families_aie.py")))["run"](args.json)
+        return
     torch.set_num_threads(1)
     torch.manual_seed(0)
     shapes = {}

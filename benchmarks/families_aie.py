@@ -1,6 +1,7 @@
 """Fast AIE against the reference loop on every registered family's tiny stand-in.
 
     python benchmarks/families_aie.py --json benchmarks/results/families_aie.json
+    python benchmarks/aie.py --families --json benchmarks/results/families_aie.json  # the same
 
 One thread, CPU time, side by side in one run. Per stand-in (two 2-shot corrupted prompts,
 every head of every layer): ``speedup`` = reference CPU time / fast CPU time, ``max_abs_diff``
@@ -12,8 +13,9 @@ every head of every layer): ``speedup`` = reference CPU time / fast CPU time, ``
 * ``executed``: what fast AIE ran; ``bound`` = reference / minimal, ``flop_efficiency`` =
   minimal / executed.
 
-OpenFlamingo runs its minimal path; the Hugging Face families run the generic cached path
-(each row's last position through every layer, and one extra forward recording the heads).
+Every family runs its minimal path: OpenFlamingo its own
+(:mod:`mfv.models.openflamingo.last_position`), the Hugging Face families the generic one
+(:mod:`mfv.models.hf_last_position`: one forward, then each row from its patched layer up).
 """
 
 from __future__ import annotations
@@ -75,13 +77,17 @@ def measure(name: str, scenes) -> dict:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--json", default="runs/bench/families_aie.json")
+    run(parser.parse_args().json)
+
+
+def run(json_path: str) -> None:
+    """Measures every distinct stand-in of the registry and writes ``json_path``."""
     from mfv.data.episodes import read_scenes
     from mfv.data.synthetic import generate_split
     from mfv.models import BACKBONES
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--json", default="runs/bench/families_aie.json")
-    args = parser.parse_args()
     torch.set_num_threads(1)
     groups: dict[str, str] = {}
     for name, spec in sorted(BACKBONES.items()):
@@ -92,7 +98,7 @@ def main() -> None:
     for row in rows:
         print(f"{row['stand_in']:<24} speedup {row['speedup']:>6}x  bound {row['bound']:>6}x  "
               f"flop efficiency {row['flop_efficiency']:.3f}  max |diff| {row['max_abs_diff']:.1e}")
-    out = Path(args.json)
+    out = Path(json_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"threads": 1, "clock": "process_time", "families": rows}, indent=2))
 

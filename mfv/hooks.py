@@ -7,7 +7,9 @@ Two named sites per layer come from the backbone adapter:
 * the *residual site*: the output of the decoder layer (the residual stream).
 
 Interventions act only at the last prompt position (index ``-1``; prompts are left
-padded). Plain torch hooks are used because OpenFlamingo mixes classes at run time,
+padded). Last-position replays (:mod:`mfv.models.hf_last_position`) also record each
+decoder layer's call (:func:`record_layer_calls`) and let rows join a layer with given head
+outputs (:func:`overwrite_input_rows`). Plain torch hooks are used because OpenFlamingo mixes classes at run time,
 which the usual interpretability libraries do not handle. The residual-stream injection
 (:func:`add_to_residual`) is applied only through :mod:`mfv.steering`.
 """
@@ -22,6 +24,16 @@ import torch
 
 if TYPE_CHECKING:  # hooks sit below the backbones: they only read an adapter's sites
     from mfv.models.base import BackboneAdapter
+
+
+@contextmanager
+def _removed_after(handles: Sequence[torch.utils.hooks.RemovableHandle]) -> Iterator[None]:
+    """Removes ``handles`` when the block ends, however it ends."""
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 @dataclass
@@ -56,11 +68,8 @@ def record_heads(adapter: BackboneAdapter, layers: Sequence[int] | None = None) 
         return hook
 
     handles = [adapter.head_site(layer).register_forward_pre_hook(make_hook(layer)) for layer in layers]
-    try:
+    with _removed_after(handles):
         yield recording
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @contextmanager
@@ -75,11 +84,39 @@ def record_last_inputs(modules: Sequence[torch.nn.Module]) -> Iterator[list[torc
         return hook
 
     handles = [module.register_forward_pre_hook(make_hook(index)) for index, module in enumerate(modules)]
-    try:
+    with _removed_after(handles):
         yield recorded
-    finally:
-        for handle in handles:
-            handle.remove()
+
+
+@contextmanager
+def record_layer_calls(layers: Sequence[torch.nn.Module]) -> Iterator[list[tuple[torch.Tensor, dict[str, Any]]]]:
+    """Each layer's last-position input ``(B, width)`` and the keyword arguments it was called
+    with, from the latest forward inside the context (what a last-position replay re-uses)."""
+    recorded: list[tuple[torch.Tensor, dict[str, Any]]] = [None] * len(layers)  # type: ignore[list-item]
+
+    def make_hook(index: int):
+        def hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            recorded[index] = (hidden[:, -1].detach(), {k: v for k, v in kwargs.items() if k != "hidden_states"})
+
+        return hook
+
+    handles = [layer.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    with _removed_after(handles):
+        yield recorded
+
+
+@contextmanager
+def overwrite_input_rows(module: torch.nn.Module, start: int, values: torch.Tensor) -> Iterator[None]:
+    """Replaces rows ``start:`` (dimension 1) of ``module``'s input by ``values``: rows of a
+    last-position replay that join at this layer with recorded (or patched) head outputs."""
+
+    def hook(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        x = args[0]
+        return (torch.cat([x[:, :start], values.to(x.dtype)], dim=1), *args[1:])
+
+    with _removed_after([module.register_forward_pre_hook(hook)]):
+        yield
 
 
 @dataclass(frozen=True)

@@ -103,9 +103,29 @@ def check_fast_aie_equals_reference(adapter, scenes) -> None:
     torch.testing.assert_close(fast, reference, atol=1e-5, rtol=0)
 
 
+def check_minimal_paths_are_taken_and_a_null_patch_is_zero(adapter, scenes) -> None:
+    """Every family runs fast AIE and steering at the minimal computation (no fallback), and
+    patching each head with its own output changes nothing (to 1e-7: the
+    recorded outputs come from `forward`, the replay from `prefill`)."""
+    sampler = EpisodeSampler(scenes, RELATIONS, shots=1)
+    batch = encode_episodes(adapter, [sampler.episode(i, "corrupted") for i in range(2)], RELATIONS)
+    with torch.no_grad(), record_heads(adapter) as recording:
+        adapter.forward(batch.prompts)
+    own = recording.stacked()
+    minimal = adapter.single_head_patch_probabilities(batch.prompts, own, batch.answer_ids)
+    assert minimal is not None, "no minimal fast-AIE path: fast AIE would recompute every layer per row"
+    base, patched = minimal
+    assert (patched - base[..., None]).abs().max() <= 1e-7
+    with torch.no_grad():
+        state = adapter.prefill(batch.prompts)
+        vectors = torch.zeros(len(batch), 1, adapter.hidden_size)
+        assert adapter.steered_logits(state, vectors, [0]) is not None, "no minimal steering path"
+
+
 CONTRACT_CHECKS: list[Callable] = [check_shapes, check_prompt, check_batches_rows_cache_and_heads,
                                    check_every_steering_path_gives_the_same_logits,
-                                   check_fast_aie_equals_reference]
+                                   check_fast_aie_equals_reference,
+                                   check_minimal_paths_are_taken_and_a_null_patch_is_zero]
 
 
 def _stand_in_groups() -> dict[str, list[str]]:

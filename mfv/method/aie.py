@@ -11,9 +11,9 @@ Two exact algorithms and one estimate (:func:`indirect_effects` picks one):
   earlier position's keys and values equal the corrupted run's. Each corrupted prompt is
   run once (images encoded once, prefix cached); then only the last position is
   recomputed, for many (prompt, head) pairs per batch. Backbones with a minimal path
-  (:meth:`BackboneAdapter.single_head_patch_probabilities`; OpenFlamingo) recompute each
-  site only from its patched layer upward, sharing the prompt's prefix and image
-  keys/values. They agree to float rounding (tested to 1e-5).
+  (:meth:`BackboneAdapter.single_head_patch_probabilities`; OpenFlamingo and every Hugging
+  Face family) recompute each site only from its patched layer upward, sharing the prompt's
+  prefix (and image) keys/values. They agree to float rounding (tested to 1e-5).
 * ``attribution`` (:func:`attribution_effects`; attribution patching, a first-order
   estimate): one forward and one backward per batch of corrupted prompts;
   IE(l, h) ~ dP/da_{l,h} . (mean_{l,h} - a_{l,h}) at the last position. Not exact: its

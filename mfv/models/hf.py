@@ -10,9 +10,11 @@ random stand-in offline. Everything else lives here once:
 
 * ``forward``: the last position's logits of a left-padded batch, with explicit positions
   so that a row gives the same logits alone and in any batch;
-* ``prefill`` / ``forward_last``: the contract's one last-position mechanism (positions
-  ``0..S-2`` once, into transformers' cache; then the last position for any rows), on which
-  fast AIE, the fine-tuning graph and shared evaluation passes run for every family;
+* ``prefill`` / ``forward_last``: the contract's one last-position mechanism (the prompt
+  once, into transformers' cache; then the last position for any rows under hooks), and on
+  the same prefill the minimal path (:mod:`mfv.models.hf_last_position`: each row from its
+  patched or injection layer up) on which fast AIE, the fine-tuning graph and shared
+  evaluation passes run for every family;
 * loading from a local folder or the Hugging Face cache, offline, naming what to download.
 """
 
@@ -29,6 +31,7 @@ from torch import nn
 from mfv.compat import offline_hub
 from mfv.errors import ConfigError, MissingWeightsError
 from mfv.hooks import keep_input_contiguous
+from mfv.models import hf_last_position
 from mfv.models.base import BackboneAdapter, Example, PrefixState, Prompt, PromptBatch
 
 # The authors' system message (paper v2): the answer template, the relation never stated.
@@ -44,7 +47,9 @@ class Family:
         model_class: The transformers class (``"LlavaForConditionalGeneration"``).
         default_path: Hub id or folder loaded when none is given.
         layers: Attribute path from the model to the decoder layers.
-        attn_out: Attribute path from a decoder layer to the attention output projection.
+        attn_out: Attribute path from a decoder layer to the attention output projection (its
+            parent is the attention module).
+        norm: Attribute path from the model to the final norm (default: beside ``layers``).
         text_config: Attribute of the model config holding the language model's sizes.
         prompt: ``chat`` (the processor's chat template, a system message, one user turn with
             images and text interleaved) or ``plain`` (text with ``image_text`` per image).
@@ -67,6 +72,7 @@ class Family:
     stand_in: str
     layers: str = "model.language_model.layers"
     attn_out: str = "self_attn.o_proj"
+    norm: str | None = None
     text_config: str = "text_config"
     prompt: Literal["chat", "plain"] = "chat"
     image_text: str = "<image>"
@@ -127,11 +133,25 @@ class HFAdapter(BackboneAdapter):
     def hidden_size(self) -> int:
         return self.text_config.hidden_size
 
+    @property
+    def layers(self) -> nn.ModuleList:
+        """The language model's decoder layers."""
+        return _path(self.model, self.family.layers)
+
+    @property
+    def final_norm(self) -> nn.Module:
+        """The norm between the last decoder layer and the output embeddings."""
+        return _path(self.model, self.family.norm or self.family.layers.rsplit(".", 1)[0] + ".norm")
+
+    def attention(self, layer: int) -> nn.Module:
+        """The attention module of ``layer`` (the parent of its output projection)."""
+        return _path(self.layers[layer], self.family.attn_out.rsplit(".", 1)[0])
+
     def head_site(self, layer: int) -> nn.Module:
-        return _path(_path(self.model, self.family.layers)[layer], self.family.attn_out)
+        return _path(self.layers[layer], self.family.attn_out)
 
     def residual_site(self, layer: int) -> nn.Module:
-        return _path(self.model, self.family.layers)[layer]
+        return self.layers[layer]
 
     # ----- prompts -----------------------------------------------------------------
     def build_prompt(self, demonstrations: Sequence[Example], query: Example) -> Prompt:
@@ -221,17 +241,20 @@ class HFAdapter(BackboneAdapter):
         return out[:, batch.input_ids.shape[1]:]
 
     def prefill(self, batch: PromptBatch) -> PrefixState:
-        from transformers import DynamicCache
+        """The whole prompt once (:func:`mfv.models.hf_last_position.prefill`): the cache for
+        :meth:`forward_last`, the last-position replay state and the unsteered logits."""
+        return hf_last_position.prefill(self, batch.to(self.device))
 
-        per_token, vision = self._inputs(batch.to(self.device))
-        prefix = {k: v[..., :-1] for k, v in per_token.items() if k != "attention_mask"}
-        out = self.model(**prefix, attention_mask=per_token["attention_mask"][:, :-1], **vision,
-                         past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
-        last = {k: v[..., -1:] for k, v in per_token.items() if k != "attention_mask"}
-        return PrefixState({"keys": [layer.keys for layer in cache.layers],
-                            "values": [layer.values for layer in cache.layers],
-                            "attention_mask": per_token["attention_mask"], "last": last}, len(batch))
+    def steered_logits(self, state: PrefixState, vectors: torch.Tensor, layers: list[int]) -> torch.Tensor | None:
+        """Only the last position from ``layers[0] + 1`` up is recomputed (and carries a graph)
+        (:func:`mfv.models.hf_last_position.steered_logits`)."""
+        replay = state.data.get("minimal")
+        return None if replay is None else hf_last_position.steered_logits(self, replay, vectors, layers)
+
+    def single_head_patch_probabilities(self, batch: PromptBatch, values: torch.Tensor,
+                                        answers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The minimal exact computation (:func:`mfv.models.hf_last_position.single_head_patch_probabilities`)."""
+        return hf_last_position.single_head_patch_probabilities(self, batch, values, answers)
 
     def forward_last(self, state: PrefixState, rows: torch.Tensor) -> torch.Tensor:
         from transformers import DynamicCache
