@@ -2,6 +2,7 @@
 
     python benchmarks/full_size.py --work /tmp/of4b --json benchmarks/results/full_size_cpu.json
     python benchmarks/full_size.py --family qwen3vl --work /tmp/qwen4b --json benchmarks/results/full_size_qwen3vl_cpu.json
+    python benchmarks/full_size.py --family qwen2.5vl --work /tmp/qwen3b --json benchmarks/results/full_size_qwen25vl_cpu.json
     python benchmarks/full_size.py --work /tmp/of4b --device cuda --json runs/bench/full_size_gpu.json
 
 Random weights at the published shapes, in the published file layouts, written once under
@@ -14,7 +15,9 @@ Random weights at the published shapes, in the published file layouts, written o
 - ``qwen3vl`` (Qwen3-VL-4B-Instruct, about 9 GB): ``save_pretrained`` of a random model with
   the release's config (:func:`mfv.models.families.layouts.write_qwen3vl_layout`) and of a processor
   at the paper's pixel budget (its tokenizer is word-level: the real one cannot be downloaded
-  here; the LM keeps the release's 151936 rows).
+  here; the LM keeps the release's 151936 rows);
+- ``qwen2.5vl`` (Qwen2.5-VL-3B-Instruct, about 7.5 GB): the same with the 3B release's config
+  (:func:`mfv.models.families.layouts.write_qwen25vl_layout`).
 
 A fresh process then loads them with ``mfv.load`` as a user would and runs,
 on a few synthetic prompts: mean head activations, fast AIE over all heads, the reference
@@ -41,7 +44,8 @@ from pathlib import Path
 import torch
 
 RELATIONS = ["above", "below", "left", "right"]
-RELEASES = {"openflamingo": "openflamingo-4b-instruct", "qwen3vl": "Qwen3-VL-4B-Instruct"}
+RELEASES = {"openflamingo": "openflamingo-4b-instruct", "qwen3vl": "Qwen3-VL-4B-Instruct",
+            "qwen2.5vl": "Qwen2.5-VL-3B-Instruct"}
 CPU_BF16_PEAK = 2.3e12  # this project's CI machine: bf16 matmul with AMX on 2 threads (DEVELOPERS.md)
 
 
@@ -90,10 +94,10 @@ class Stages:
 
 def build(family: str, work: Path) -> None:
     start = time.perf_counter()
-    if family == "qwen3vl":
-        from mfv.models.families.layouts import write_qwen3vl_layout
+    if family != "openflamingo":
+        from mfv.models.families import layouts
 
-        write_qwen3vl_layout(work / "release")
+        {"qwen3vl": layouts.write_qwen3vl_layout, "qwen2.5vl": layouts.write_qwen25vl_layout}[family](work / "release")
     else:
         from mfv.models.openflamingo.layout import write_release_layout
 
@@ -105,8 +109,8 @@ def load_release(family: str, release: Path, device: str):
     """The user's path: ``mfv.load`` on the downloaded files."""
     import mfv
 
-    if family == "qwen3vl":
-        return mfv.load("qwen3vl", model_path=str(release), dtype="bfloat16", device=device)
+    if family != "openflamingo":
+        return mfv.load(family, model_path=str(release), dtype="bfloat16", device=device)
     return mfv.load("openflamingo", release=RELEASES[family], checkpoint_path=str(release / "checkpoint.pt"),
                     language_model_path=str(release / "language_model"),
                     clip_weights_path=str(release / "open_clip_pytorch_model.bin"), dtype="bfloat16", device=device)
