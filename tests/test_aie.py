@@ -330,3 +330,29 @@ def test_bf16_fast_top_heads_equal_the_references_with_planted_effects(sampler):
     fast = indirect_effects(adapter, batch, means, "fast").mean(0)
     reference = indirect_effects(adapter, batch, means, "reference").mean(0)
     assert top_heads(fast, 4) == top_heads(reference, 4) == [(layer, head) for layer, head, _ in planted]
+
+
+@pytest.mark.parametrize(("family", "attention"), [("qwen3vl", "sdpa"), ("gemma3", "eager"), ("gemma3", "sdpa")])
+def test_minimal_hf_path_equals_the_reference_on_padded_batches(sampler, family, attention):
+    """Prompts of different lengths (left padding), sliding windows (the Gemma 3 stand-in's
+    window is shorter than its prompts), and both attention implementations a loaded model
+    may use: the replay's masks come out as the full forward's."""
+    from mfv.models import backbone_spec
+    from mfv.steering import Injection, prompt_pass, steered_logits
+
+    adapter = backbone_spec(family).build_stand_in()
+    adapter.model.config._attn_implementation = attention
+    clean = _batch(adapter, sampler, "clean", range(4))
+    means = 30 * mean_head_activations(adapter, [clean], 4, progress=False).means
+    episodes = [sampler.episode(0, "corrupted"), sampler.episode(1, "corrupted", shots=1)]
+    corrupted = encode_episodes(adapter, episodes, RELATIONS)
+    assert (corrupted.prompts.attention_mask == 0).any()  # the batch is padded
+    fast = indirect_effects(adapter, corrupted, means, "fast")
+    reference = indirect_effects(adapter, corrupted, means, "reference")
+    assert fast.abs().max() > 1e-5
+    torch.testing.assert_close(fast, reference, atol=1e-5, rtol=0)
+    vectors = torch.randn(2, 1, adapter.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        shared = steered_logits(adapter, corrupted.prompts, Injection.at([0], vectors), prompt_pass(adapter, corrupted.prompts))
+        full = steered_logits(adapter, corrupted.prompts, Injection.at([0], vectors))
+    torch.testing.assert_close(shared, full, atol=1e-5, rtol=0)
