@@ -163,8 +163,12 @@ def _prepare_data(args: Sequence[str]) -> None:
     # The config's other sections are read and ignored (not listed in --help).
     for other in ("seed_everything", "model", "trainer", "aie", "checkpoint", "last_checkpoint", "evaluation"):
         parser.add_argument(f"--{other}", type=object | None, default=None, help=argparse.SUPPRESS)
-    config = parser.instantiate_classes(parser.parse_args(list(args)))
-    config.data.prepare_data()
+    from mfv.preflight import exit_on_bad_input
+
+    # Bad data (an unreadable image, a bad examples file) is one line naming it, not a traceback.
+    with exit_on_bad_input(ValueError):
+        config = parser.instantiate_classes(parser.parse_args(list(args)))
+        config.data.prepare_data()
     print(f"data ready: {getattr(config.data, 'data_dir', getattr(config.data, 'dataset_dir', ''))}")
 
 

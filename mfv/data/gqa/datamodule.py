@@ -40,6 +40,8 @@ class GQAEpisodeSampler(EpisodeSampler):
             distinct image (seeded choice); ``None`` keeps every task.
     """
 
+    source = "GQA"  # how messages name the data (your own data's sampler is this one)
+
     def __init__(self, scenes, relations, shots=4, seed=0, demo_scenes=None, tasks_per_relation=None) -> None:
         self.images_of: dict[str, dict[str, list[Scene]]] = defaultdict(lambda: defaultdict(list))
         for scene in (demo_scenes if demo_scenes is not None else scenes):
@@ -48,14 +50,14 @@ class GQAEpisodeSampler(EpisodeSampler):
         counts = {r: len(self.images_of.get(r, {})) for r in relations}
         self.skipped = {r: n for r, n in counts.items() if n < shots + 1}
         if self.skipped:
-            warnings.warn(f"GQA relations skipped: fewer than {shots + 1} distinct images for a {shots}-shot task "
-                          f"(relation: images) {self.skipped}", stacklevel=2)
+            warnings.warn(f"{self.source} relations skipped: fewer than {shots + 1} distinct images for a "
+                          f"{shots}-shot task (relation: images) {self.skipped}", stacklevel=2)
         self.image_counts = counts
         usable = [s for s in scenes if s.relation not in self.skipped]
         if tasks_per_relation is not None:
             usable = self._one_task_per_image(usable, tasks_per_relation, seed)
         if not usable:
-            raise DataError(f"no GQA relation has the {shots + 1} distinct images a {shots}-shot task needs "
+            raise DataError(f"no {self.source} relation has the {shots + 1} distinct images a {shots}-shot task needs "
                             f"(relation: images) {counts}: lower data.init_args.shots or prepare more images")
         super().__init__(self._interleaved(usable, relations), relations, shots, seed, demo_scenes)
 
@@ -117,9 +119,10 @@ class GQAEpisodeSampler(EpisodeSampler):
             for label in labels:
                 images = [p for p in self.images_of[label] if p not in used]
                 if not images:
-                    raise DataError(f"a {shots}-shot GQA prompt needs {shots} distinct images of relation {label!r} "
-                                    f"besides the query's; this split has {len(self.images_of[label])} images of it: "
-                                    f"lower the shots (data.init_args.shots, evaluation.shots) or prepare more images")
+                    raise DataError(f"a {shots}-shot {self.source} prompt needs {shots} distinct images of relation "
+                                    f"{label!r} besides the query's; this split has {len(self.images_of[label])} "
+                                    f"images of it: lower the shots (data.init_args.shots, evaluation.shots) or "
+                                    f"prepare more images")
                 path = images[int(rng.integers(len(images)))]
                 used.add(path)
                 choices = self.images_of[label][path]

@@ -12,7 +12,9 @@ Scene graphs are read as a stream (one image entry at a time), so GQA's full tra
 (~75k images, hundreds of MB) prepares in bounded memory. Filters (each configurable):
 object area 5-50% of the image; 3-30 valid objects; 1-15 matching relations; no duplicate
 object names; no subject with the same predicate towards several objects; a blacklist
-of names. Relation names are normalised ("to the left of" -> "left of"). The output is a
+of names. Relation names are normalised ("to the left of" -> "left of"). ``attributes``
+(``colour of``, ``material of``) asks an object's colour or material instead
+(:mod:`mfv.data.gqa.attributes`). The output is a
 Hugging Face ``datasets`` DatasetDict (train/test) plus ``summary.json`` (tasks and images
 per relation, what each filter removed, every malformed entry counted by kind). The split
 is image-disjoint and greedily balanced per relation (the authors'), or, as an option,
@@ -32,14 +34,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal, Sequence, TextIO
 
+from mfv.data.gqa.attributes import ATTRIBUTES, VOCABULARY, attribute_triples, objects_with_attributes
 from mfv.errors import DataError
 from mfv.io import atomic_write_text
 
 SPATIAL = ("above", "below", "left of", "right of", "next to", "behind", "in front of")
 AGENTIC = ("wearing", "holding", "carrying", "sitting on", "standing on", "standing in", "riding")
-RELATION_SETS = {"spatial": SPATIAL, "agentic": AGENTIC}
+# ``attributes``: an object's colour / material as the answer (mfv.data.gqa.attributes).
+RELATION_SETS = {"spatial": SPATIAL, "agentic": AGENTIC, "attributes": ATTRIBUTES}
 RENAMES = {"to the left of": "left of", "to the right of": "right of", "on the left of": "left of",
-           "on the right of": "right of"}
+           "on the right of": "right of", "color of": "colour of"}
 BLACKLIST = ("sky", "wall", "floor", "ceiling", "building", "trees", "grass", "ocean", "water", "fence", "bush",
              "neck", "hair", "legs", "rocks", "bushes", "clouds", "cloud", "sun", "stars", "cars", "leaves",
              "fingers", "hand", "arm")
@@ -78,7 +82,7 @@ def normalise_relation(name: str) -> str:
 
 
 def resolve_relations(names: Sequence[str]) -> list[str]:
-    """``spatial``/``agentic`` expand to their sets; other names are taken as given."""
+    """``spatial``/``agentic``/``attributes`` expand to their sets; other names are taken as given."""
     relations: list[str] = []
     for name in names:
         for relation in RELATION_SETS.get(name, (normalise_relation(name),)):
@@ -203,6 +207,7 @@ class PrepareReport:
     malformed: list[str] = field(default_factory=list)
     malformed_kinds: Counter = field(default_factory=Counter)
     missing_images: int = 0
+    objects_with_attributes: int = 0  # counted only when attribute relations are asked for
 
 
 def _valid_objects(entry: dict, settings: FilterSettings) -> dict[str, dict]:
@@ -226,6 +231,8 @@ def tasks_of_image(
     skipped; a relation towards an object id the image does not have is counted
     (``removed_relations['missing_object']``) and dropped.
     """
+    if relations & VOCABULARY.keys():  # before any filter: tells "no attributes at all" apart
+        report.objects_with_attributes += objects_with_attributes(entry)
     try:
         valid = _valid_objects(entry, settings)
         names = [str(o["name"]).strip().lower() for o in valid.values()]
@@ -245,6 +252,8 @@ def tasks_of_image(
                     report.removed_relations["missing_object"] += 1
                 elif relation["object"] in valid:
                     triples.append((subject_id, predicate, relation["object"]))
+        # Attribute tasks point at a value, not an object id (each object has one value per relation).
+        triples += attribute_triples(valid, relations, settings.drop_ambiguous, report.removed_relations)
         width, height = int(entry["width"]), int(entry["height"])
         boxes = {i: [float(valid[i][k]) for k in ("x", "y", "w", "h")] for i in valid}
     except (KeyError, TypeError, ValueError, ZeroDivisionError, AttributeError) as exc:
@@ -264,12 +273,12 @@ def tasks_of_image(
         "image_id": image_id,
         "relation": predicate,
         "subject": str(valid[subject_id]["name"]).strip().lower(),
-        "object": str(valid[object_id]["name"]).strip().lower(),
+        "object": target if predicate in VOCABULARY else str(valid[target]["name"]).strip().lower(),
         "subject_box": boxes[subject_id],
-        "object_box": boxes[object_id],
+        "object_box": boxes[subject_id if predicate in VOCABULARY else target],
         "width": width,
         "height": height,
-    } for subject_id, predicate, object_id in triples]
+    } for subject_id, predicate, target in triples]
 
 
 SPLITS = ("image_disjoint", "per_relation")
@@ -332,7 +341,8 @@ def prepare(
     Args:
         scene_graphs: GQA scene-graph JSON files (e.g. train and val), streamed.
         images: Folder of images named ``<image_id><image_ext>``.
-        relations: ``spatial``, ``agentic`` or relation names (GQA spellings are normalised).
+        relations: ``spatial``, ``agentic``, ``attributes`` (``colour of``, ``material of``:
+            :mod:`mfv.data.gqa.attributes`) or relation names (GQA spellings are normalised).
         out: Output folder (``dataset/`` and ``summary.json``).
         settings: The filters (default: the paper's).
         seed: Split seed.
@@ -357,6 +367,8 @@ def prepare(
     out = Path(out)
     _write_dataset(out, train, test)
     summary = _summary(report, tasks, train, test, split, wanted, settings, seed)
+    if wanted & VOCABULARY.keys():
+        summary["objects_with_attributes"] = report.objects_with_attributes
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     return summary
 
@@ -418,7 +430,17 @@ def _check_tasks_left(tasks: list[dict], report: PrepareReport, images: Path, wa
             f"{report.removed['duplicate_names']}, relation_count {report.removed['relation_count']}, "
             f"ambiguous_subject_predicate {report.removed['ambiguous_subject_predicate']}; "
             f"{report.missing_images} had no image file, {len(report.malformed)} were malformed"
+            + _no_attributes_hint(report, wanted)
         )
+
+
+def _no_attributes_hint(report: PrepareReport, wanted: set[str]) -> str:
+    """Why attribute relations found nothing, when no object has an attribute of their vocabularies."""
+    if not wanted & VOCABULARY.keys() or report.objects_with_attributes:
+        return ""
+    asked = " and ".join(repr(r) for r in sorted(wanted & VOCABULARY.keys()))
+    return (f"; no object has a colour or material attribute: {asked} read each object's 'attributes' field, "
+            f"which is empty or holds other words in these scene graphs")
 
 
 def _write_dataset(out: Path, train: list[dict], test: list[dict]) -> None:

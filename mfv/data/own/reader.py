@@ -1,0 +1,191 @@
+"""Reads your own relation data: a folder of images and one JSONL or CSV file of examples.
+
+One example per JSONL line (a JSON object) or CSV row (with a header line)::
+
+    {"image": "kitchen/0001.jpg", "query": "cup", "answer": "saucer", "relation": "on top of"}
+
+Fields:
+
+* ``image``: the image file, relative to the folder. One image per example: the prompt
+  builder shows one image per demonstration and one for the query (a list is refused).
+* ``query``: the text after ``Q:`` (usually an object's name).
+* ``answer``: the text after ``A:`` (the object's name the relation leads to); scored on its
+  first token, as the authors do.
+* ``relation`` (or ``task``): the relation's name; never shown to the model.
+* ``split`` (optional, every example or none): ``train``, ``val``, ``test``, ``eval`` or ``novel``.
+
+Other fields are ignored. Bad input stops with one :class:`~mfv.errors.DataError` line
+naming the file, the line and the field, before any model work.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from mfv.errors import DataError
+
+REQUIRED = ("image", "query", "answer", "relation")
+SPLITS = ("train", "val", "test", "eval", "novel")
+FORMATS = (".jsonl", ".csv")
+
+
+@dataclass(frozen=True)
+class OwnExample:
+    """One example of your data, checked.
+
+    Attributes:
+        image_path: The image file (the folder joined with the ``image`` field).
+        query: Text after ``Q:``.
+        answer: Text after ``A:``.
+        relation: The relation's name.
+        split: The ``split`` field, or ``None`` when the file has none.
+        line: Where the example starts in its file (1-based; a CSV's header is line 1).
+    """
+
+    image_path: str
+    query: str
+    answer: str
+    relation: str
+    split: str | None
+    line: int
+
+
+def _rows(path: Path) -> Iterator[tuple[int, Any]]:
+    """``(line number, row)`` of a JSONL or CSV file; a row is a dict (or, for bad JSONL, anything)."""
+    if path.suffix.lower() == ".jsonl":
+        with path.open(encoding="utf-8") as handle:
+            for number, text in enumerate(handle, start=1):
+                if not text.strip():
+                    continue  # blank lines (a trailing newline, spacing) are not examples
+                try:
+                    yield number, json.loads(text)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{path}:{number}: not a JSON object ({exc.msg} at column {exc.colno})") from exc
+        return
+    with path.open(encoding="utf-8", newline="") as handle:
+        reader = csv.DictReader(handle)
+        columns = reader.fieldnames or []
+        missing = [f for f in REQUIRED if f not in columns and not (f == "relation" and "task" in columns)]
+        if missing:
+            raise DataError(f"{path}:1: field {missing[0]!r}: no such column in the header (columns: {columns}; "
+                            f"needed: {list(REQUIRED)})")
+        start = 2
+        for row in reader:
+            yield start, row
+            start = reader.line_num + 1  # a quoted field may span several lines
+
+
+def _text(path: Path, line: int, row: dict, field: str) -> str:
+    """The field's value as stripped, non-empty, one-line text."""
+    value = row.get(field)
+    if field == "relation" and "task" in row:
+        if value is not None and row["task"] not in (None, "") and value != row["task"]:
+            raise DataError(f"{path}:{line}: fields 'relation' and 'task' differ ({value!r}, {row['task']!r}); "
+                            f"give one of them")
+        value = value if value not in (None, "") else row["task"]
+    if value is None:
+        raise DataError(f"{path}:{line}: field {field!r} missing (needed: {list(REQUIRED)}; 'task' may stand for "
+                        f"'relation')")
+    if field == "image" and isinstance(value, list):
+        raise DataError(f"{path}:{line}: field 'image' is a list of {len(value)}; one image per example (the prompt "
+                        f"builder shows one image per demonstration and one for the query)")
+    if not isinstance(value, str):
+        raise DataError(f"{path}:{line}: field {field!r} must be text, got {value!r} ({type(value).__name__}); "
+                        f"quote it")
+    text = " ".join(value.split())
+    if not text:
+        raise DataError(f"{path}:{line}: field {field!r} is empty")
+    if field != "image" and "\n" in value.strip():
+        raise DataError(f"{path}:{line}: field {field!r} has a line break; prompts hold one line per example")
+    return text if field != "image" else value.strip()
+
+
+def _image(root: Path, path: Path, line: int, name: str, seen: dict[str, bool]) -> str:
+    """The image file of field ``image`` (relative to ``root``), checked to exist (once per file)."""
+    if Path(name).is_absolute():
+        raise DataError(f"{path}:{line}: field 'image': {name} is absolute; give the path relative to {root}")
+    full = str(root / name)
+    if full not in seen:
+        seen[full] = Path(full).is_file()
+    if not seen[full]:
+        raise DataError(f"{path}:{line}: field 'image': {name} not found in {root}")
+    return full
+
+
+def _split(path: Path, line: int, row: dict, has_split: bool | None, first: int) -> str | None:
+    """The ``split`` field; every example has one or none does (``has_split`` from the first example)."""
+    present = row.get("split") is not None
+    if has_split is not None and present != has_split:
+        say = "has a 'split'" if has_split else "has none"
+        raise DataError(f"{path}:{line}: field 'split' {'missing' if has_split else 'given'} while line {first} "
+                        f"{say}; give every example a split, or none")
+    if not present:
+        return None
+    value = _text(path, line, row, "split")
+    if value not in SPLITS:
+        raise DataError(f"{path}:{line}: field 'split' is {value!r}; valid: {list(SPLITS)}")
+    return value
+
+
+def read_examples(annotations: str | Path, root: str | Path) -> list[OwnExample]:
+    """Every example of ``annotations`` (JSONL or CSV), checked against the image folder ``root``.
+
+    Args:
+        annotations: The JSONL or CSV file (format: module docstring).
+        root: The image folder the ``image`` fields are relative to.
+
+    Raises:
+        DataError: one line naming the file, the line and the field: a missing or empty
+            field, an image file not found, a bad split, a duplicate example (same image, query
+            and relation), no example at all, or a file that is missing or of another format.
+    """
+    path, root = Path(annotations), Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: image folder not found (data.init_args.data_dir)")
+    if not path.is_file():
+        raise DataError(f"{path}: examples file not found (data.init_args.annotations)")
+    if path.suffix.lower() not in FORMATS:
+        raise DataError(f"{path}: examples file must be {' or '.join(FORMATS)} (one example per line or row)")
+    examples: list[OwnExample] = []
+    first_of: dict[tuple[str, str, str], int] = {}
+    images: dict[str, bool] = {}
+    has_split: bool | None = None
+    for line, row in _rows(path):
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{line}: not a JSON object (got {type(row).__name__}); one example per line")
+        fields = {f: _text(path, line, row, f) for f in REQUIRED}
+        image = _image(root, path, line, fields["image"], images)
+        split = _split(path, line, row, has_split, examples[0].line if examples else line)
+        has_split = split is not None
+        key = (image, fields["query"], fields["relation"])
+        if key in first_of:
+            raise DataError(f"{path}:{line}: fields 'image', 'query', 'relation' repeat line {first_of[key]} "
+                            f"({fields['image']}, {fields['query']!r}, {fields['relation']!r}); keep one")
+        first_of[key] = line
+        examples.append(OwnExample(image, fields["query"], fields["answer"], fields["relation"], split, line))
+    if not examples:
+        raise DataError(f"{path}: no examples (one per line or row, with fields {list(REQUIRED)})")
+    return examples
+
+
+def select_relations(examples: Sequence[OwnExample], relations: Sequence[str] | None, path: str | Path) -> list[str]:
+    """The relations asked for, checked against the file (default: the file's, in order of first use).
+
+    Raises:
+        DataError: a name no example has (naming the file, the config field and the file's names).
+    """
+    present = list(dict.fromkeys(e.relation for e in examples))
+    if relations is None:
+        return present
+    chosen = [" ".join(str(r).split()) for r in relations]
+    for name in chosen:
+        if name not in present:
+            raise DataError(f"{path}: data.init_args.relations has {name!r}, which no example has in field "
+                            f"'relation'; the file has {present}")
+    if not chosen or len(set(chosen)) != len(chosen):
+        raise DataError(f"{path}: data.init_args.relations must be a non-empty list of distinct names, got {chosen}")
+    return chosen
