@@ -1,5 +1,5 @@
-"""GQA relation set: preparation from scene graphs (:mod:`mfv.data.gqa.prepare`, ``mfv prepare-gqa``)
-and episodes (:mod:`mfv.data.gqa.datamodule`)."""
+"""GQA relation set: preparation from scene graphs (:mod:`mfv.data.gqa.prepare`, ``mfv prepare-gqa``;
+files streamed by :mod:`mfv.data.gqa.scene_graphs`) and episodes (:mod:`mfv.data.gqa.datamodule`)."""
 
 from mfv.data.gqa.datamodule import GQAEpisodeSampler, GQARelationDataModule, scenes_of
 from mfv.data.gqa.prepare import (
@@ -7,11 +7,11 @@ from mfv.data.gqa.prepare import (
     BLACKLIST,
     SPATIAL,
     FilterSettings,
-    iter_scene_graphs,
     normalise_relation,
     prepare,
     resolve_relations,
 )
+from mfv.data.gqa.scene_graphs import iter_scene_graphs
 
 __all__ = ["AGENTIC", "BLACKLIST", "SPATIAL", "FilterSettings", "GQAEpisodeSampler", "GQARelationDataModule",
            "iter_scene_graphs", "normalise_relation", "prepare", "resolve_relations", "scenes_of"]
