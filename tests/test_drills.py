@@ -101,6 +101,53 @@ def test_unwritable_outputs_fail_before_any_compute(tmp_path, capsys):
     assert not (tmp_path / "cache").exists()
 
 
+# ----- a GPU config on a machine without a GPU -----------------------------------------------
+
+@pytest.fixture
+def no_gpu(monkeypatch):
+    """This machine, as the preflight sees it, has no GPU (also where the tests run on one)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+
+
+def _no_model_built(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the backbone was loaded before the accelerator was checked")
+
+    monkeypatch.setattr("mfv.training.module.load_backbone", refuse)
+
+
+def test_a_gpu_config_without_a_gpu_is_one_line_saying_how_to_run_on_cpu(tmp_path, capsys, monkeypatch, no_gpu):
+    path = write_config(tmp_path)
+    _no_model_built(monkeypatch)
+    gpu_config = str(ROOT / "configs" / "ddp_4gpu.yaml")
+    expected = (f"error: {gpu_config} asks for trainer.accelerator=gpu but this machine has no GPU: run with "
+                f"--trainer.accelerator cpu --trainer.devices 1 --trainer.strategy auto")
+    for run in (lambda: train_main(["--config", str(path), "--config", gpu_config]),
+                lambda: evaluate_main(["--config", str(path), "--config", gpu_config, "--out", str(tmp_path / "o")])):
+        err = fails_clearly(capsys, run)
+        assert err.strip().splitlines()[-1] == expected
+        assert "No supported gpu backend" not in err and err.count("error:") == 1
+    err = fails_clearly(capsys, lambda: evaluate_main(["--config", str(path), "--trainer.accelerator", "cuda",
+                                                       "--out", str(tmp_path / "o")]))
+    assert err.strip().splitlines()[-1] == ("error: the command line asks for trainer.accelerator=cuda but this "
+                                            "machine has no GPU: run with --trainer.accelerator cpu --trainer.devices 1")
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "data").exists() and not (tmp_path / "o").exists()
+
+
+def test_more_gpus_than_the_machine_has_names_the_count(monkeypatch):
+    from mfv.errors import ConfigError
+    from mfv.preflight import check_accelerator
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigError, match=r"^the command line asks for trainer.devices=4 but this machine has 1 GPU: "
+                                          r"run with --trainer.devices 1$"):
+        check_accelerator({"accelerator": "gpu", "devices": 4}, [], ["--trainer.devices", "4"])
+    check_accelerator({"accelerator": "cuda", "devices": 1})  # fits: nothing to say
+    check_accelerator({"accelerator": "cpu", "devices": 4})
+
+
 # ----- FV files are validated whole on load ------------------------------------------------
 
 @pytest.fixture

@@ -236,6 +236,42 @@ def test_quiet_trainer_progress_bar_has_no_version(tmp_path):
     assert "v_num" not in pickle.loads(pickle.dumps(bar)).get_metrics(trainer, None)  # ddp_spawn pickles it
 
 
+def _bar_labels(stderr: str) -> set[str]:
+    """The labels of every tqdm bar written to ``stderr`` (carriage returns, cursor moves)."""
+    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", stderr)
+    return {m.group(1).strip() for line in re.split(r"[\r\n]", text)
+            if (m := re.match(r"^(.*?):\s+\d+%\|", line))}
+
+
+@pytest.mark.slow
+def test_evaluate_prints_no_known_noise_and_a_labelled_bar_per_condition(tmp_path):
+    """``evaluate.py --config configs/toy.yaml --limit 8``: no Lightning, jsonargparse or
+    litlogger warning, one labelled progress bar per condition and sweep point, the table."""
+    done = subprocess.run([sys.executable, "evaluate.py", "--config", "configs/toy.yaml", "--limit", "8",
+                           "--out", str(tmp_path / "eval"), "--data.init_args.data_dir", str(tmp_path / "data"),
+                           "--aie.cache_dir", str(tmp_path / "cache")], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for noise in ("Warning", "warn(", "litlogger", "LitLogger", "jsonargparse", "LightningCLI's args"):
+        assert noise not in done.stderr, (noise, done.stderr[-3000:])
+    labels = _bar_labels(done.stderr)
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    for name, condition in metrics["conditions"].items():
+        assert any(label.endswith(condition["description"]) or condition["description"] + " (layer" in label
+                   for label in labels), (name, condition["description"])
+    points = [(split, x) for sweep in metrics["sweeps"].values() for split in ("val", "test") for x in sweep["x"]]
+    layers = metrics["sweeps"]["layer"]["x"]
+    ks = metrics["sweeps"]["k"]["x"]
+    expected = {f"{'validation' if split == 'val' else 'test'} sweep: zero-shot + FV (layer {x})"
+                for split in ("val", "test") for x in layers}
+    expected |= {f"{'validation' if split == 'val' else 'test'} sweep: zero-shot + FV (K {k}, layer 1)"
+                 for split in ("val", "test") for k in ks}
+    assert len(expected) == len(points) and expected <= labels, sorted(expected - labels)[:5]
+    assert {"zero-shot", "zero-shot + extracted FV (layer 1)", "novel objects: zero-shot + extracted FV (layer 1)",
+            "analogies: 1-shot ICL",
+            "composite weights: source answer under the extracted FV of above (layer 1)"} <= labels
+    assert "| zero-shot + extracted FV (`zero_shot_fv`) |" in done.stdout  # the summary table
+
+
 # --------------------------------------------------------------------------- figures and report
 
 
@@ -353,6 +389,36 @@ def test_write_report_writes_a_pdf_beside_each_png(tmp_path):
     figure = plots.sweep_plot([1, 2], {"a": ([0.1, 0.2], [[0, 0.2], [0.1, 0.3]])}, "x", "t")
     assert plots.save(figure, tmp_path / "single.png") == tmp_path / "single.png"
     assert (tmp_path / "single.pdf").is_file()  # plots.save (train.py's AIE heatmap) writes both too
+
+
+def test_figures_are_drawn_once_for_png_and_tensorboard_and_pdfs_keep_real_fonts(tmp_path):
+    """The PNG from the one raster draw equals matplotlib's own savefig, TensorBoard gets it at
+    screen size, and the PDF embeds TrueType text with fontTools left as it was."""
+    import numpy as np
+    from fontTools import subset
+    from PIL import Image
+
+    from mfv.evaluation import plots
+
+    def figure():
+        return plots.sweep_plot([1, 2, 3], {"fixed": ([0.1, 0.5, 0.4], [[0, 0.2], [0.4, 0.6], [0.3, 0.5]])}, "K", "t",
+                                {"zero-shot (test)": 0.2}, chosen=2, note="K held fixed\nn = 8 prompts per point")
+
+    reference = figure()
+    with plots.paper_style():
+        reference.savefig(tmp_path / "reference.png", format="png", dpi=plots.PNG_DPI)
+    drawn = figure()
+    pixels = plots.render(drawn)
+    defaults = list(subset.Options._drop_tables_default)
+    plots.write(drawn, tmp_path / "once", pixels=pixels)
+    once, saved = (np.asarray(Image.open(tmp_path / name)) for name in ("once.png", "reference.png"))
+    assert np.array_equal(once, saved)
+    assert plots.screen_pixels(pixels).shape == (pixels.shape[0] // 2, pixels.shape[1] // 2, 3)
+    pdf = (tmp_path / "once.pdf").read_bytes()
+    assert b"/FontFile2" in pdf and b"/ToUnicode" in pdf  # Type 42: text stays text
+    assert subset.Options._drop_tables_default == defaults
+    for f in (reference, drawn):
+        plots.save_close(f)
 
 
 def test_report_lists_not_run_conditions_and_where_layer_and_k_came_from():

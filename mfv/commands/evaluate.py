@@ -67,7 +67,7 @@ def evaluation_scorer(trainer_config, adapter: BackboneAdapter, settings: Evalua
         fabric = L.Fabric(**options, strategy="ddp")
         fabric.launch()
         adapter.model.to(fabric.device)
-    # One labelled bar per group of conditions sharing prompts, on rank 0, unless the config turns bars off.
+    # One labelled bar per condition and sweep point, on rank 0, unless the config turns bars off.
     progress = trainer_config.get("enable_progress_bar") is not False and (fabric is None or fabric.global_rank == 0)
     return lambda conditions: score_conditions(adapter, conditions, batch_size, datamodule.num_workers,
                                                settings.reuse, fabric, progress)

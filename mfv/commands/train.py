@@ -26,7 +26,7 @@ from mfv.console import quiet
 from mfv.evaluation.protocol import EvaluationSettings
 from mfv.io import atomic_write_text
 from mfv.method.extraction import AIESettings, extract_from_datamodule
-from mfv.preflight import exit_on_bad_input, plan_training
+from mfv.preflight import check_accelerator, exit_on_bad_input, plan_training
 from mfv.training.callbacks import AIEHeadSelection
 from mfv.training.module import FV_PARAMETER, FunctionVectorModule
 
@@ -63,11 +63,23 @@ class FunctionVectorCLI(LightningCLI):
         parser.add_class_arguments(EvaluationSettings, "evaluation", skip={"limit"})
         parser.link_arguments("model.relations", "data.init_args.relations")
 
+    arguments: list[str] = []
+
+    def parse_arguments(self, parser, args) -> None:
+        """Parses ``args``, keeping them (the preflight names an override given there)."""
+        self.arguments = [str(a) for a in (sys.argv[1:] if args is None else args)] \
+            if not isinstance(args, dict) else []
+        super().parse_arguments(parser, args)
+
     def before_instantiate_classes(self) -> None:
-        """The run folder and the TensorBoard logger's own options, set before they are built:
+        """Checks the trainer's accelerator (:func:`mfv.preflight.check_accelerator`: a GPU
+        config on a machine without one fails here, before the backbone is loaded), then sets
+        the run folder and the TensorBoard logger's own options before they are built:
         ``hp_metric`` is logged once (with the final test accuracy), a resumed run continues in
         its checkpoint's folder (``<save_dir>/<name>/<version>/checkpoints/last.ckpt``), and a
         run without a logger gets a run folder too (:meth:`_run_folder_without_logger`)."""
+        config_files = [str(path) for path in self.config.get("config") or []]
+        check_accelerator(self.config.get("trainer") or {}, config_files, self.arguments)
         logger = self.config.get("trainer", {}).get("logger")
         ckpt_path = self.config.get("ckpt_path")
         self._run_folder_without_logger(logger, ckpt_path)

@@ -17,6 +17,11 @@ from mfv.models.base import Example
 from mfv.steering import Injection, Steer
 
 
+# How progress labels name where a condition runs (the test split's conditions need no name).
+GROUP_NAMES = {"novel": "novel objects", "analogy": "analogies", "weights": "composite weights"}
+SPLIT_NAMES = {"val": "validation", "test": "test"}
+
+
 @dataclass
 class Condition:
     """One evaluated condition.
@@ -42,6 +47,20 @@ class Condition:
         if self.steer is None:
             return None
         return self.steer.injection(batch.relation_ids, batch.indices)
+
+    def label(self) -> str:
+        """What a progress bar calls this condition: its description with the injection layer
+        (where the description does not say it) and, outside the test split, where it runs
+        (e.g. ``novel objects: zero-shot + extracted FV (layer 1)``, ``validation sweep:
+        zero-shot + FV (layer 3)``)."""
+        text = self.description or self.name
+        layers = list(self.steer.layers) if self.steer is not None else []
+        if layers and "layer" not in text:
+            text += f" (layer {layers[0]})" if len(layers) == 1 else f" (layers {layers[0]}-{layers[-1]})"
+        if self.group == "sweep":
+            return f"{SPLIT_NAMES.get(self.split, self.split)} sweep: {text}"
+        context = GROUP_NAMES.get(self.group)
+        return f"{context}: {text}" if context else text
 
     def metadata(self) -> dict:
         """Split, group, description and (when steered) the injection layer(s), for reports."""

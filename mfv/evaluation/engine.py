@@ -18,6 +18,7 @@ Lightning ``Fabric`` (DDP).
 
 from __future__ import annotations
 
+import sys
 from contextlib import nullcontext
 from typing import Any, Callable, Sequence
 
@@ -79,16 +80,49 @@ class Outcomes:
 
 
 def condition_logits(adapter: BackboneAdapter, conditions: Sequence[Condition], batch: EncodedBatch,
-                     share_prompt_pass: bool = True) -> list[torch.Tensor]:
+                     share_prompt_pass: bool = True, done: Callable[[int], None] | None = None
+                     ) -> list[torch.Tensor]:
     """Last-position logits of ``batch`` under each condition (no graph).
 
     With ``share_prompt_pass`` and some condition injecting, the prompt runs once and each
     condition recomputes only its last position (where the backbone offers that path).
+    ``done(i)`` is called as condition ``i``'s logits are ready (progress bars).
     """
     with torch.no_grad():
         steered = any(c.steer is not None for c in conditions)
         prefix = prompt_pass(adapter, batch.prompts) if share_prompt_pass and steered else None
-        return [steered_logits(adapter, batch.prompts, c.injection(batch), prefix) for c in conditions]
+        logits = []
+        for position, condition in enumerate(conditions):
+            logits.append(steered_logits(adapter, batch.prompts, condition.injection(batch), prefix))
+            if done is not None:
+                done(position)
+        return logits
+
+
+class ConditionBars:
+    """One labelled progress bar per condition of a group sharing a loader (:meth:`Condition.label`).
+
+    The bars of a group are stacked and advance together as its shared prompt passes run, each
+    by one batch when its own last positions are done; they are cleared when the group ends
+    (the report's table follows). Disabled, it does nothing (no tqdm objects at all).
+    """
+
+    def __init__(self, conditions: Sequence[Condition], batches: int, enabled: bool) -> None:
+        # On a terminal tqdm shows as many stacked bars as fit ("more hidden" below); a log
+        # (stderr not a terminal) has no height, so every condition's bar is written there.
+        rows = None if sys.stderr.isatty() else len(conditions) + 2
+        self.bars = [tqdm(total=batches, desc=c.label(), unit="batch", position=i, leave=False, nrows=rows)
+                     for i, c in enumerate(conditions)] if enabled else []
+
+    def advance(self, position: int) -> None:
+        """Condition ``position`` of the group finished one more batch."""
+        if self.bars:
+            self.bars[position].update()
+
+    def close(self) -> None:
+        """Clears the bars, last first (so stacked lines are removed bottom-up)."""
+        for bar in reversed(self.bars):
+            bar.close()
 
 
 def score_conditions(
@@ -111,7 +145,7 @@ def score_conditions(
             condition from scratch. Scores are equal either way to float rounding.
         fabric: A launched ``lightning.Fabric``: each rank scores its share of every dataset
             and the outcomes are gathered. ``None``: this process scores everything.
-        progress: One labelled progress bar per group of conditions.
+        progress: One labelled progress bar per condition (:class:`ConditionBars`).
     """
     conditions = list(conditions)
     outcomes = Outcomes([len(c.dataset) for c in conditions], adapter.device)
@@ -122,14 +156,16 @@ def score_conditions(
                                              collate_fn=episode_collator(adapter, dataset.relations))
         if fabric is not None:
             loader = fabric.setup_dataloaders(loader, move_to_device=False)
-        names = [conditions[i].name for i in group]
-        label = names[0] if len(names) == 1 else f"{names[0]} +{len(names) - 1}"
-        for batch in tqdm(loader, desc=label, unit="batch", disable=not progress, leave=False):
-            with adapter.reuse_context(store) if store is not None else nullcontext():
-                logits = condition_logits(adapter, [conditions[i] for i in group], batch, reuse)
-            for index, row_logits in zip(group, logits):
-                outcomes.record(index, batch, row_logits)
+        members = [conditions[i] for i in group]
+        bars = ConditionBars(members, len(loader), progress)
+        try:
+            for batch in loader:
+                with adapter.reuse_context(store) if store is not None else nullcontext():
+                    logits = condition_logits(adapter, members, batch, reuse, bars.advance)
+                for index, row_logits in zip(group, logits):
+                    outcomes.record(index, batch, row_logits)
+        finally:
+            bars.close()
     gather = fabric.all_gather if fabric is not None else None
     scores = outcomes.scores([c.dataset.relations for c in conditions], gather)
     return {c.name: s for c, s in zip(conditions, scores)}
-

@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import math
 import re
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import matplotlib
 
 matplotlib.use("Agg")
+import matplotlib.image  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
@@ -29,6 +32,7 @@ COLUMN_WIDTH = 3.35  # inches: one column of a two-column paper
 TEXT_WIDTH = 7.0  # inches: the full text width
 FORMATS = ("png", "pdf")
 PNG_DPI = 200
+SCREEN_DPI = 100  # TensorBoard's copy (matplotlib's default figure dpi)
 # Sizes in points at the printed size above.
 STYLE = {
     "font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8, "xtick.labelsize": 7, "ytick.labelsize": 7,
@@ -36,6 +40,34 @@ STYLE = {
     "pdf.fonttype": 42, "ps.fonttype": 42, "svg.fonttype": "none",
 }
 REFERENCE_STYLES = {"zero": ":", "icl": "--"}
+
+
+# OpenType layout tables (ligatures, kerning, glyph classes, math layout): text in a PDF is already shaped
+# and placed glyph by glyph, so an embedded font subset never uses them; fontTools parses them
+# for every subset all the same, about half of each PDF's font time.
+PDF_SUBSET_DROP = ("GSUB", "GPOS", "GDEF", "MATH")
+
+
+@contextmanager
+def lean_pdf_fonts() -> Iterator[None]:
+    """While writing a PDF, embedded TrueType subsets leave out :data:`PDF_SUBSET_DROP` (the
+    same glyphs, still real, editable text). matplotlib builds its fontTools options inside
+    its PDF backend, so the default list those options start from is extended for the
+    duration and restored after; a fontTools without that list is left as it is."""
+    try:
+        from fontTools import subset
+    except ImportError:  # matplotlib's PDF backend needs it; nothing to change without it
+        yield
+        return
+    default = getattr(subset.Options, "_drop_tables_default", None)
+    if not isinstance(default, list):
+        yield
+        return
+    subset.Options._drop_tables_default = default + [t for t in PDF_SUBSET_DROP if t not in default]
+    try:
+        yield
+    finally:
+        subset.Options._drop_tables_default = default
 
 
 @contextmanager
@@ -219,17 +251,57 @@ def sweep_plot(xs: Sequence[int], series: dict[str, tuple[Sequence[float], Seque
     return figure
 
 
-def write(figure, stem: str | Path, formats: Sequence[str] = FORMATS) -> list[Path]:
-    """Writes ``<stem>.png`` and ``<stem>.pdf`` (atomically; the figure stays open)."""
+def render(figure) -> np.ndarray:
+    """Rasterises ``figure`` once, at :data:`PNG_DPI` (Agg): the pixels the PNG and
+    TensorBoard both take, so each figure is drawn twice (pixels, and the PDF's vectors)
+    rather than once per output. The PDF keeps its own layout, solved with its own text
+    metrics (the Agg layout would leave its widest labels a little short of room).
+
+    Returns:
+        ``(height, width, 4)`` RGBA ``uint8`` pixels (a copy: the canvas buffer is reused).
+    """
+    with paper_style():
+        figure.set_dpi(PNG_DPI)
+        canvas = FigureCanvasAgg(figure) if not isinstance(figure.canvas, FigureCanvasAgg) else figure.canvas
+        canvas.draw()
+        return np.array(canvas.buffer_rgba())
+
+
+def screen_pixels(pixels: np.ndarray, dpi: int = SCREEN_DPI) -> np.ndarray:
+    """``(height, width, 3)`` RGB of :func:`render`'s pixels at ``dpi`` (box-filtered down
+    from :data:`PNG_DPI`): the size TensorBoard showed figures at before, and a quarter of
+    the pixels to encode."""
+    from PIL import Image
+
+    image = Image.fromarray(np.ascontiguousarray(pixels[..., :3]))
+    factor = max(1, PNG_DPI // dpi)
+    return np.asarray(image.reduce(factor) if factor > 1 else image)
+
+
+def write(figure, stem: str | Path, formats: Sequence[str] = FORMATS, pixels: np.ndarray | None = None
+          ) -> list[Path]:
+    """Writes ``<stem>.png`` and ``<stem>.pdf`` (atomically; the figure stays open).
+
+    Args:
+        pixels: What :func:`render` returned for ``figure``, if the caller already has it
+            (e.g. for TensorBoard); rendered here otherwise.
+    """
     from mfv.io import atomic_write
 
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
+    if pixels is None and "png" in formats:
+        pixels = render(figure)
     written = []
     with paper_style():
         for fmt in formats:
             path = stem.parent / f"{stem.name}.{fmt}"
-            written.append(atomic_write(path, lambda tmp, f=fmt: figure.savefig(tmp, format=f, dpi=PNG_DPI)))
+            if fmt == "png":  # what savefig(format="png") writes, without drawing again
+                written.append(atomic_write(path, lambda tmp: matplotlib.image.imsave(
+                    tmp, pixels, format="png", origin="upper", dpi=PNG_DPI)))
+            else:
+                with lean_pdf_fonts() if fmt == "pdf" else nullcontext():
+                    written.append(atomic_write(path, lambda tmp, f=fmt: figure.savefig(tmp, format=f, dpi=PNG_DPI)))
     return written
 
 

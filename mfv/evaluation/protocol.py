@@ -16,7 +16,8 @@ Conditions (names are the keys of ``metrics.json``), on the test split and, pref
   (``analogy_composite_<mode>_one_shot``), with fine-tuned FVs too when given.
 
 :func:`evaluate` reads as its steps: the conditions of each split, the sweeps, the analogy
-conditions, one scoring pass, the composite conditions built from its scores, a second pass,
+conditions, a scoring pass for the composites' source weights, the composite conditions built
+from them, one scoring pass over everything else (conditions over the same prompts share it),
 the result. Conditions are data (:class:`~mfv.evaluation.conditions.Condition`); scores are
 looked up by the condition objects that produced them. Scoring is
 :func:`mfv.evaluation.engine.score_conditions` (in this process, or on every rank of a
@@ -168,6 +169,29 @@ class Vectors:
                 raise ConfigError(f"the {name} FV file has no vector for {missing}; it has {fvs.relations}")
 
 
+class PromptSets:
+    """One :class:`EpisodeDataset` per distinct set of prompts (split, mode, shots, length).
+
+    Episode ``i`` of a split depends only on ``i``, mode and shots, so equal keys are equal
+    prompts; handing out one object per key lets the engine score every condition over those
+    prompts from one loader and one prompt pass (e.g. the layer and K sweeps of a split, and
+    the test zero-shot conditions when ``--limit`` equals the sweep's prompt count).
+    """
+
+    def __init__(self, datamodule) -> None:
+        self.datamodule = datamodule
+        self._made: dict[tuple, EpisodeDataset] = {}
+
+    def get(self, split: str, mode: str, shots: int | None, limit: int | None) -> EpisodeDataset:
+        """The (shared) dataset of the first ``limit`` prompts of ``split`` (all for ``None``)."""
+        sampler = self.datamodule.sampler(split)
+        length = len(sampler) if limit is None else min(limit, len(sampler))
+        key = (split, mode, shots, length)
+        if key not in self._made:
+            self._made[key] = EpisodeDataset(sampler, mode, shots, length)
+        return self._made[key]
+
+
 def fv_steer(fvs: FunctionVectorSet, relations: Sequence[str]) -> Steer:
     """An FV set as a relation-indexed :class:`Steer` (at its layer, or spread over layers)."""
     if fvs.distributed:
@@ -176,9 +200,11 @@ def fv_steer(fvs: FunctionVectorSet, relations: Sequence[str]) -> Steer:
 
 
 def split_conditions(datamodule, split: str, vectors: Vectors, settings: EvaluationSettings,
-                     not_run: dict[str, str]) -> list[Condition]:
+                     not_run: dict[str, str], prompts: PromptSets | None = None) -> list[Condition]:
     """Zero-shot (with and without FVs), ICL and shuffled-label conditions on one split;
-    condition names of the ``novel`` split are prefixed ``novel_``."""
+    condition names of the ``novel`` split are prefixed ``novel_``. ``prompts``: datasets
+    shared with the other steps (default: this split's own)."""
+    prompts = prompts or PromptSets(datamodule)
     sampler = datamodule.sampler(split)
     relations = list(sampler.relations)
     prefix = "" if split == "test" else f"{split}_"
@@ -186,7 +212,7 @@ def split_conditions(datamodule, split: str, vectors: Vectors, settings: Evaluat
     def condition(name: str, dataset, steer: Steer | None, description: str) -> Condition:
         return Condition(f"{prefix}{name}", split, split, dataset, steer, description)
 
-    zero = EpisodeDataset(sampler, "zero_shot", 0, settings.limit)
+    zero = prompts.get(split, "zero_shot", 0, settings.limit)
     extracted = fv_steer(vectors.extracted, relations)
     conditions = [condition("zero_shot", zero, None, "zero-shot"),
                   condition("zero_shot_fv", zero, extracted, "zero-shot + extracted FV")]
@@ -200,13 +226,13 @@ def split_conditions(datamodule, split: str, vectors: Vectors, settings: Evaluat
     for shots in settings.shots:
         # The sampler says how many demonstrations one prompt can hold (GQA: distinct images per relation).
         if 0 < shots <= sampler.max_shots():
-            conditions.append(condition(f"icl_{shots}", EpisodeDataset(sampler, "clean", shots, settings.limit),
+            conditions.append(condition(f"icl_{shots}", prompts.get(split, "clean", shots, settings.limit),
                                         None, f"{shots}-shot ICL"))
         else:
             not_run[f"{prefix}icl_{shots}"] = (f"evaluation.shots has {shots}: a prompt of the {split} split can hold "
                                                f"1..{sampler.max_shots()} demonstrations")
     shots = datamodule.shots
-    shuffled = EpisodeDataset(sampler, "shuffled", shots, settings.limit)
+    shuffled = prompts.get(split, "shuffled", shots, settings.limit)
     conditions += [condition(f"icl_shuffled_{shots}", shuffled, None, f"{shots}-shot ICL, shuffled labels"),
                    condition(f"icl_shuffled_{shots}_fv", shuffled, extracted, f"{shots}-shot shuffled + FV")]
     return conditions
@@ -221,9 +247,12 @@ class Sweep:
     conditions: dict[str, list[Condition]]
 
 
-def sweeps(adapter: BackboneAdapter, datamodule, vectors: Vectors, settings: EvaluationSettings) -> list[Sweep]:
+def sweeps(adapter: BackboneAdapter, datamodule, vectors: Vectors, settings: EvaluationSettings,
+           prompts: PromptSets | None = None) -> list[Sweep]:
     """The injection-layer and K sweeps on the validation split (where the choice is made)
-    and on the test split (where it is reported). The K sweep needs ``vectors.extraction``."""
+    and on the test split (where it is reported). The K sweep needs ``vectors.extraction``.
+    Both sweeps of a split run over one dataset (``prompts``: shared with the other steps)."""
+    prompts = prompts or PromptSets(datamodule)
     limit = min(settings.limit or settings.sweep_limit, settings.sweep_limit)
     splits = [s for s in ("val", "test") if datamodule.has_split(s)]
     relations = list(vectors.extracted.relations)
@@ -240,9 +269,10 @@ def sweeps(adapter: BackboneAdapter, datamodule, vectors: Vectors, settings: Eva
     for name in points:
         per_split = {}
         for split in splits:
-            zero = EpisodeDataset(datamodule.sampler(split), "zero_shot", 0, limit)
+            zero = prompts.get(split, "zero_shot", 0, limit)
             per_split[split] = [Condition(f"sweep_{name}_{split}_{x}", "sweep", split, zero, steer,
-                                          f"{'layer' if name == 'layer' else 'K'} {x}")
+                                          f"zero-shot + FV (layer {x})" if name == "layer"
+                                          else f"zero-shot + FV (K {x}, layer {layer})")
                                 for x, steer in zip(points[name], steers[name])]
         out.append(Sweep(name, points[name], per_split))
     return out
@@ -250,7 +280,7 @@ def sweeps(adapter: BackboneAdapter, datamodule, vectors: Vectors, settings: Eva
 
 @dataclass
 class Analogies:
-    """The analogy problems of the composite split and their first-pass conditions."""
+    """The analogy problems of the composite split, their conditions and the source-weight conditions."""
 
     problems: list
     diagonal: list[str]
@@ -260,7 +290,7 @@ class Analogies:
     weights: dict[str, dict[str, Condition]]  # FV kind -> trained relation -> source-weight condition
 
     def composite_names(self, modes: Sequence[str]) -> list[str]:
-        """Names of the second-pass composite conditions (built by :func:`composite_conditions`)."""
+        """Names of the composite conditions (built by :func:`composite_conditions`)."""
         return [f"analogy_composite_{'' if kind == 'extracted' else 'finetuned_'}{mode}{suffix}"
                 for kind in self.weights for mode in modes for suffix in ("", "_one_shot")]
 
@@ -284,19 +314,21 @@ def analogies(datamodule, vectors: Vectors, settings: EvaluationSettings) -> Ana
                              Steer.at(extracted.layer, extracted.vectors[r], "all"), f"FV of {r}")
                    for r in extracted.relations]
     weights = {"extracted": {r: Condition(f"weights_extracted_{r}", "weights", "composite", sources,
-                                          Steer.at(extracted.layer, extracted.vectors[r], "all"))
+                                          Steer.at(extracted.layer, extracted.vectors[r], "all"),
+                                          f"source answer under the extracted FV of {r}")
                              for r in extracted.relations}}
     finetuned = vectors.finetuned
     if finetuned is not None and not finetuned.distributed:  # composites combine single-layer FVs
         weights["finetuned"] = {r: Condition(f"weights_finetuned_{r}", "weights", "composite", sources,
-                                             Steer.at(finetuned.layer, finetuned.vectors[r], "all"))
+                                             Steer.at(finetuned.layer, finetuned.vectors[r], "all"),
+                                             f"source answer under the fine-tuned FV of {r}")
                                 for r in extracted.relations}
     return Analogies(problems, diagonal, zero_targets, one_shot, conditions, weights)
 
 
 def composite_conditions(found: Analogies, vectors: Vectors, scores: dict[str, Score],
                          modes: Sequence[str]) -> tuple[list[Condition], dict[str, dict[str, float]]]:
-    """Composite FVs per problem from the first pass's source weights, injected into the
+    """Composite FVs per problem from the scored source weights, injected into the
     zero-shot target and into the one-shot analogy prompt; and the mean normalised weights of
     the extracted FVs per diagonal relation."""
     relations = list(vectors.extracted.relations)
@@ -349,28 +381,45 @@ def evaluate(
     scorer = scorer or (lambda conditions: score_conditions(
         adapter, conditions, settings.batch_size or datamodule.batch_size, datamodule.num_workers, settings.reuse))
     not_run: dict[str, str] = {}
-    conditions = split_conditions(datamodule, "test", vectors, settings, not_run)
+    prompts = PromptSets(datamodule)
+    conditions = split_conditions(datamodule, "test", vectors, settings, not_run, prompts)
     if datamodule.has_split("novel"):
-        conditions += split_conditions(datamodule, "novel", vectors, settings, not_run)
-    swept = sweeps(adapter, datamodule, vectors, settings)
+        conditions += split_conditions(datamodule, "novel", vectors, settings, not_run, prompts)
+    swept = sweeps(adapter, datamodule, vectors, settings, prompts)
     conditions += [c for sweep in swept for split in sweep.conditions.values() for c in split]
     found = analogies(datamodule, vectors, settings)
     later = found.composite_names(settings.composite_modes) if found is not None else []
     if found is not None:
         conditions += found.conditions + [c for by in found.weights.values() for c in by.values()]
     wanted = _matcher(only, [c.name for c in conditions] + later)
-    # The composites' weights come from the first pass: run them whenever a composite is wanted.
+    # The composites' weights are scored first: run them whenever a composite is wanted.
     weights_wanted = any(wanted(name) for name in later)
     conditions = [c for c in conditions if wanted(c.name) or (c.group == "weights" and weights_wanted)]
-    scores = scorer(conditions)
-    mean_weights: dict[str, dict[str, float]] = {}
-    if found is not None and weights_wanted:
-        second, mean_weights = composite_conditions(found, vectors, scores, settings.composite_modes)
-        second = [c for c in second if wanted(c.name)]
-        scores.update(scorer(second))
-        conditions += second
+    composites = found if found is not None and weights_wanted else None
+    conditions, scores, mean_weights = _score(scorer, conditions, composites, vectors, settings, wanted)
     swept = [sweep for sweep in swept if all(c.name in scores for cs in sweep.conditions.values() for c in cs)]
     return _result(adapter, datamodule, vectors, settings, conditions, scores, swept, mean_weights, not_run)
+
+
+def _score(scorer: Scorer, conditions: list[Condition], found: Analogies | None, vectors: Vectors,
+           settings: EvaluationSettings, wanted: Callable[[str], bool]
+           ) -> tuple[list[Condition], dict[str, Score], dict[str, dict[str, float]]]:
+    """Scores ``conditions`` and, with ``found``, the composite conditions built from the
+    source weights: the weights first, on their own, then everything else in one pass, so
+    that each composite shares the prompt pass of the analogy conditions over its prompts.
+
+    Returns:
+        Every scored condition (the composites last), the scores by name, and the mean
+        normalised composite weights (see :func:`composite_conditions`).
+    """
+    weights = [c for c in conditions if c.group == "weights"]
+    scores = scorer(weights) if weights else {}
+    mean_weights: dict[str, dict[str, float]] = {}
+    if found is not None:
+        composites, mean_weights = composite_conditions(found, vectors, scores, settings.composite_modes)
+        conditions = conditions + [c for c in composites if wanted(c.name)]
+    scores.update(scorer([c for c in conditions if c.group != "weights"]))
+    return conditions, scores, mean_weights
 
 
 def evaluate_episodes(

@@ -181,9 +181,10 @@ def write_report(result: EvaluationResult, out: str | Path, extraction: Extracti
     markdown = report_markdown(metrics)
     atomic_write_text(out / "report.md", markdown)
     for stem, figure in figures(metrics, extraction).items():
+        pixels = plots.render(figure)  # one raster draw for the PNG and TensorBoard (the PDF reuses its layout)
         if tensorboard is not None:
-            tensorboard.add_figure(f"eval/{stem}", figure, global_step=0, close=False)
-        plots.write(figure, out / stem)
+            tensorboard.add_image(f"eval/{stem}", plots.screen_pixels(pixels), global_step=0, dataformats="HWC")
+        plots.write(figure, out / stem, pixels=pixels)
         plots.save_close(figure)
     if tensorboard is not None:
         for group in GROUP_TITLES:
