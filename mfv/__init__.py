@@ -14,6 +14,7 @@ _API = {
     "save": "mfv.api", "load_vectors": "mfv.api", "SMALL_SYNTHETIC": "mfv.api",
     "SyntheticData": ("mfv.data.datamodule", "SyntheticRelationDataModule"),
     "GQAData": ("mfv.data.gqa", "GQARelationDataModule"),
+    "OwnData": ("mfv.data.own", "OwnRelationDataModule"),
     "FunctionVectorSet": "mfv.method.function_vector", "EpisodeSampler": "mfv.data.episodes",
     "Episode": "mfv.data.episodes", "evaluate": "mfv.api", "EvaluationSettings": "mfv.evaluation",
 }

@@ -137,7 +137,7 @@ def test_a_gpu_config_without_a_gpu_is_one_line_saying_how_to_run_on_cpu(tmp_pat
 
 def test_more_gpus_than_the_machine_has_names_the_count(monkeypatch):
     from mfv.errors import ConfigError
-    from mfv.preflight import check_accelerator
+    from mfv.accelerator import check_accelerator
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)

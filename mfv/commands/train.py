@@ -26,7 +26,8 @@ from mfv.console import quiet
 from mfv.evaluation.protocol import EvaluationSettings
 from mfv.io import atomic_write_text
 from mfv.method.extraction import AIESettings, extract_from_datamodule
-from mfv.preflight import check_accelerator, exit_on_bad_input, plan_training
+from mfv.accelerator import check_accelerator
+from mfv.preflight import exit_on_bad_input, plan_training
 from mfv.training.callbacks import AIEHeadSelection
 from mfv.training.module import FV_PARAMETER, FunctionVectorModule
 
@@ -72,7 +73,7 @@ class FunctionVectorCLI(LightningCLI):
         super().parse_arguments(parser, args)
 
     def before_instantiate_classes(self) -> None:
-        """Checks the trainer's accelerator (:func:`mfv.preflight.check_accelerator`: a GPU
+        """Checks the trainer's accelerator (:func:`mfv.accelerator.check_accelerator`: a GPU
         config on a machine without one fails here, before the backbone is loaded), then sets
         the run folder and the TensorBoard logger's own options before they are built:
         ``hp_metric`` is logged once (with the final test accuracy), a resumed run continues in

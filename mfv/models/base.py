@@ -10,7 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from PIL import Image
@@ -100,6 +100,21 @@ class PrefixState:
         tensors = [t for value in self.data.values() for t in (value if isinstance(value, (list, tuple)) else [value])
                    if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == self.batch_size]
         return sum(t.numel() * t.element_size() for t in tensors) // max(1, self.batch_size)
+
+
+def steer_upward(after_first: torch.Tensor, vectors: torch.Tensor, layers: list[int], num_layers: int,
+                 layer: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """The minimal paths' steered last position: from the state after ``layers[0]``
+    (``(B, 1, D)``), ``vectors[:, i]`` (``(B, len(layers), D)``) is added after ``layers[i]``
+    (increasing) and ``layer(index, x)`` runs each layer above; returns the state after the
+    last layer, differentiable in ``vectors``."""
+    dtype = after_first.dtype
+    x = after_first + vectors[:, 0].to(dtype)[:, None]
+    for index in range(layers[0] + 1, num_layers):
+        x = layer(index, x)
+        if index in layers:
+            x = x + vectors[:, layers.index(index)].to(dtype)[:, None]
+    return x
 
 
 class BackboneAdapter(ABC):

@@ -34,7 +34,7 @@ import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from mfv.hooks import overwrite_input_rows, record_last_inputs, record_layer_calls
-from mfv.models.base import PrefixState, PromptBatch
+from mfv.models.base import PrefixState, PromptBatch, steer_upward
 
 if TYPE_CHECKING:
     from mfv.models.hf import HFAdapter
@@ -113,7 +113,7 @@ def _prefix_mask(recorded: torch.Tensor | None, mask: torch.Tensor) -> torch.Ten
     if recorded is not None:
         row = recorded[:, :, -1:, :-1]
         valid = valid & (row if row.dtype == torch.bool else row == 0)
-    return torch.zeros(valid.shape).masked_fill(~valid, torch.finfo(torch.float32).min).to(mask.device)
+    return torch.zeros(valid.shape, device=mask.device).masked_fill(~valid, torch.finfo(torch.float32).min)
 
 
 def _last_call(kwargs: dict[str, Any], mask: torch.Tensor) -> dict[str, Any] | None:
@@ -199,13 +199,9 @@ def steered_logits(adapter: HFAdapter, replay: Replay, vectors: torch.Tensor, la
     """Last-position logits with ``vectors[:, i]`` (``(B, len(layers), D)``) added after
     ``layers[i]`` (increasing), differentiable in ``vectors``: the layers above the first
     injection, at one position."""
-    dtype = replay.inputs[0].dtype
-    x = (replay.inputs[layers[0] + 1] + vectors[:, 0].to(dtype))[:, None]
     with _replaying(adapter):
-        for index in range(layers[0] + 1, adapter.num_layers):
-            x = _layer(adapter, replay, index, x)
-            if index in layers:
-                x = x + vectors[:, layers.index(index)].to(dtype)[:, None]
+        x = steer_upward(replay.inputs[layers[0] + 1][:, None], vectors, layers, adapter.num_layers,
+                         lambda index, rows: _layer(adapter, replay, index, rows))
     return _logits(adapter, x)[:, 0]
 
 
@@ -244,7 +240,8 @@ def single_head_patch_probabilities(adapter: HFAdapter, batch: PromptBatch, valu
     base, patched = [], []
     for start in range(0, num_prompts, group):
         index = torch.arange(start, min(num_prompts, start + group))
-        state = prefill(adapter, adapter.select_rows(batch, index).to(adapter.device), record_heads=True)
+        rows = batch if len(index) == num_prompts else adapter.select_rows(batch, index)
+        state = prefill(adapter, rows.to(adapter.device), record_heads=True)
         replay = state.data["minimal"]
         if replay is None:
             return None

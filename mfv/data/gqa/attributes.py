@@ -55,9 +55,8 @@ def attribute_triples(valid: dict[str, dict], relations: Iterable[str], drop_amb
 def objects_with_attributes(entry: dict) -> int:
     """How many of the image's objects have any attribute of the vocabularies (for the summary:
     a scene-graph file without attributes is told apart from one the filters emptied)."""
-    words = frozenset().union(*VOCABULARY.values())
     objects = entry.get("objects") if isinstance(entry, dict) else None
     if not isinstance(objects, dict):
         return 0  # a malformed entry: tasks_of_image reports it
-    return sum(1 for obj in objects.values() if isinstance(obj, dict) and
-               any(str(a).strip().lower() in words for a in obj.get("attributes") or []))
+    return sum(1 for obj in objects.values()
+               if isinstance(obj, dict) and any(attribute_values(obj, r) for r in VOCABULARY))

@@ -64,8 +64,8 @@ def assign_splits(examples: Sequence[OwnExample], path: str | Path, test_fractio
         if not parts["val"]:
             parts["train"], parts["val"] = cut_by_image(parts["train"], val_fraction, seed, "val")
         if not parts["eval"]:
-            order = {id(e): i for i, e in enumerate(examples)}
-            parts["eval"] = sorted(parts["train"] + parts["val"], key=lambda e: order[id(e)])
+            held = {id(e) for e in parts["val"]}  # val may have been cut from train just above
+            parts["eval"] = [e for e in examples if e.split == "train" or id(e) in held]
         if not parts["novel"]:
             del parts["novel"]
         return parts

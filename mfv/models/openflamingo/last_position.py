@@ -27,7 +27,7 @@ import torch
 from einops import rearrange
 
 from mfv.hooks import record_last_inputs
-from mfv.models.base import PrefixState
+from mfv.models.base import PrefixState, steer_upward
 
 
 @dataclass
@@ -206,11 +206,7 @@ def steered_logits(adapter, vectors: torch.Tensor, layers: list[int], prefix: _P
     length. ``None`` where this path does not apply (an injection after the last layer)."""
     if not layers or layers[-1] >= adapter.num_layers - 1:
         return None
-    dtype = prefix.inputs[0].dtype
-    x = (prefix.inputs[layers[0] + 1] + vectors[:, 0].to(dtype))[:, None]
-    for index in range(layers[0] + 1, adapter.num_layers):
-        x = _layer(adapter, index, x, prefix)
-        if index in layers:
-            x = x + vectors[:, layers.index(index)].to(dtype)[:, None]
+    x = steer_upward(prefix.inputs[layers[0] + 1][:, None], vectors, layers, adapter.num_layers,
+                     lambda index, rows: _layer(adapter, index, rows, prefix))
     lang = adapter.model.lang_encoder
     return lang.get_output_embeddings()(lang.gpt_neox.final_layer_norm(x))[:, 0]
