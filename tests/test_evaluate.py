@@ -10,6 +10,7 @@ import torch
 import yaml
 
 from mfv.evaluation import composite_vectors
+from mfv.evaluation.conditions import AffineFit
 from mfv.commands.evaluate import main
 from mfv.method.function_vector import FunctionVectorSet
 from mfv.models import load_backbone
@@ -59,8 +60,12 @@ def test_every_condition_runs_and_metrics_match_the_schema(metrics):
                 "analogy_icl_1", "icl_shuffled_2", "icl_shuffled_2_fv", "novel_zero_shot",
                 "analogy_icl_0", "analogy_icl_4", "analogy_fv_above"}
     required |= {f"analogy_composite_{kind}{mode}{where}" for kind in ("", "finetuned_")
-                 for mode in ("normalized", "raw", "sum", "uniform") for where in ("", "_one_shot")}
+                 for mode in ("normalized", "raw", "sum", "uniform", "softmax_affine") for where in ("", "_one_shot")}
     assert required <= set(on_disk["summary"])
+    # The softmax_affine maps are fitted on validation prompts only (never test), and reported.
+    for kind in ("extracted", "finetuned"):
+        assert on_disk["settings"]["composite_affine"][kind]["split"] == "val"
+        assert on_disk["settings"]["composite_affine"][kind]["n"] == on_disk["sweeps"]["layer"]["val"]["n"] >= 2
     for name, condition in on_disk["conditions"].items():
         assert {"split", "group", "accuracy", "ci95", "n", "per_relation"} <= set(condition)
         low, high = condition["ci95"]
@@ -95,6 +100,31 @@ def test_composite_modes():
     torch.testing.assert_close(composite_vectors(probabilities, trained, "raw"), probabilities)
     torch.testing.assert_close(composite_vectors(probabilities, trained, "sum"), torch.ones(2, 4))
     torch.testing.assert_close(composite_vectors(probabilities, trained, "uniform"), torch.full((2, 4), 0.25))
+    torch.testing.assert_close(composite_vectors(probabilities, trained, "softmax"), torch.softmax(probabilities, -1))
+    with pytest.raises(ValueError, match="affine"):
+        composite_vectors(probabilities, trained, "softmax_affine")
+
+
+def test_softmax_affine_fit_recovers_a_known_map():
+    generator = torch.Generator().manual_seed(0)
+    composites = torch.randn(40, 6, generator=generator)
+    offset = torch.randn(6, generator=generator)
+    fit = AffineFit.least_squares(composites, 2.5 * composites + offset, "val")
+    assert not fit.degenerate and fit.n == 40 and fit.scale == pytest.approx(2.5)
+    torch.testing.assert_close(fit.offset, offset)
+    # Source answers likelier under their own relation's FV: a positive scale stretches the
+    # near-uniform softmax composite towards that FV.
+    trained = torch.eye(4)
+    ids = torch.arange(40) % 4
+    probabilities = 0.1 + 0.8 * torch.nn.functional.one_hot(ids, 4).float()
+    fit = AffineFit.fit(probabilities, ids, trained, "val")
+    mapped = composite_vectors(probabilities, trained, "softmax_affine", fit)
+    assert fit.scale > 1 and (mapped.argmax(-1) == ids).all()
+    torch.testing.assert_close(mapped, trained[ids])
+    # Composites that do not vary: the scale is undetermined, set to 0 and reported.
+    flat = AffineFit.fit(torch.full((3, 4), 0.5), torch.tensor([0, 1, 2]), trained, "val")
+    assert flat.degenerate and flat.scale == 0.0
+    torch.testing.assert_close(flat.offset, trained[:3].mean(0))
 
 
 def test_fv_for_a_layer_beyond_the_model_is_a_clear_error(config_path, tmp_path, capsys):

@@ -116,22 +116,92 @@ def source_episodes(problems: Sequence[AnalogyProblem]) -> list[Episode]:
             for p in problems]
 
 
-CompositeMode = Literal["normalized", "sum", "raw", "uniform"]
+CompositeMode = Literal["normalized", "sum", "raw", "uniform", "softmax_affine"]
 COMPOSITE_MODES: dict[str, str] = {
     "normalized": "weighted average, weights = P(source answer | FV_r) normalised to sum 1",
     "raw": "probability-weighted sum, weights = P(source answer | FV_r) not normalised",
     "sum": "plain sum of the trained FVs",
     "uniform": "plain average of the trained FVs",
+    "softmax_affine": "arXiv 2601.08169: weights = softmax over P(source answer | FV_r), then an affine map "
+                      "(scale and offset) fitted on validation prompts of the trained relations",
 }
 
 
-def composite_vectors(probabilities: torch.Tensor, trained: torch.Tensor, mode: CompositeMode) -> torch.Tensor:
+@dataclass
+class AffineFit:
+    """The affine map of the ``softmax_affine`` composite, fitted on the trained relations.
+
+    Each fitting prompt ``n`` is a zero-shot prompt (query ``q_n``, answer ``r_n``) of a
+    trained relation ``y_n`` from the validation split (training's held-out part, never
+    test). With ``p_n[i] = P(r_n | q_n, z_i)`` (basis FV ``z_i`` injected), the softmax
+    composite is ``c_n = softmax(p_n) @ Z``; its target is the FV of the prompt's own
+    relation, ``t_n = z_{y_n}``. The fit is the least-squares scalar scale ``a`` and vector
+    offset ``b`` (hidden-size) of ``sum_n ||a c_n + b - t_n||^2``, in closed form:
+    ``a = sum_n <c_n - c̄, t_n - t̄> / sum_n ||c_n - c̄||^2``, ``b = t̄ - a c̄``. It is
+    well-defined for any number of relations from two prompts on (1 + hidden parameters; the
+    offset is fixed by the means). When the composites do not vary (every softmax equal) the
+    scale is undetermined and is set to 0 (the least-norm solution: the composite becomes
+    ``t̄``), recorded in ``degenerate``.
+
+    Attributes:
+        scale: ``a``.
+        offset: ``b``, ``(hidden,)``.
+        n: Fitting prompts.
+        split: Where they came from.
+        degenerate: Whether the composites did not vary (``scale`` set to 0).
+    """
+
+    scale: float
+    offset: torch.Tensor
+    n: int
+    split: str
+    degenerate: bool = False
+
+    @classmethod
+    def fit(cls, probabilities: torch.Tensor, relation_ids: torch.Tensor, trained: torch.Tensor,
+            split: str) -> "AffineFit":
+        """Fits ``a`` and ``b`` (class docstring).
+
+        Args:
+            probabilities: ``(prompts, trained relations)`` ``P(r_n | q_n, z_i)``.
+            relation_ids: ``(prompts,)`` index of each prompt's relation among the rows of ``trained``.
+            trained: ``(trained relations, hidden)`` the basis FVs.
+            split: The fitting prompts' split (recorded).
+        """
+        composites = composite_vectors(probabilities, trained, "softmax")
+        return cls.least_squares(composites, trained[relation_ids.long()], split)
+
+    @classmethod
+    def least_squares(cls, composites: torch.Tensor, targets: torch.Tensor, split: str) -> "AffineFit":
+        """The closed-form ``a``, ``b`` of ``sum_n ||a c_n + b - t_n||^2`` (rows of ``(n, hidden)``)."""
+        composites, targets = composites.double(), targets.double()
+        centred = composites - composites.mean(0)
+        spread = float((centred * centred).sum())
+        degenerate = spread <= 1e-12 * max(1.0, float((composites * composites).sum()))
+        scale = 0.0 if degenerate else float((centred * (targets - targets.mean(0))).sum()) / spread
+        offset = (targets.mean(0) - scale * composites.mean(0)).float()
+        return cls(scale, offset, int(len(composites)), split, degenerate)
+
+    def apply(self, composites: torch.Tensor) -> torch.Tensor:
+        """``a c + b`` for ``(problems, hidden)`` composites."""
+        return self.scale * composites.float() + self.offset
+
+    def summary(self) -> dict:
+        """What reports show: scale, offset norm, prompts, split, degenerate."""
+        return {"scale": self.scale, "offset_norm": float(self.offset.norm()), "n": self.n, "split": self.split,
+                "degenerate": self.degenerate}
+
+
+def composite_vectors(probabilities: torch.Tensor, trained: torch.Tensor, mode: CompositeMode | str,
+                      affine: AffineFit | None = None) -> torch.Tensor:
     """Per problem, the composite FV from the trained relations' FVs.
 
     Args:
         probabilities: ``(problems, trained relations)`` P(source answer | that FV injected).
         trained: ``(trained relations, hidden)``.
-        mode: see :data:`COMPOSITE_MODES`.
+        mode: see :data:`COMPOSITE_MODES`; also ``softmax`` (the softmax composite before
+            the affine map).
+        affine: The fitted map (``softmax_affine`` only).
 
     Returns:
         ``(problems, hidden)``.
@@ -145,6 +215,13 @@ def composite_vectors(probabilities: torch.Tensor, trained: torch.Tensor, mode: 
         weights = torch.ones(problems, count)
     elif mode == "uniform":
         weights = torch.full((problems, count), 1.0 / count)
+    elif mode in ("softmax", "softmax_affine"):
+        weights = torch.softmax(probabilities.double(), -1)
     else:
         raise ValueError(f"composite mode must be one of {sorted(COMPOSITE_MODES)}, got {mode!r}")
-    return weights.float() @ trained.float()
+    composite = weights.float() @ trained.float()
+    if mode != "softmax_affine":
+        return composite
+    if affine is None:
+        raise ValueError("the softmax_affine composite needs its fitted affine map (AffineFit.fit)")
+    return affine.apply(composite)

@@ -6,13 +6,14 @@ the composite FVs built from their source weights. Datasets over the same prompt
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 
 from mfv.data.episodes import EpisodeDataset, EpisodeList
 from mfv.evaluation.conditions import (
+    AffineFit,
     Condition,
     analogy_episodes,
     analogy_problems,
@@ -145,6 +146,13 @@ class Analogies:
     one_shot: EpisodeList
     conditions: list[Condition]
     weights: dict[str, dict[str, Condition]]  # FV kind -> trained relation -> source-weight condition
+    # FV kind -> trained relation -> P(answer | FV) on the fitting prompts of ``softmax_affine``
+    fit: dict[str, dict[str, Condition]] = field(default_factory=dict)
+    fits: dict[str, AffineFit] = field(default_factory=dict)  # FV kind -> its fitted map (once scored)
+
+    def weight_conditions(self) -> list[Condition]:
+        """Every condition scored before the composites are built (sources and fitting prompts)."""
+        return [c for table in (self.weights, self.fit) for by in table.values() for c in by.values()]
 
     def composite_names(self, modes: Sequence[str]) -> list[str]:
         """Names of the composite conditions (built by :func:`composite_conditions`)."""
@@ -152,9 +160,12 @@ class Analogies:
                 for kind in self.weights for mode in modes for suffix in ("", "_one_shot")]
 
 
-def analogies(datamodule, vectors: Vectors, settings: EvaluationSettings) -> Analogies | None:
-    """ICL and single-FV conditions on the untrained diagonal relations, and the conditions
-    giving each trained FV's weight in the composites (P(source answer | FV))."""
+def analogies(datamodule, vectors: Vectors, settings: EvaluationSettings,
+              prompts: PromptSets | None = None) -> Analogies | None:
+    """ICL and single-FV conditions on the untrained diagonal relations, the conditions
+    giving each trained FV's weight in the composites (P(source answer | FV)) and, for the
+    ``softmax_affine`` composite, P(answer | FV) on the validation split's zero-shot prompts
+    (the sweep's prompts, shared through ``prompts``) that its affine map is fitted on."""
     if not (settings.analogies and datamodule.has_split("composite")):
         return None
     composite = datamodule.sampler("composite")
@@ -180,22 +191,39 @@ def analogies(datamodule, vectors: Vectors, settings: EvaluationSettings) -> Ana
                                              Steer.at(finetuned.layer, finetuned.vectors[r], "all"),
                                              f"source answer under the fine-tuned FV of {r}")
                                 for r in extracted.relations}
-    return Analogies(problems, diagonal, zero_targets, one_shot, conditions, weights)
+    fit = {}
+    if "softmax_affine" in settings.composite_modes:
+        split = "val" if datamodule.has_split("val") else "train"
+        prompts = prompts or PromptSets(datamodule)
+        zero = prompts.get(split, "zero_shot", 0, min(settings.limit or settings.sweep_limit, settings.sweep_limit))
+        for kind, by_relation in weights.items():
+            fit[kind] = {r: Condition(f"fit_{kind}_{r}", "weights", split, zero, c.steer,
+                                      f"{split} answers under the {kind} FV of {r} (softmax_affine fit)")
+                         for r, c in by_relation.items()}
+    return Analogies(problems, diagonal, zero_targets, one_shot, conditions, weights, fit)
 
 
 def composite_conditions(found: Analogies, vectors: Vectors, scores: dict[str, Score],
                          modes: Sequence[str]) -> tuple[list[Condition], dict[str, dict[str, float]]]:
     """Composite FVs per problem from the scored source weights, injected into the
     zero-shot target and into the one-shot analogy prompt; and the mean normalised weights of
-    the extracted FVs per diagonal relation."""
+    the extracted FVs per diagonal relation. The ``softmax_affine`` maps are fitted here
+    (:class:`AffineFit`, kept in ``found.fits``)."""
     relations = list(vectors.extracted.relations)
     conditions, mean_weights = [], {}
     for kind, by_relation in found.weights.items():
         fvs = vectors.extracted if kind == "extracted" else vectors.finetuned
         tag = "" if kind == "extracted" else "finetuned_"
-        probabilities = torch.stack([torch.from_numpy(scores[by_relation[r].name].probability) for r in relations], 1)
+        probabilities = _probabilities(scores, by_relation, relations)
+        if kind in found.fit:
+            fitted = scores[found.fit[kind][relations[0]].name]
+            ids = torch.tensor([relations.index(fitted.relations[i]) for i in fitted.relation], dtype=torch.long)
+            found.fits[kind] = AffineFit.fit(_probabilities(scores, found.fit[kind], relations), ids,
+                                             fvs.stacked(relations), found.fit[kind][relations[0]].split)
         for mode in modes:
-            composite = composite_vectors(probabilities, fvs.stacked(relations), mode)
+            if mode == "softmax_affine" and kind not in found.fits:
+                continue
+            composite = composite_vectors(probabilities, fvs.stacked(relations), mode, found.fits.get(kind))
             for dataset, suffix, where in ((found.zero_targets, "", "zero-shot target"),
                                            (found.one_shot, "_one_shot", "one-shot analogy prompt")):
                 conditions.append(Condition(f"analogy_composite_{tag}{mode}{suffix}", "analogy", "composite", dataset,
@@ -208,3 +236,8 @@ def composite_conditions(found: Analogies, vectors: Vectors, scores: dict[str, S
                 if rows:
                     mean_weights[d] = dict(zip(relations, normalised[rows].mean(0).tolist()))
     return conditions, mean_weights
+
+
+def _probabilities(scores: dict[str, Score], by_relation: dict[str, Condition], relations: list[str]) -> torch.Tensor:
+    """``(prompts, relations)``: each prompt's answer probability under each relation's FV."""
+    return torch.stack([torch.from_numpy(scores[by_relation[r].name].probability) for r in relations], 1)

@@ -117,10 +117,10 @@ def evaluate(
         conditions += split_conditions(datamodule, "novel", vectors, settings, not_run, prompts)
     swept = sweeps(adapter, datamodule, vectors, settings, prompts)
     conditions += [c for sweep in swept for split in sweep.conditions.values() for c in split]
-    found = analogies(datamodule, vectors, settings)
+    found = analogies(datamodule, vectors, settings, prompts)
     later = found.composite_names(settings.composite_modes) if found is not None else []
     if found is not None:
-        conditions += found.conditions + [c for by in found.weights.values() for c in by.values()]
+        conditions += found.conditions + found.weight_conditions()
     wanted = _matcher(only, [c.name for c in conditions] + later)
     # The composites' weights are scored first: run them whenever a composite is wanted.
     weights_wanted = any(wanted(name) for name in later)
@@ -128,7 +128,10 @@ def evaluate(
     composites = found if found is not None and weights_wanted else None
     conditions, scores, mean_weights = _score(scorer, conditions, composites, vectors, settings, wanted)
     swept = [sweep for sweep in swept if all(c.name in scores for cs in sweep.conditions.values() for c in cs)]
-    return _result(adapter, datamodule, vectors, settings, conditions, scores, swept, mean_weights, not_run)
+    result = _result(adapter, datamodule, vectors, settings, conditions, scores, swept, mean_weights, not_run)
+    if composites is not None and composites.fits:
+        result.settings["composite_affine"] = {kind: fit.summary() for kind, fit in composites.fits.items()}
+    return result
 
 
 def _score(scorer: Scorer, conditions: list[Condition], found: Analogies | None, vectors: Vectors,
