@@ -136,11 +136,16 @@ def backbone_spec(name: str) -> BackboneSpec:
 
 
 def load_backbone(name: str, **options: Any) -> BackboneAdapter:
-    """Builds the adapter of backbone ``name`` with builder keyword ``options``.
+    """Builds the adapter of backbone ``name`` with builder keyword ``options``; a ``dtype``
+    of ``auto`` (or bf16 on a CPU that emulates it) goes through :func:`mfv.hardware.resolve_dtype`.
 
     Raises:
         ConfigError: unknown backbone or an option the builder does not take.
     """
+    if "dtype" in options:
+        from mfv.hardware import resolve_dtype
+
+        options["dtype"] = resolve_dtype(options["dtype"], options.get("device"), options)
     return backbone_spec(name).build(**options)
 
 

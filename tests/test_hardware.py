@@ -1,0 +1,146 @@
+"""The compute dtype fits the host (mfv.hardware): measured rates, bf16 support, ``auto``.
+
+The measurements are monkeypatched: each test states the host it pretends to run on.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mfv import hardware
+from mfv.errors import ConfigError
+from mfv.models import BACKBONES, BackboneSpec, load_backbone
+
+GB = 10**9
+AMX = hardware.Bf16Support("Intel Sapphire Rapids", ("avx512_bf16", "amx_bf16"), 2.0e11, 9.0e11, 256, 1)
+AVX2 = hardware.Bf16Support("AMD EPYC 7B13", (), 1.2e11, 1.0e9, 256, 1)
+
+
+def built_with(**options):
+    """A stand-in builder: returns the options it was built with."""
+    return options
+
+
+@pytest.fixture
+def host(monkeypatch):
+    """Sets the pretend host: ``host(support, available_gb)``; returns the lines printed."""
+    monkeypatch.setattr(hardware, "_warned", [])
+
+    def pretend(support: hardware.Bf16Support | None, available_gb: float | None = 20.0) -> None:
+        def measured() -> hardware.Bf16Support:
+            if support is None:
+                raise AssertionError("nothing should be measured here")
+            return support
+
+        monkeypatch.setattr(hardware, "bf16_support", measured)
+        monkeypatch.setattr(hardware, "available_memory_bytes",
+                            lambda: None if available_gb is None else int(available_gb * GB))
+
+    return pretend
+
+
+@pytest.fixture
+def weights(tmp_path):
+    """A release folder of 3 GB of 16-bit weight files (sparse: no disk is used)."""
+    folder = tmp_path / "release"
+    folder.mkdir()
+    for name, size in (("model-00001.safetensors", 2 * GB), ("model-00002.safetensors", GB)):
+        with open(folder / name, "wb") as handle:
+            handle.truncate(size)
+    (folder / "config.json").write_text("{}")
+    return folder
+
+
+def test_native_means_a_flag_and_a_rate_near_fp32():
+    assert AMX.native and AMX.ratio == pytest.approx(4.5)
+    assert not AVX2.native
+    no_unit = hardware.Bf16Support("x", ("avx512_bf16",), 1e11, 1e9, 256, 1)  # a flag the kernels do not use
+    assert not no_unit.native
+    assert AMX.to_dict()["native"] is True and AMX.to_dict()["flags"] == ["avx512_bf16", "amx_bf16"]
+
+
+def test_measurement_is_real_fast_and_cached():
+    hardware.bf16_support.cache_clear()
+    first = hardware.bf16_support(size=64)
+    assert first.fp32_flop_per_s > 0 and first.bf16_flop_per_s > 0 and first.threads == 1
+    assert hardware.bf16_support(size=64) is first  # once per process
+    assert torch.get_num_threads() >= 1
+    hardware.bf16_support.cache_clear()
+
+
+def test_fp32_bytes_needed_counts_weight_files_twice(weights, tmp_path):
+    assert hardware.fp32_bytes_needed({"model_path": str(weights)}) == 6 * GB
+    assert hardware.fp32_bytes_needed({"checkpoint_path": str(weights / "model-00002.safetensors"),
+                                       "device": "cpu"}) == 2 * GB
+    assert hardware.fp32_bytes_needed({"model_path": "Qwen/Qwen3-VL-4B-Instruct"}) is None  # a hub id
+    assert hardware.fp32_bytes_needed({"model_path": str(tmp_path / "missing")}) is None
+
+
+def test_bf16_on_an_emulating_cpu_says_so_in_one_line(host, weights, capsys):
+    host(AVX2, available_gb=20)
+    assert hardware.resolve_dtype("bfloat16", "cpu", {"model_path": str(weights)}) == "bfloat16"
+    assert hardware.resolve_dtype("bfloat16", "cpu", {}) == "bfloat16"
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines  # once per process
+    assert "not native" in lines[0] and "AMD EPYC 7B13" in lines[0] and "120x slower" in lines[0]
+    assert "float32" in lines[0] and "6.0 GB, fit in the 20.0 GB" in lines[0]
+
+
+def test_bf16_on_a_native_cpu_or_cuda_is_silent(host, capsys):
+    host(AMX)
+    assert hardware.resolve_dtype("bfloat16", "cpu") == "bfloat16"
+    host(None)  # CUDA and fp32 requests measure nothing
+    assert hardware.resolve_dtype("bfloat16", "cuda:0") == "bfloat16"
+    assert hardware.resolve_dtype("float32", "cpu") == "float32"
+    assert hardware.resolve_dtype("float16", "cpu") == "float16"
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("support, device, available_gb, expected, warns", [
+    (None, "cuda", 1, "bfloat16", False),
+    (AMX, "cpu", 1, "bfloat16", False),
+    (AVX2, "cpu", 20, "float32", False),        # 6 GB of fp32 weights fit in 80% of 20 GB
+    (AVX2, "cpu", 7, "bfloat16", True),         # ... not in 80% of 7 GB
+    (AVX2, "cpu", None, "bfloat16", True),      # memory unknown: the weights' own dtype
+])
+def test_auto_picks_the_dtype_that_fits(host, weights, capsys, support, device, available_gb, expected, warns):
+    host(support, available_gb)
+    assert hardware.resolve_dtype("auto", device, {"model_path": str(weights)}) == expected
+    err = capsys.readouterr().err
+    assert ("not native" in err) == warns
+    if available_gb == 7:
+        assert "once about 6.0 GB is free" in err
+
+
+def test_auto_without_weight_files_is_fp32_on_an_emulating_cpu(host, capsys):
+    host(AVX2, available_gb=1)
+    assert hardware.resolve_dtype("auto", "cpu", {"seed": 0}) == "float32"  # a random model: small
+    assert capsys.readouterr().err == ""
+
+
+def test_a_bad_dtype_is_one_line_naming_the_setting(host):
+    host(None)
+    with pytest.raises(ConfigError, match=r"model.backbone_dtype.*auto|auto.*model.backbone_dtype"):
+        hardware.resolve_dtype("bf16", "cpu")
+
+
+def test_load_backbone_resolves_auto_before_building(host, weights, monkeypatch):
+    monkeypatch.setitem(BACKBONES, "fake", BackboneSpec(f"{__name__}:built_with", f"{__name__}:built_with"))
+    host(AVX2, available_gb=20)
+    assert load_backbone("fake", dtype="auto", model_path=str(weights))["dtype"] == "float32"
+    host(AMX)
+    assert load_backbone("fake", dtype="auto", device="cpu")["dtype"] == "bfloat16"
+    assert "dtype" not in load_backbone("fake", device="cpu")  # the builder's own default stays
+
+
+@pytest.mark.parametrize("support, dtype", [(AVX2, torch.float32), (AMX, torch.bfloat16)])
+def test_training_module_takes_auto(host, support, dtype):
+    from mfv.models import _TINY_OPENFLAMINGO
+    from mfv.training.module import FunctionVectorModule
+
+    host(support)
+    module = FunctionVectorModule("openflamingo-random", dict(_TINY_OPENFLAMINGO), layer=1, init="zeros",
+                                  backbone_dtype="auto")
+    assert next(module.backbone.parameters()).dtype == dtype
+    assert module.function_vectors.dtype == torch.float32
