@@ -2,7 +2,10 @@
 
 The backbones come from the registry (:data:`mfv.models.BACKBONES`): a new entry is
 checked here without editing this file. Each check is a plain function of
-``(adapter, scenes)`` listed in :data:`CONTRACT_CHECKS`.
+``(adapter, scenes)`` listed in :data:`CONTRACT_CHECKS`. The Hugging Face stand-ins keep their
+release's structure (:mod:`mfv.models.families.release`) and run under both attention
+implementations a loaded model may use (``eager``, and ``sdpa`` that ``from_pretrained`` gives);
+each (stand-in, attention) is built once for the module.
 """
 
 from __future__ import annotations
@@ -36,7 +39,11 @@ def check_prompt(adapter, scenes) -> None:
         assert f"Q:{demo.question}. A:{demo.answer}." in prompt.text
     assert f"Q:{episode.query.question}. A:" in prompt.text and len(prompt.images) == 3
     token = adapter.answer_token_id(prompt.text, episode.answer)
-    assert adapter.tokenizer.convert_ids_to_tokens(token) == episode.answer
+    pieces = adapter.tokenizer(episode.answer, add_special_tokens=False)["input_ids"]
+    assert token == pieces[0]  # the first token of the answer, whole word or not
+    if adapter.tokenizer.convert_ids_to_tokens(token) != episode.answer:  # a BPE stand-in: BOS as the release's
+        encoded = adapter.tokenizer("Q")["input_ids"]
+        assert (encoded[0] == adapter.tokenizer.bos_token_id) == (adapter.tokenizer.bos_token is not None)
 
 
 def check_batches_rows_cache_and_heads(adapter, scenes) -> None:
@@ -136,14 +143,25 @@ def _stand_in_groups() -> dict[str, list[str]]:
     return groups
 
 
+def _stand_ins() -> list:
+    """(name, attention) of every distinct stand-in: both implementations where it takes one."""
+    cases = []
+    for names in _stand_in_groups().values():
+        takes = BACKBONES[names[0]].stand_in_takes("attn_implementation")
+        cases += [pytest.param((names[0], a), id=f"{names[0]}-{a}") for a in (("eager", "sdpa") if takes else (None,))]
+    return cases
+
+
 @pytest.fixture(scope="module")
 def scenes(tmp_path_factory):
     return read_scenes(generate_split(tmp_path_factory.mktemp("c"), "eval", 12, image_size=64, workers=1, progress=False))
 
 
-@pytest.fixture(scope="module", params=[names[0] for names in _stand_in_groups().values()])
+@pytest.fixture(scope="module", params=_stand_ins())
 def adapter(request):
-    return BACKBONES[request.param].build_stand_in()
+    name, attention = request.param
+    options = {} if attention is None else {"attn_implementation": attention}
+    return BACKBONES[name].build_stand_in(**options)
 
 
 @pytest.mark.parametrize("check", CONTRACT_CHECKS, ids=lambda c: c.__name__)

@@ -1,8 +1,11 @@
-"""The Hugging Face release layouts the full-size rehearsals write, at reduced width and
-depth: they load through the user's path (``mfv.load`` on the folder) and run; a folder
-without its weights is refused in one line naming it."""
+"""The Hugging Face release layouts the full-size rehearsals write, at reduced width and depth
+(:func:`mfv.models.families.release.reduce_release`, the release's vocabulary kept): every
+family's loads through the user's path (``mfv.load`` on the folder) and runs; a folder without
+its weights, with a truncated shard or of another family is refused in one line naming the file."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -10,40 +13,70 @@ import torch
 import mfv
 from mfv.data.episodes import EpisodeSampler, encode_episodes, read_scenes
 from mfv.data.synthetic import generate_split
-from mfv.errors import MissingWeightsError
-from mfv.models.families import layouts
+from mfv.errors import ConfigError, MissingWeightsError
+from mfv.models import hf_families
+from mfv.models.families.release import reduce_release, write_release_layout
 
 RELATIONS = ["above", "below", "left", "right"]
 
 
-def _reduced(release: dict, **vision) -> dict:
-    """The release config at 2 layers of width 64 (vocabulary, rotary sections and token ids kept)."""
-    text = dict(release["text_config"], hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, head_dim=16)
-    scaling = dict(text["rope_scaling"], mrope_section=[4, 2, 2])
-    vision = dict(release["vision_config"], depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
-                  out_hidden_size=64, **vision)
-    return dict(release, text_config=dict(text, rope_scaling=scaling), vision_config=vision)
+def _write(family_name: str, folder):
+    family = hf_families()[family_name]
+    config = reduce_release(family.stand_in.release, family.stand_in.reduction)
+    return write_release_layout(family, folder, config, dtype="float32")
 
 
-CASES = {
-    "qwen3vl": (layouts.write_qwen3vl_layout, _reduced(layouts.QWEN3VL_4B_INSTRUCT, deepstack_visual_indexes=[0])),
-    "qwen2.5vl": (layouts.write_qwen25vl_layout, _reduced(layouts.QWEN25VL_3B_INSTRUCT, fullatt_block_indexes=[1])),
-}
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    return read_scenes(generate_split(tmp_path_factory.mktemp("data"), "eval", 4, image_size=64, workers=1,
+                                      progress=False))
 
 
-@pytest.mark.parametrize("family", sorted(CASES))
-def test_a_release_layout_loads_through_the_users_path_and_runs(tmp_path, family):
-    write, config = CASES[family]
-    folder = write(tmp_path / "release", config, dtype="float32")
+@pytest.fixture(scope="module")
+def qwen25_layout(tmp_path_factory):
+    return _write("qwen2.5vl", tmp_path_factory.mktemp("qwen25") / "release")
+
+
+@pytest.mark.parametrize("family", sorted(hf_families()))
+def test_a_release_layout_loads_through_the_users_path_and_runs(tmp_path, scenes, family):
+    folder = _write(family, tmp_path / "release")
     assert (folder / "config.json").is_file() and list(folder.glob("*.safetensors"))
     model = mfv.load(family, model_path=str(folder), dtype="float32")
-    assert model.model.config.text_config.vocab_size == 151936
-    scenes = read_scenes(generate_split(tmp_path / "data", "eval", 4, image_size=64, workers=1, progress=False))
+    vocab = hf_families()[family].stand_in.release["text_config"]["vocab_size"]
+    assert model.text_config.vocab_size == vocab
     batch = encode_episodes(model, [EpisodeSampler(scenes, RELATIONS, shots=1).episode(0, "clean")], RELATIONS)
     logits = model.forward(batch.prompts)
-    assert logits.shape == (1, 151936) and torch.isfinite(logits).all()
+    assert logits.shape == (1, vocab) and torch.isfinite(logits).all()
     for weights in folder.glob("*.safetensors"):
         weights.unlink()
     with pytest.raises(MissingWeightsError, match=str(folder)):
         mfv.load(family, model_path=str(folder), dtype="float32")
+
+
+def test_a_truncated_shard_is_one_line_naming_the_file(tmp_path, qwen25_layout):
+    folder = tmp_path / "truncated"
+    folder.mkdir()
+    for path in qwen25_layout.iterdir():
+        data = path.read_bytes()
+        (folder / path.name).write_bytes(data[: len(data) // 2] if path.suffix == ".safetensors" else data)
+    with pytest.raises(MissingWeightsError) as error:
+        mfv.load("qwen2.5vl", model_path=str(folder), dtype="float32")
+    message = str(error.value)
+    assert "\n" not in message and "model.safetensors" in message and "truncated" in message
+
+
+def test_a_config_of_another_family_is_one_line_naming_both(qwen25_layout):
+    with pytest.raises(ConfigError) as error:
+        mfv.load("qwen3vl", model_path=str(qwen25_layout), dtype="float32")
+    message = str(error.value)
+    assert "\n" not in message and "config.json" in message
+    assert "'qwen2_5_vl'" in message and "'qwen3vl'" in message and "load it as 'qwen2.5vl'" in message
+
+
+@pytest.mark.parametrize("model_type", ["mllama", "paligemma"])
+def test_a_folder_of_a_refused_architecture_is_refused_with_the_reason(tmp_path, model_type):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type}))
+    with pytest.raises(ConfigError) as error:
+        mfv.load("llava", model_path=str(tmp_path), dtype="float32")
+    message = str(error.value)
+    assert "\n" not in message and "not supported" in message and "supported families: gemma3" in message

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from mfv.errors import MissingWeightsError
-from mfv.models.families.qwen3vl import load as load_qwen3vl
+from mfv.models import load_backbone
 
 
 def test_missing_qwen_weights_are_a_clear_error(tmp_path):
@@ -14,7 +14,7 @@ def test_missing_qwen_weights_are_a_clear_error(tmp_path):
     what it should hold, never a download of a local path."""
     missing = tmp_path / "no-such-qwen"
     with pytest.raises(MissingWeightsError, match="holds config.json") as local:
-        load_qwen3vl(str(missing))
+        load_backbone("qwen3vl", model_path=str(missing))
     assert "huggingface-cli" not in str(local.value) and str(missing) in str(local.value)
     with pytest.raises(MissingWeightsError, match="huggingface-cli download Qwen/No-Such-Model"):
-        load_qwen3vl("Qwen/No-Such-Model", cache_dir=str(tmp_path / "hub"))
+        load_backbone("qwen3vl", model_path="Qwen/No-Such-Model", cache_dir=str(tmp_path / "hub"))

@@ -1,12 +1,12 @@
 """One adapter for Hugging Face image-text-to-text models, driven by a declarative :class:`Family`.
 
 A family (``mfv/models/families/<name>.py``) says where things are and how prompts look:
-the decoder layers and the attention output projection (the per-head site; the residual
-site is the layer itself), the prompt format (the chat template with a system message, or
-plain text with the processor's image placeholder), how ``pixel_values`` are laid out
-(per image, per patch with grids, or per row), how positions are computed (rotary from
-the attention mask, or the model's multimodal rotary index), and how to build a tiny
-random stand-in offline. Everything else lives here once:
+the decoder layers (each layer's ``self_attn.o_proj`` is the per-head site; the residual site
+is the layer itself), the chat template (a system message, one user turn), how
+``pixel_values`` are laid out (per image, per patch with grids, per tile, or per row), how
+positions are computed (rotary from the attention mask, or the model's multimodal rotary
+index), and its release's config from which a reduced stand-in is built offline
+(:mod:`mfv.models.families.release`). Everything else lives here once:
 
 * ``forward``: the last position's logits of a left-padded batch, with explicit positions
   so that a row gives the same logits alone and in any batch;
@@ -23,7 +23,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
 
 import torch
 from torch import nn
@@ -34,6 +34,9 @@ from mfv.hooks import keep_input_contiguous
 from mfv.models import hf_last_position
 from mfv.models.base import BackboneAdapter, Example, PrefixState, Prompt, PromptBatch
 
+if TYPE_CHECKING:
+    from mfv.models.families.release import StandIn
+
 # The authors' system message (paper v2): the answer template, the relation never stated.
 SYSTEM_PROMPT = "Use the following template to answer the question:\nQ:object1. A:object2"
 
@@ -43,48 +46,49 @@ class Family:
     """Where a Hugging Face vision-language family keeps what the method needs.
 
     Attributes:
-        name: Registry name.
+        name: Registry name (``<name>-random`` is its stand-in).
         model_class: The transformers class (``"LlavaForConditionalGeneration"``).
         default_path: Hub id or folder loaded when none is given.
-        layers: Attribute path from the model to the decoder layers.
-        attn_out: Attribute path from a decoder layer to the attention output projection (its
-            parent is the attention module).
-        norm: Attribute path from the model to the final norm (default: beside ``layers``).
-        text_config: Attribute of the model config holding the language model's sizes.
-        prompt: ``chat`` (the processor's chat template, a system message, one user turn with
-            images and text interleaved) or ``plain`` (text with ``image_text`` per image).
-        image_text: What stands for an image in a ``plain`` prompt.
+        description: One line for ``--help`` and error messages.
+        stand_in: The release's config and how its reduced stand-in is built offline
+            (:class:`mfv.models.families.release.StandIn`).
+        layers: Attribute path from the model to the decoder layers (the final norm is beside them).
         images: ``per_image`` (``pixel_values`` one entry per image), ``per_patch`` (flattened
-            patches, ``image_grid_thw`` per image) or ``per_row``.
+            patches, ``image_grid_thw`` per image), ``per_tile`` (a varying number of tiles per image,
+            counted by the image processor) or ``per_row``.
         positions: ``rotary`` (from the attention mask) or a function ``(model, batch) ->
             position_ids`` (multimodal rotary, shaped ``(..., B, S)``).
-        processor_options: Keyword options of ``AutoProcessor.from_pretrained``.
+        processor_options: Keyword options of ``AutoProcessor.from_pretrained`` (the loader takes them).
+        load_options: Further processor options the loader takes (with their defaults).
         images_by_prompt: The processor takes images as one list per prompt (not one flat list).
         call_options: Keyword options of every processor call (they override the processor's defaults).
         chat_template: A chat template used instead of the processor's (e.g. one that keeps each
             image in place where the release's template moves every image first).
-        stand_in: ``"module:function"`` building a tiny random model of the family offline.
     """
 
     name: str
     model_class: str
     default_path: str
-    stand_in: str
+    description: str
+    stand_in: StandIn
     layers: str = "model.language_model.layers"
-    attn_out: str = "self_attn.o_proj"
-    norm: str | None = None
-    text_config: str = "text_config"
-    prompt: Literal["chat", "plain"] = "chat"
-    image_text: str = "<image>"
-    images: Literal["per_image", "per_patch", "per_row"] = "per_image"
+    images: Literal["per_image", "per_patch", "per_tile", "per_row"] = "per_image"
     positions: str | Callable[[nn.Module, PromptBatch], torch.Tensor] = "rotary"
     processor_options: dict[str, Any] = field(default_factory=dict)
+    load_options: dict[str, Any] = field(default_factory=dict)
     images_by_prompt: bool = False
     call_options: dict[str, Any] = field(default_factory=dict)
     chat_template: str | None = None
 
     def model_type(self) -> type:
         return getattr(importlib.import_module("transformers"), self.model_class)
+
+    def config_type(self) -> type:
+        return self.model_type().config_class
+
+
+# Batch entries mfv adds for selecting rows; the model never takes them.
+_BOOKKEEPING = ("images_per_row", "tiles_per_image")
 
 
 def _path(root: Any, path: str) -> Any:
@@ -113,7 +117,7 @@ class HFAdapter(BackboneAdapter):
         self.tokenizer.padding_side = "left"
         self.backbone_id = backbone_id or family.name
         self.system_prompt = system_prompt
-        self.text_config = getattr(model.config, family.text_config)
+        self.text_config = model.config.text_config
         # Batched last-position logits without a copy of the head's weight per row (see the hook).
         self._head_hook = keep_input_contiguous(model.get_output_embeddings())
 
@@ -141,14 +145,14 @@ class HFAdapter(BackboneAdapter):
     @property
     def final_norm(self) -> nn.Module:
         """The norm between the last decoder layer and the output embeddings."""
-        return _path(self.model, self.family.norm or self.family.layers.rsplit(".", 1)[0] + ".norm")
+        return _path(self.model, self.family.layers.rsplit(".", 1)[0] + ".norm")
 
     def attention(self, layer: int) -> nn.Module:
         """The attention module of ``layer`` (the parent of its output projection)."""
-        return _path(self.layers[layer], self.family.attn_out.rsplit(".", 1)[0])
+        return self.layers[layer].self_attn
 
     def head_site(self, layer: int) -> nn.Module:
-        return _path(self.layers[layer], self.family.attn_out)
+        return self.layers[layer].self_attn.o_proj
 
     def residual_site(self, layer: int) -> nn.Module:
         return self.layers[layer]
@@ -158,8 +162,6 @@ class HFAdapter(BackboneAdapter):
         pairs = [(d.image, f"Q:{d.question}. A:{d.answer}.\n") for d in demonstrations]
         pairs.append((query.image, f"Q:{query.question}. A:"))
         images = [image for image, _ in pairs]
-        if self.family.prompt == "plain":
-            return Prompt("".join(f"{self.family.image_text}{text}" for _, text in pairs), images)
         content: list[dict[str, str]] = []
         for _, text in pairs:
             content += [{"type": "image"}, {"type": "text", "text": text}]
@@ -182,6 +184,9 @@ class HFAdapter(BackboneAdapter):
         extra = {k: v for k, v in out.items() if k not in ("input_ids", "attention_mask", "pixel_values")
                  and isinstance(v, torch.Tensor)}
         extra["images_per_row"] = torch.tensor([len(p.images) for p in prompts])
+        if self.family.images == "per_tile":  # the processor does not return its tile counts
+            count = self.processor.image_processor.get_number_of_image_patches
+            extra["tiles_per_image"] = torch.tensor([count(i.height, i.width, self.family.call_options) for i in images])
         return PromptBatch(out["input_ids"], out["attention_mask"], out["pixel_values"], extra)
 
     def select_rows(self, batch: PromptBatch, rows: torch.Tensor) -> PromptBatch:
@@ -193,8 +198,9 @@ class HFAdapter(BackboneAdapter):
         count, total = len(batch), int(per_row.sum())
 
         def pick(name: str, tensor: torch.Tensor) -> torch.Tensor:
-            if name == "pixel_values" and self.family.images == "per_patch":
-                patches = batch.extra["image_grid_thw"].prod(-1)
+            if name == "pixel_values" and self.family.images in ("per_patch", "per_tile"):
+                patches = (batch.extra["image_grid_thw"].prod(-1) if self.family.images == "per_patch"
+                           else batch.extra["tiles_per_image"])
                 first = torch.cat([patches.new_zeros(1), patches.cumsum(0)])
                 return tensor[torch.cat([torch.arange(first[i], first[i + 1]) for i in image_ids.tolist()])]
             per_image = self.family.images != "per_row" and name != "images_per_row" and total != count
@@ -211,7 +217,7 @@ class HFAdapter(BackboneAdapter):
                      "position_ids": self._positions(batch)}
         vision = {"pixel_values": batch.pixel_values.to(self.dtype)}
         for name, value in batch.extra.items():
-            if name == "images_per_row":
+            if name in _BOOKKEEPING:
                 continue
             if value.shape == batch.input_ids.shape:
                 per_token[name] = value
@@ -279,23 +285,40 @@ def load_family(family: Family, model_path: str | None = None, cache_dir: str | 
                 dtype: str = "bfloat16", system_prompt: str = SYSTEM_PROMPT, **processor_options: Any) -> HFAdapter:
     """Loads a family's model and processor from a local folder or the Hugging Face cache (no network).
 
+    Every family's registry loader is this function with its family bound.
+
     Args:
         family: The family.
         model_path: Hub id or folder (default: the family's).
         cache_dir: Hugging Face cache folder (default: the standard one).
         dtype: ``float32``, ``bfloat16`` or ``float16``; weights are built in it.
         system_prompt: The system message of chat prompts.
-        **processor_options: Processor options (e.g. ``max_pixels``) over the family's.
+        **processor_options: Processor options over the family's (its ``processor_options`` and
+            ``load_options``, e.g. ``max_pixels``, ``do_image_splitting``).
+
+    Raises:
+        ConfigError: a bad dtype or option, or a folder of another family (named by config.json).
+        MissingWeightsError: files missing or damaged (one line naming the file).
     """
     from transformers import AutoProcessor
 
+    from mfv.models.families.checks import check_folder, local_folder
+
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"dtype must be float32, bfloat16 or float16, got {dtype!r} (model.backbone_dtype)")
+    valid = {**family.processor_options, **family.load_options}
+    unknown = sorted(set(processor_options) - set(valid))
+    if unknown:
+        raise ConfigError(f"{family.name} does not take option(s) {unknown} (model.backbone_options); valid options: "
+                          f"{sorted(['model_path', 'cache_dir', 'dtype', 'system_prompt', *valid])}")
     path = model_path or family.default_path
     looks_local = path.startswith((".", "/", "~")) or Path(path).expanduser().exists()
     if looks_local and not Path(path).expanduser().is_dir():
         raise _missing(family, path)
-    options = {**family.processor_options, **processor_options}
+    folder = local_folder(path, cache_dir)
+    if folder is not None:
+        check_folder(family, folder)  # before any weight is read
+    options = {**valid, **processor_options}
     try:
         with offline_hub():
             processor = AutoProcessor.from_pretrained(path, cache_dir=cache_dir, local_files_only=True, use_fast=True,
@@ -309,24 +332,15 @@ def load_family(family: Family, model_path: str | None = None, cache_dir: str | 
     return adapter
 
 
-def random_model(family: Family, config: Any, processor: Any, seed: int = 0) -> HFAdapter:
-    """A random model of ``family`` from a config built in code (stand-ins), eager attention."""
+def random_model(family: Family, config: Any, processor: Any, seed: int = 0,
+                 attn_implementation: str = "eager") -> HFAdapter:
+    """A random model of ``family`` from a config built in code (stand-ins), with ``attn_implementation``
+    (``eager`` or ``sdpa``) in the language model and the vision tower."""
     for sub in ("text_config", "vision_config"):
         if hasattr(config, sub):
-            getattr(config, sub)._attn_implementation = "eager"
-    config._attn_implementation = "eager"
+            getattr(config, sub)._attn_implementation = attn_implementation
+    config._attn_implementation = attn_implementation
     torch.manual_seed(seed)
     adapter = HFAdapter(family.model_type()(config), processor, family, f"{family.name}-tiny")
     adapter.freeze()
     return adapter
-
-
-def write_layout(family: Family, config: Any, processor: Any, out: str | Path, dtype: str = "bfloat16",
-                 seed: int = 0) -> Path:
-    """``save_pretrained`` of a random ``family`` model with ``config`` and of ``processor``:
-    the folder a user's download is (full-size rehearsals, loading tests)."""
-    torch.manual_seed(seed)
-    # Built directly in the release dtype: a float32 copy of 4B parameters would double the memory.
-    family.model_type()._from_config(config, dtype=getattr(torch, dtype)).save_pretrained(out, safe_serialization=True)
-    processor.save_pretrained(out)
-    return Path(out)

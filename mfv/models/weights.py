@@ -227,3 +227,32 @@ def cast_weights(model: nn.Module, dtype: torch.dtype) -> nn.Module:
                     and name not in module._non_persistent_buffers_set):
                 module._buffers[name] = buffer.to(dtype)
     return model
+
+
+def check_weights_file(path: Path) -> None:
+    """Refuses a missing, truncated or damaged safetensors file in one line naming it (its header
+    is read, never its tensors; other formats are checked when read).
+
+    Raises:
+        MissingWeightsError: the file is missing, or shorter than its header says, or its header
+            does not parse.
+    """
+    from mfv.errors import MissingWeightsError
+
+    if not path.is_file():
+        raise MissingWeightsError(f"{path} is missing (listed by the folder's index): download the model again")
+    if path.suffix != ".safetensors":
+        return
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as handle:
+            (header_size,) = struct.unpack("<Q", handle.read(8))
+            if header_size > size:
+                raise ValueError(f"header of {header_size} bytes")
+            header = json.loads(handle.read(header_size))
+        end = 8 + header_size + max((info["data_offsets"][1] for key, info in header.items() if key != "__metadata__"),
+                                    default=0)
+    except (struct.error, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+        raise MissingWeightsError(f"{path} is damaged (unreadable safetensors header: {exc}): download it again") from exc
+    if size < end:
+        raise MissingWeightsError(f"{path} is truncated ({size} of {end} bytes): download it again")

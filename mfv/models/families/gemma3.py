@@ -1,12 +1,15 @@
 """Gemma 3: SigLIP vision tower, pooled to ``mm_tokens_per_image`` soft tokens per image, a
 Gemma 3 language model (sliding-window and global layers); ``<start_of_image>`` expanded by the
-processor; per-token ``token_type_ids`` make each image's tokens attend to each other."""
+processor; per-token ``token_type_ids`` make each image's tokens attend to each other. Its
+release: google/gemma-3-4b-it (8 heads x 256 = 2048 against a hidden size of 2560, 4 key-value
+heads, 5 sliding-window layers of 1024 tokens to 1 global, qk-norm, tied embeddings, <bos> added)."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
-from mfv.models.hf import SYSTEM_PROMPT, Family, HFAdapter, load_family, random_model
+from mfv.models.families.release import Reduction, StandIn, bpe_tokenizer
+from mfv.models.hf import Family
 
 IMAGE_TOKENS = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
 # Gemma 3's chat template: the system message opens the first user turn; texts are trimmed.
@@ -21,45 +24,48 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
 )
 
-FAMILY = Family("gemma3", "Gemma3ForConditionalGeneration", "google/gemma-3-4b-it", "mfv.models.families.gemma3:tiny",
-                images_by_prompt=True)
+# google/gemma-3-4b-it's config.json (the token ids come from the saved tokenizer).
+RELEASE: dict[str, Any] = {
+    "text_config": dict(vocab_size=262208, hidden_size=2560, intermediate_size=10240, num_hidden_layers=34,
+                        num_attention_heads=8, num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256,
+                        sliding_window=1024, rope_theta=1000000.0, rope_local_base_freq=10000.0,
+                        rope_scaling={"rope_type": "linear", "factor": 8.0}, rms_norm_eps=1e-6,
+                        max_position_embeddings=131072, hidden_activation="gelu_pytorch_tanh",
+                        layer_types=["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(34)]),
+    "vision_config": dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                          image_size=896, patch_size=14, vision_use_head=False),
+    "mm_tokens_per_image": 256,
+}
 
 
-def load(model_path: str = FAMILY.default_path, cache_dir: str | None = None, dtype: str = "bfloat16",
-         system_prompt: str = SYSTEM_PROMPT) -> HFAdapter:
-    """Gemma 3 from a local folder or the Hugging Face cache (no network)."""
-    return load_family(FAMILY, model_path, cache_dir, dtype, system_prompt)
+def tokenizer(words: Sequence[str] | None = None) -> Any:
+    """Byte-level BPE in Gemma's class, adding ``<bos>`` as the release's tokenizer does."""
+    return bpe_tokenizer("GemmaTokenizerFast", words, ["<eos>", "<start_of_turn>", "<end_of_turn>", *IMAGE_TOKENS.values()], bos="<bos>",
+                         eos_token="<eos>", extra_special_tokens=IMAGE_TOKENS)
 
 
-def tiny(words: Sequence[str] | None = None, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
-         num_kv_heads: int = 2, head_dim: int = 16, image_size: int = 32, sliding_window: int = 24,
-         seed: int = 0) -> HFAdapter:
-    """A tiny random Gemma 3: word-level tokenizer, the real image processor and processor; a short
-    sliding window so that the stand-in's prompts cross it."""
-    from transformers import Gemma3Config, Gemma3ImageProcessor, Gemma3Processor, GemmaTokenizerFast
-
-    from mfv.models.tokenizer import build_word_tokenizer, prompt_words
-
-    base = build_word_tokenizer([*prompt_words(words), "user", "model"])
-    tokenizer = GemmaTokenizerFast(tokenizer_object=base._tokenizer, unk_token="<unk>", pad_token="<PAD>",
-                                   bos_token="<bos>", eos_token="<eos>", extra_special_tokens=IMAGE_TOKENS)
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>",
-                                                                *IMAGE_TOKENS.values()]})
-    tokens_per_image = 4  # pooled from (image_size / 8)^2 patches
-    images = Gemma3ImageProcessor(size={"height": image_size, "width": image_size})
-    processor = Gemma3Processor(image_processor=images, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE,
-                                image_seq_length=tokens_per_image)
+def token_fields(tokenizer: Any) -> dict[str, int]:
     ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in IMAGE_TOKENS.items()}
-    config = Gemma3Config(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-                         num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
-                         head_dim=head_dim, query_pre_attn_scalar=head_dim, max_position_embeddings=4096,
-                         sliding_window=sliding_window,
-                         layer_types=[("sliding_attention", "full_attention")[i % 2] for i in range(num_layers)],
-                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=image_size, patch_size=8, vision_use_head=False),
-        mm_tokens_per_image=tokens_per_image, boi_token_index=ids["boi_token"], eoi_token_index=ids["eoi_token"],
-        image_token_index=ids["image_token"])
-    return random_model(FAMILY, config, processor, seed)
+    return {"boi_token_index": ids["boi_token"], "eoi_token_index": ids["eoi_token"],
+            "image_token_index": ids["image_token"]}
+
+
+def processor(config: dict[str, Any], tokenizer: Any) -> Any:
+    """Gemma 3's image processor and processor at the config's image size and tokens per image."""
+    from transformers import Gemma3ImageProcessor, Gemma3Processor
+
+    size = config["vision_config"]["image_size"]
+    images = Gemma3ImageProcessor(size={"height": size, "width": size})
+    return Gemma3Processor(image_processor=images, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE,
+                           image_seq_length=config["mm_tokens_per_image"])
+
+
+FAMILY = Family(
+    "gemma3", "Gemma3ForConditionalGeneration", "google/gemma-3-4b-it",
+    "Gemma 3 from a local folder or the Hugging Face cache",
+    StandIn(RELEASE, Reduction(layers=6,  # one whole 5 sliding : 1 full pattern, a 16-token window
+                               vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=2, image_size=32, patch_size=8),
+                               fields={"mm_tokens_per_image": 4}),  # 4x4 patches pooled to 2x2 (release 64x64 to 16x16)
+            tokenizer, token_fields, processor),
+    images_by_prompt=True)

@@ -1,12 +1,15 @@
 """Idefics3 and SmolVLM: SigLIP vision tower, pixel-shuffle connector, a Llama-style language
 model; ``<image>`` expanded by the processor to ``<fake_token_around_image><global-img>`` plus
-the image tokens; ``pixel_values`` per row ``(B, images, C, H, W)`` zero-padded, with a mask."""
+the image tokens; images split into tiles plus a global view as the release does by default;
+``pixel_values`` per row ``(B, images, C, H, W)`` zero-padded, with a mask. Its release:
+HuggingFaceTB/SmolVLM-Instruct (full multi-head attention, pixel shuffle by 3, no BOS)."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
-from mfv.models.hf import SYSTEM_PROMPT, Family, HFAdapter, load_family, random_model
+from mfv.models.families.release import Reduction, StandIn, bpe_tokenizer
+from mfv.models.hf import Family
 
 # SmolVLM-Instruct's chat template (Idefics3-8B's differs only in its first token).
 CHAT_TEMPLATE = (
@@ -17,40 +20,43 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
 )
 
-FAMILY = Family("idefics3", "Idefics3ForConditionalGeneration", "HuggingFaceTB/SmolVLM-Instruct",
-                "mfv.models.families.idefics3:tiny", layers="model.text_model.layers", images="per_row")
+# HuggingFaceTB/SmolVLM-Instruct's config.json (the token ids come from the saved tokenizer).
+RELEASE: dict[str, Any] = {
+    "text_config": dict(model_type="llama", vocab_size=49155, hidden_size=2048, intermediate_size=8192,
+                        num_hidden_layers=24, num_attention_heads=32, num_key_value_heads=32,
+                        max_position_embeddings=16384, rms_norm_eps=1e-5, rope_theta=273768.0, tie_word_embeddings=False),
+    "vision_config": dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                          image_size=384, patch_size=14),
+    "scale_factor": 3, "tie_word_embeddings": False,
+}
+# The processor's tile grid markers, as the release's tokenizer holds them.
+GRID_TOKENS = [f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6)]
 
 
-def load(model_path: str = FAMILY.default_path, cache_dir: str | None = None, dtype: str = "bfloat16",
-         do_image_splitting: bool = True, system_prompt: str = SYSTEM_PROMPT) -> HFAdapter:
-    """Idefics3 / SmolVLM from a local folder or the Hugging Face cache (no network);
-    ``do_image_splitting=False`` gives each image one global crop (fewer tokens)."""
-    return load_family(FAMILY, model_path, cache_dir, dtype, system_prompt, do_image_splitting=do_image_splitting)
+def tokenizer(words: Sequence[str] | None = None) -> Any:
+    """Byte-level BPE, no BOS (as the release's), with the release's image and grid tokens."""
+    return bpe_tokenizer("PreTrainedTokenizerFast", words, ["<|im_start|>", "<end_of_utterance>", "<image>", "<fake_token_around_image>", "<global-img>",
+                          *GRID_TOKENS], eos_token="<end_of_utterance>", model_input_names=["input_ids", "attention_mask"])
 
 
-def tiny(words: Sequence[str] | None = None, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
-         num_kv_heads: int = 2, image_size: int = 32, seed: int = 0) -> HFAdapter:
-    """A tiny random Idefics3: word-level tokenizer, the real image processor (no splitting) and processor."""
-    from transformers import Idefics3Config, Idefics3ImageProcessor, Idefics3Processor
+def processor(config: dict[str, Any], tokenizer: Any) -> Any:
+    """Idefics3's image processor, splitting as the release (tiles of the vision image size; the
+    release resizes to 4 tiles a side, the stand-in to 2) and its processor."""
+    from transformers import Idefics3ImageProcessor, Idefics3Processor
 
-    from mfv.models.tokenizer import build_word_tokenizer, prompt_words
+    vision = config["vision_config"]
+    tile = vision["image_size"]
+    images = Idefics3ImageProcessor(do_image_splitting=True, size={"longest_edge": 2 * tile},
+                                    max_image_size={"longest_edge": tile})
+    return Idefics3Processor(image_processor=images, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE,
+                             image_seq_len=(tile // vision["patch_size"]) ** 2 // config["scale_factor"] ** 2)
 
-    tokenizer = build_word_tokenizer([*prompt_words(words), "System", "User", "Assistant"])
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<global-img>"]},
-                                 replace_additional_special_tokens=False)
-    tokenizer.model_input_names = ["input_ids", "attention_mask"]
-    patch_size, scale_factor = 8, 2
-    images = Idefics3ImageProcessor(do_image_splitting=False, size={"longest_edge": image_size},
-                                    max_image_size={"longest_edge": image_size})
-    processor = Idefics3Processor(image_processor=images, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE,
-                                  image_seq_len=(image_size // patch_size) ** 2 // scale_factor**2)
-    config = Idefics3Config(
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=image_size, patch_size=patch_size),
-        text_config=dict(model_type="llama", vocab_size=len(tokenizer), hidden_size=hidden_size,
-                         intermediate_size=2 * hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
-                         num_key_value_heads=num_kv_heads, max_position_embeddings=4096,
-                         pad_token_id=tokenizer.pad_token_id),
-        scale_factor=scale_factor, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        pad_token_id=tokenizer.pad_token_id)
-    return random_model(FAMILY, config, processor, seed)
+
+FAMILY = Family(
+    "idefics3", "Idefics3ForConditionalGeneration", "HuggingFaceTB/SmolVLM-Instruct",
+    "Idefics3 / SmolVLM from a local folder or the Hugging Face cache",
+    StandIn(RELEASE, Reduction(vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=2, image_size=48, patch_size=8)),  # 6x6 patches -> 4 tokens
+            tokenizer, lambda tok: {"image_token_id": tok.convert_tokens_to_ids("<image>"),
+                                    "pad_token_id": tok.pad_token_id}, processor),
+    layers="model.text_model.layers", images="per_row", load_options={"do_image_splitting": True})

@@ -1,12 +1,15 @@
 """InternVL 3 (the ``-hf`` releases): InternViT vision tower, pixel-shuffle MLP projector, a
 Qwen2.5 language model; ``<IMG_CONTEXT>`` expanded by the processor to ``<img>`` + image tokens +
-``</img>``. One 448x448 tile per image (``crop_to_patches`` off): ``pixel_values`` per image."""
+``</img>`` per tile. Each image is cut into tiles plus a thumbnail as the release does by default
+(``crop_to_patches``, up to 12): ``pixel_values`` per tile. Its release: OpenGVLab/InternVL3-2B-hf
+(12 query heads on 2 key-value heads, no BOS)."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
-from mfv.models.hf import SYSTEM_PROMPT, Family, HFAdapter, load_family, random_model
+from mfv.models.families.release import Reduction, StandIn, bpe_tokenizer
+from mfv.models.hf import Family
 
 IMAGE_TOKENS = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
                 "video_token": "<video>"}
@@ -19,40 +22,43 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
-# Tiles would make the patches per image vary, which per-image pixel_values cannot select by row.
-FAMILY = Family("internvl", "InternVLForConditionalGeneration", "OpenGVLab/InternVL3-2B-hf",
-                "mfv.models.families.internvl:tiny", call_options={"crop_to_patches": False})
+# OpenGVLab/InternVL3-2B-hf's config.json (the token ids come from the saved tokenizer).
+RELEASE: dict[str, Any] = {
+    "text_config": dict(model_type="qwen2", vocab_size=151674, hidden_size=1536, intermediate_size=8960,
+                        num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                        max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=1000000.0, use_sliding_window=False,
+                        tie_word_embeddings=False),
+    "vision_config": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                          image_size=[448, 448], patch_size=[14, 14]),
+    "downsample_ratio": 0.5, "projector_hidden_act": "gelu", "vision_feature_layer": -1,
+    "vision_feature_select_strategy": "default", "image_seq_length": 256, "tie_word_embeddings": False,
+}
 
 
-def load(model_path: str = FAMILY.default_path, cache_dir: str | None = None, dtype: str = "bfloat16",
-         system_prompt: str = SYSTEM_PROMPT) -> HFAdapter:
-    """InternVL 3 (``-hf`` layout) from a local folder or the Hugging Face cache (no network)."""
-    return load_family(FAMILY, model_path, cache_dir, dtype, system_prompt)
+def tokenizer(words: Sequence[str] | None = None) -> Any:
+    """Byte-level BPE in Qwen2's class, no BOS (as the release's)."""
+    return bpe_tokenizer("Qwen2TokenizerFast", words, ["<|im_start|>", "<|im_end|>", *IMAGE_TOKENS.values()], eos_token="<|im_end|>",
+                         extra_special_tokens=IMAGE_TOKENS)
 
 
-def tiny(words: Sequence[str] | None = None, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
-         num_kv_heads: int = 2, image_size: int = 32, seed: int = 0) -> HFAdapter:
-    """A tiny random InternVL: word-level tokenizer, the real image, video and processor classes."""
-    from transformers import GotOcr2ImageProcessor, InternVLConfig, InternVLProcessor, Qwen2TokenizerFast
+def processor(config: dict[str, Any], tokenizer: Any) -> Any:
+    """InternVL's image (tiling), video and processor classes at the config's tile size."""
+    from transformers import GotOcr2ImageProcessor, InternVLProcessor
     from transformers.models.internvl.video_processing_internvl import InternVLVideoProcessor
 
-    from mfv.models.tokenizer import build_word_tokenizer, prompt_words
+    height, width = config["vision_config"]["image_size"]
+    images = GotOcr2ImageProcessor(size={"height": height, "width": width}, crop_to_patches=True)
+    return InternVLProcessor(image_processor=images, tokenizer=tokenizer, video_processor=InternVLVideoProcessor(),
+                             chat_template=CHAT_TEMPLATE, image_seq_length=config["image_seq_length"])
 
-    base = build_word_tokenizer([*prompt_words(words), "system", "user", "assistant"])
-    tokenizer = Qwen2TokenizerFast(tokenizer_object=base._tokenizer, unk_token="<unk>", pad_token="<PAD>",
-                                   eos_token="<|im_end|>", bos_token=None, extra_special_tokens=IMAGE_TOKENS)
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", *IMAGE_TOKENS.values()]})
-    patch_size, downsample = 8, 0.5
-    images = GotOcr2ImageProcessor(size={"height": image_size, "width": image_size})
-    processor = InternVLProcessor(image_processor=images, tokenizer=tokenizer, video_processor=InternVLVideoProcessor(),
-                                  chat_template=CHAT_TEMPLATE,
-                                  image_seq_length=int((image_size // patch_size) ** 2 * downsample**2))
-    config = InternVLConfig(
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=[image_size, image_size], patch_size=[patch_size, patch_size]),
-        text_config=dict(model_type="qwen2", vocab_size=len(tokenizer), hidden_size=hidden_size,
-                         intermediate_size=2 * hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
-                         num_key_value_heads=num_kv_heads, max_position_embeddings=4096),
-        image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"), downsample_ratio=downsample,
-        image_seq_length=int((image_size // patch_size) ** 2 * downsample**2))
-    return random_model(FAMILY, config, processor, seed)
+
+FAMILY = Family(
+    "internvl", "InternVLForConditionalGeneration", "OpenGVLab/InternVL3-2B-hf",
+    "InternVL 3 (-hf layout) from a local folder or the Hugging Face cache",
+    StandIn(RELEASE, Reduction(heads=6,  # the release's 6 query heads per key-value head
+                               # 28-pixel tiles: a 64-pixel image is 3x3 tiles + a thumbnail; 4x4 patches -> 4 tokens
+                               vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=2, image_size=[28, 28], patch_size=[7, 7]),
+                               fields={"image_seq_length": 4}),
+            tokenizer, lambda tok: {"image_token_id": tok.convert_tokens_to_ids("<IMG_CONTEXT>")}, processor),
+    images="per_tile", call_options={"crop_to_patches": True})

@@ -1,11 +1,14 @@
 """LLaVA-1.5 (and LLaVA models of the same layout): CLIP vision tower, MLP projector, a
-Llama/Vicuna language model; ``<image>`` expanded by the processor; one image tensor per image."""
+Llama/Vicuna language model (full multi-head attention); ``<image>`` expanded by the processor
+to one token per patch of the grid (576 for the release); one image tensor per image; the Llama
+tokenizer adds ``<s>``."""
 
 from __future__ import annotations
 
 from typing import Any, Sequence
 
-from mfv.models.hf import SYSTEM_PROMPT, Family, HFAdapter, load_family, random_model
+from mfv.models.families.release import Reduction, StandIn, bpe_tokenizer
+from mfv.models.hf import Family
 
 # LLaVA-1.5's conversation format as a chat template (the released processors ship one).
 CHAT_TEMPLATE = (
@@ -15,38 +18,42 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
 
+# llava-hf/llava-1.5-7b-hf's config.json (the token ids come from the saved tokenizer).
+RELEASE: dict[str, Any] = {
+    "text_config": dict(model_type="llama", vocab_size=32064, hidden_size=4096, intermediate_size=11008,
+                        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                        max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False),
+    "vision_config": dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                          num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768),
+    "projector_hidden_act": "gelu", "vision_feature_layer": -2, "vision_feature_select_strategy": "default",
+    "image_seq_length": 576, "tie_word_embeddings": False,
+}
+
+
+def tokenizer(words: Sequence[str] | None = None) -> Any:
+    """Byte-level BPE in the Llama class, adding ``<s>`` as the release's tokenizer does."""
+    return bpe_tokenizer("LlamaTokenizerFast", words, ["</s>", "<image>"], bos="<s>",
+                         eos_token="</s>")
+
+
+def processor(config: dict[str, Any], tokenizer: Any) -> Any:
+    """CLIP's image processor and LLaVA's processor at the config's image and patch sizes."""
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    vision = config["vision_config"]
+    size = vision["image_size"]
+    images = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    return LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=vision["patch_size"],
+                          vision_feature_select_strategy=config["vision_feature_select_strategy"],
+                          num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE)
+
+
 # The released llava-hf template puts every image of a turn first; this one keeps each in place.
-FAMILY = Family("llava", "LlavaForConditionalGeneration", "llava-hf/llava-1.5-7b-hf", "mfv.models.families.llava:tiny",
-                chat_template=CHAT_TEMPLATE)
-
-
-def load(model_path: str = FAMILY.default_path, cache_dir: str | None = None, dtype: str = "bfloat16",
-         system_prompt: str = SYSTEM_PROMPT) -> HFAdapter:
-    """A LLaVA model from a local folder or the Hugging Face cache (no network)."""
-    return load_family(FAMILY, model_path, cache_dir, dtype, system_prompt)
-
-
-def tiny(words: Sequence[str] | None = None, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
-         image_size: int = 32, seed: int = 0) -> HFAdapter:
-    """A tiny random LLaVA: word-level tokenizer, the real CLIP image processor and processor."""
-    from transformers import CLIPImageProcessor, LlamaTokenizerFast, LlavaConfig, LlavaProcessor
-
-    from mfv.models.tokenizer import build_word_tokenizer, prompt_words
-
-    base = build_word_tokenizer([*prompt_words(words), "USER", "ASSISTANT"])
-    tokenizer = LlamaTokenizerFast(tokenizer_object=base._tokenizer, unk_token="<unk>", pad_token="<PAD>",
-                                   eos_token="<|endoftext|>", bos_token=None, add_bos_token=False)
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    images = CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
-    processor = LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=16,
-                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                               chat_template=CHAT_TEMPLATE)
-    config = LlavaConfig(
-        vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=2, image_size=image_size, patch_size=16, projection_dim=32),
-        text_config=dict(model_type="llama", vocab_size=len(tokenizer), hidden_size=hidden_size,
-                         intermediate_size=2 * hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
-                         num_key_value_heads=num_heads, max_position_embeddings=2048),
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
-        vision_feature_select_strategy="default")
-    return random_model(FAMILY, config, processor, seed)
+FAMILY = Family(
+    "llava", "LlavaForConditionalGeneration", "llava-hf/llava-1.5-7b-hf",
+    "LLaVA-1.5 from a local folder or the Hugging Face cache",
+    StandIn(RELEASE, Reduction(vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=2, image_size=42, projection_dim=32),  # a 3x3 grid
+                               fields={"image_seq_length": 9}),
+            tokenizer, lambda tok: {"image_token_index": tok.convert_tokens_to_ids("<image>")}, processor),
+    chat_template=CHAT_TEMPLATE)

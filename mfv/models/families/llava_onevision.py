@@ -1,13 +1,15 @@
 """LLaVA-OneVision: SigLIP vision tower, MLP projector, a Qwen2 language model; ``<image>``
 expanded by the processor (anyres tiles plus newlines for a row's only image, the base tile plus
 a newline for each of several); ``pixel_values`` per image (tiles zero-padded), ``image_sizes``
-per image, ``batch_num_images`` per row."""
+per image, ``batch_num_images`` per row. Its release: llava-hf/llava-onevision-qwen2-0.5b-ov-hf
+(14 query heads on 2 key-value heads, anyres up to 6x6 tiles with at most 9 kept, no BOS)."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
-from mfv.models.hf import SYSTEM_PROMPT, Family, HFAdapter, load_family, random_model
+from mfv.models.families.release import Reduction, StandIn, bpe_tokenizer
+from mfv.models.hf import Family
 
 # The release's ChatML template, except that each image stays where it is (the release's moves
 # every image of a turn before its texts, which would part demonstrations from their images).
@@ -18,45 +20,52 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
-FAMILY = Family("llava-onevision", "LlavaOnevisionForConditionalGeneration",
-                "llava-hf/llava-onevision-qwen2-0.5b-ov-hf", "mfv.models.families.llava_onevision:tiny",
-                images_by_prompt=True, chat_template=CHAT_TEMPLATE)
+# llava-hf/llava-onevision-qwen2-0.5b-ov-hf's config.json (the token ids come from the saved tokenizer).
+RELEASE: dict[str, Any] = {
+    "text_config": dict(model_type="qwen2", vocab_size=152000, hidden_size=896, intermediate_size=4864,
+                        num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                        max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=1000000.0, use_sliding_window=False,
+                        tie_word_embeddings=True),
+    "vision_config": dict(model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304,
+                          num_hidden_layers=26, num_attention_heads=16, image_size=384, patch_size=14,
+                          vision_use_head=False),
+    "vision_feature_layer": -1, "vision_feature_select_strategy": "full", "vision_aspect_ratio": "anyres_max_9",
+    "image_grid_pinpoints": [[384 * h, 384 * w] for h in range(1, 7) for w in range(1, 7)],
+    "image_seq_length": 729, "projector_hidden_act": "gelu", "tie_word_embeddings": True,
+}
 
 
-def load(model_path: str = FAMILY.default_path, cache_dir: str | None = None, dtype: str = "bfloat16",
-         system_prompt: str = SYSTEM_PROMPT) -> HFAdapter:
-    """LLaVA-OneVision from a local folder or the Hugging Face cache (no network)."""
-    return load_family(FAMILY, model_path, cache_dir, dtype, system_prompt)
+def tokenizer(words: Sequence[str] | None = None) -> Any:
+    """Byte-level BPE in Qwen2's class, no BOS (as the release's)."""
+    return bpe_tokenizer("Qwen2TokenizerFast", words, ["<|im_start|>", "<|im_end|>", "<image>", "<video>"], eos_token="<|im_end|>")
 
 
-def tiny(words: Sequence[str] | None = None, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
-         num_kv_heads: int = 2, image_size: int = 32, seed: int = 0) -> HFAdapter:
-    """A tiny random LLaVA-OneVision: word-level tokenizer, the real image, video and processor
-    classes; tiles of ``image_size`` on a 2x2 grid at most."""
-    from transformers import (LlavaOnevisionConfig, LlavaOnevisionImageProcessor, LlavaOnevisionProcessor,
-                              Qwen2TokenizerFast)
+def processor(config: dict[str, Any], tokenizer: Any) -> Any:
+    """LLaVA-OneVision's image (anyres), video and processor classes at the config's tile size and grids."""
+    from transformers import LlavaOnevisionImageProcessor, LlavaOnevisionProcessor
     from transformers.models.llava_onevision.video_processing_llava_onevision import LlavaOnevisionVideoProcessor
 
-    from mfv.models.tokenizer import build_word_tokenizer, prompt_words
+    size = config["vision_config"]["image_size"]
+    images = LlavaOnevisionImageProcessor(size={"height": size, "width": size},
+                                          image_grid_pinpoints=config["image_grid_pinpoints"])
+    return LlavaOnevisionProcessor(image_processor=images, tokenizer=tokenizer,
+                                   video_processor=LlavaOnevisionVideoProcessor(),
+                                   num_image_tokens=config["image_seq_length"],
+                                   vision_feature_select_strategy=config["vision_feature_select_strategy"],
+                                   chat_template=CHAT_TEMPLATE)
 
-    base = build_word_tokenizer([*prompt_words(words), "system", "user", "assistant"])
-    tokenizer = Qwen2TokenizerFast(tokenizer_object=base._tokenizer, unk_token="<unk>", pad_token="<PAD>",
-                                   eos_token="<|im_end|>", bos_token=None)
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<image>", "<video>"]})
-    patch_size, pinpoints = 8, [[image_size * h, image_size * w] for h in (1, 2) for w in (1, 2)]
-    tokens = (image_size // patch_size) ** 2
-    images = LlavaOnevisionImageProcessor(size={"height": image_size, "width": image_size},
-                                          image_grid_pinpoints=pinpoints)
-    processor = LlavaOnevisionProcessor(image_processor=images, tokenizer=tokenizer,
-                                        video_processor=LlavaOnevisionVideoProcessor(), num_image_tokens=tokens,
-                                        vision_feature_select_strategy="full", chat_template=CHAT_TEMPLATE)
-    config = LlavaOnevisionConfig(
-        vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=2, image_size=image_size, patch_size=patch_size, vision_use_head=False),
-        text_config=dict(model_type="qwen2", vocab_size=len(tokenizer), hidden_size=hidden_size,
-                         intermediate_size=2 * hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
-                         num_key_value_heads=num_kv_heads, max_position_embeddings=4096),
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        video_token_index=tokenizer.convert_tokens_to_ids("<video>"), vision_feature_layer=-1,
-        vision_feature_select_strategy="full", image_grid_pinpoints=pinpoints, image_seq_length=tokens)
-    return random_model(FAMILY, config, processor, seed)
+
+def token_fields(tokenizer: Any) -> dict[str, int]:
+    return {"image_token_index": tokenizer.convert_tokens_to_ids("<image>"),
+            "video_token_index": tokenizer.convert_tokens_to_ids("<video>")}
+
+
+FAMILY = Family(
+    "llava-onevision", "LlavaOnevisionForConditionalGeneration", "llava-hf/llava-onevision-qwen2-0.5b-ov-hf",
+    "LLaVA-OneVision from a local folder or the Hugging Face cache",
+    StandIn(RELEASE, Reduction(heads=7,  # the release's 7 query heads per key-value head
+                               vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=2, image_size=32, patch_size=8),
+                               fields={"image_seq_length": 16}),  # 4x4 patches per tile (release 27x27)
+            tokenizer, token_fields, processor),
+    images_by_prompt=True, chat_template=CHAT_TEMPLATE)

@@ -1,5 +1,7 @@
 """Qwen3-VL (paper v2): chat template with the authors' system message, multimodal rotary
-positions, flattened patches; images capped at 256*28*28 pixels as in the paper."""
+positions (interleaved sections), qk-norm, flattened patches; images capped at 256*28*28 pixels
+as in the paper. Its release: Qwen/Qwen3-VL-4B-Instruct (32 heads x 128 = 4096 against a hidden
+size of 2560, 8 key-value heads)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,8 @@ from typing import Any, Sequence
 
 import torch
 
-from mfv.models.hf import SYSTEM_PROMPT, Family, HFAdapter, load_family, random_model
+from mfv.models.families.release import Reduction, StandIn, bpe_tokenizer
+from mfv.models.hf import Family
 
 PAPER_MAX_PIXELS = 256 * 28 * 28
 SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
@@ -19,6 +22,19 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+# Qwen/Qwen3-VL-4B-Instruct's config.json (the token ids come from the saved tokenizer).
+RELEASE: dict[str, Any] = {
+    "text_config": dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                        num_attention_heads=32, num_key_value_heads=8, head_dim=128, hidden_act="silu",
+                        max_position_embeddings=262144, rms_norm_eps=1e-6, rope_theta=5000000, attention_bias=False,
+                        tie_word_embeddings=True,
+                        rope_scaling={"rope_type": "default", "mrope_section": [24, 20, 20], "mrope_interleaved": True}),
+    "vision_config": dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, hidden_act="gelu_pytorch_tanh",
+                          patch_size=16, spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=2560,
+                          num_position_embeddings=2304, deepstack_visual_indexes=[5, 11, 17]),
+    "tie_word_embeddings": True,
+}
+
 
 def rope_index(model: Any, batch: Any) -> torch.Tensor:
     """Multimodal rotary positions ``(3, B, S)`` of a left-padded batch."""
@@ -26,36 +42,10 @@ def rope_index(model: Any, batch: Any) -> torch.Tensor:
                                       attention_mask=batch.attention_mask)[0]
 
 
-FAMILY = Family("qwen3vl", "Qwen3VLForConditionalGeneration", "Qwen/Qwen3-VL-4B-Instruct",
-                "mfv.models.families.qwen3vl:tiny", images="per_patch", positions=rope_index,
-                processor_options={"min_pixels": PAPER_MAX_PIXELS, "max_pixels": PAPER_MAX_PIXELS})
-
-
-def load(model_path: str = FAMILY.default_path, cache_dir: str | None = None, dtype: str = "bfloat16",
-         max_pixels: int = PAPER_MAX_PIXELS, min_pixels: int = PAPER_MAX_PIXELS,
-         system_prompt: str = SYSTEM_PROMPT) -> HFAdapter:
-    """Qwen3-VL from a local folder or the Hugging Face cache (no network)."""
-    return load_family(FAMILY, model_path, cache_dir, dtype, system_prompt, max_pixels=max_pixels, min_pixels=min_pixels)
-
-
-def stand_in_processor(words: Sequence[str] | None = None, min_pixels: int = 32 * 32, max_pixels: int = 64 * 64,
-                       processor_class: str = "Qwen3VLProcessor", patch_size: int = 16) -> Any:
-    """A Qwen-VL processor built in code: word-level tokenizer, the real image processor."""
-    import transformers
-    from transformers import Qwen2TokenizerFast
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
-    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
-
-    from mfv.models.tokenizer import build_word_tokenizer, prompt_words
-
-    base = build_word_tokenizer([*prompt_words(words), "system", "user", "assistant"])
-    tokenizer = Qwen2TokenizerFast(tokenizer_object=base._tokenizer, unk_token="<unk>", pad_token="<PAD>",
-                                   eos_token="<|im_end|>", bos_token=None)
-    tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS})
-    images = Qwen2VLImageProcessor(patch_size=patch_size, temporal_patch_size=2, merge_size=2, min_pixels=min_pixels,
-                                   max_pixels=max_pixels)
-    return getattr(transformers, processor_class)(image_processor=images, tokenizer=tokenizer,
-                                                  video_processor=Qwen3VLVideoProcessor(), chat_template=CHAT_TEMPLATE)
+def qwen_tokenizer(words: Sequence[str] | None = None) -> Any:
+    """The Qwen stand-in tokenizer: byte-level BPE, no BOS (as the release's), ``<|im_end|>`` ends a turn."""
+    return bpe_tokenizer("Qwen2TokenizerFast", words, SPECIAL_TOKENS,
+                         eos_token="<|im_end|>")
 
 
 def token_ids(tokenizer: Any) -> dict[str, int]:
@@ -65,20 +55,28 @@ def token_ids(tokenizer: Any) -> dict[str, int]:
             "vision_start_token_id": ids["<|vision_start|>"], "vision_end_token_id": ids["<|vision_end|>"]}
 
 
-def tiny(words: Sequence[str] | None = None, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
-         num_kv_heads: int = 2, head_dim: int = 16, max_pixels: int = 64 * 64, seed: int = 0) -> HFAdapter:
-    """A tiny random Qwen3-VL (word-level tokenizer, real image processor and chat template)."""
-    from transformers import Qwen3VLConfig
+def qwen_processor(config: dict[str, Any], tokenizer: Any, processor_class: str = "Qwen3VLProcessor") -> Any:
+    """The release's processor classes at the config's patch and merge sizes: images between one
+    merged patch and 2x2 of them (the loader sets the paper's pixel budget)."""
+    import transformers
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 
-    processor = stand_in_processor(words, max_pixels=max_pixels)
-    config = Qwen3VLConfig(
-        text_config=dict(vocab_size=len(processor.tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-                         num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
-                         head_dim=head_dim, max_position_embeddings=4096,
-                         rope_scaling={"rope_type": "default", "mrope_interleaved": True,
-                                       "mrope_section": [head_dim // 4, head_dim // 8, head_dim // 8]}),
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16,
-                           spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=hidden_size,
-                           num_position_embeddings=64, deepstack_visual_indexes=[0]),
-        **token_ids(processor.tokenizer))
-    return random_model(FAMILY, config, processor, seed)
+    vision = config["vision_config"]
+    merged = vision["patch_size"] * vision["spatial_merge_size"]
+    images = Qwen2VLImageProcessor(patch_size=vision["patch_size"], temporal_patch_size=vision["temporal_patch_size"],
+                                   merge_size=vision["spatial_merge_size"], min_pixels=merged**2,
+                                   max_pixels=(2 * merged) ** 2)
+    return getattr(transformers, processor_class)(image_processor=images, tokenizer=tokenizer,
+                                                  video_processor=Qwen3VLVideoProcessor(), chat_template=CHAT_TEMPLATE)
+
+
+FAMILY = Family(
+    "qwen3vl", "Qwen3VLForConditionalGeneration", "Qwen/Qwen3-VL-4B-Instruct",
+    "Qwen3-VL (paper v2) from a local folder or the Hugging Face cache",
+    StandIn(RELEASE, Reduction(head_dim=32,  # 16 rotary pairs: the sections 24:20:20 stay integral (6:5:5)
+                               vision=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
+                                           num_position_embeddings=64, deepstack_visual_indexes=[0])),
+            qwen_tokenizer, token_ids, qwen_processor),
+    images="per_patch", positions=rope_index,
+    processor_options={"min_pixels": PAPER_MAX_PIXELS, "max_pixels": PAPER_MAX_PIXELS})
