@@ -147,6 +147,15 @@ def prompt_pass(adapter: BackboneAdapter, batch: PromptBatch) -> PrefixState:
         return adapter.prefill(batch)
 
 
+def minimal_logits(adapter: BackboneAdapter, state: PrefixState, injection: Injection) -> torch.Tensor | None:
+    """The backbone's minimal path (:meth:`BackboneAdapter.steered_logits`) on a prefilled
+    ``state``: only the last position from the first injection layer up; ``None`` where it has
+    none. :func:`steered_logits` and the fine-tuning prompt store
+    (:mod:`mfv.training.prompt_store`, whose states join stored per-prompt shares) call it."""
+    vectors = injection.per_row(state.batch_size).to(adapter.device)
+    return adapter.steered_logits(state, vectors, list(injection.layers))
+
+
 def _all_rows(adapter: BackboneAdapter, state: PrefixState) -> torch.Tensor:
     return torch.arange(state.batch_size, device=adapter.device)
 
@@ -174,10 +183,10 @@ def steered_logits(adapter: BackboneAdapter, batch: PromptBatch, injection: Inje
         with steering(adapter, injection):
             return adapter.forward(batch)
     state = prefix if prefix is not None else prompt_pass(adapter, batch)
-    vectors = injection.per_row(state.batch_size).to(adapter.device)
-    logits = adapter.steered_logits(state, vectors, list(injection.layers))
+    logits = minimal_logits(adapter, state, injection)
     if logits is not None:
         return logits
+    vectors = injection.per_row(state.batch_size).to(adapter.device)
     # forward_last continues a cached prompt, which the residual hook takes for generation:
     # every_generated_position makes it add at that (last prompt) position.
     with steering(adapter, Injection(injection.layers, vectors), every_generated_position=True):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 from PIL import Image
@@ -101,6 +101,76 @@ class PrefixState:
                    if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == self.batch_size]
         return sum(t.numel() * t.element_size() for t in tensors) // max(1, self.batch_size)
 
+
+class PromptShare(Protocol):
+    """A minimal path's state (``PrefixState.data["minimal"]``) that splits into one share per
+    prompt and joins shares of any prompts back into a batch (the fine-tuning prompt store,
+    :mod:`mfv.training.prompt_store`). A share keeps only what the last position needs from
+    ``first_layer`` up (its input there, the keys/values and call state of the layers above),
+    with the prompt's left padding cut off; lists indexed by layer keep their length (``None``
+    below ``first_layer``) so the steered path indexes them as before."""
+
+    def share(self, row: int, first_layer: int) -> "PromptShare":
+        """Prompt ``row``'s share from ``first_layer`` up (compact copies, no padding)."""
+
+    @classmethod
+    def join(cls, shares: Sequence["PromptShare"]) -> "PromptShare":
+        """A batch of shares (same ``first_layer``): keys and values left-padded to the longest
+        prompt, the padding masked out, so the steered path gives what it gives on one batch."""
+
+
+def first_attended(masks: Sequence[torch.Tensor]) -> int:
+    """The first cached position any of ``masks`` lets the last query attend to: the additive
+    masks (``(..., S')``, 0 or very negative) of one prompt's layers. Positions before it carry
+    no weight in any layer (left padding), so a share drops them."""
+    attended = torch.stack([(m > torch.finfo(m.dtype).min / 2).flatten(0, -2).any(0) for m in masks]).any(0)
+    hits = attended.nonzero()
+    return int(hits[0]) if len(hits) else attended.shape[0]
+
+
+def pad_left_cat(parts: Sequence[torch.Tensor], dim: int, value: float) -> torch.Tensor:
+    """``parts`` (one prompt each) concatenated on dimension 0, each left-padded with ``value``
+    along ``dim`` (a position axis) to the longest."""
+    width = max(t.shape[dim] for t in parts)
+    dim = dim % parts[0].dim()
+    padded = []
+    for t in parts:
+        missing = width - t.shape[dim]
+        if missing:
+            # F.pad counts dimensions from the last: (left, right) pairs, last dimension first.
+            spec = [0, 0] * (t.dim() - 1 - dim) + [missing, 0]
+            t = torch.nn.functional.pad(t, spec, value=value)
+        padded.append(t)
+    return torch.cat(padded)
+
+
+def share_inputs(inputs: Sequence[torch.Tensor | None], row: int, first_layer: int) -> list[torch.Tensor | None]:
+    """A share's per-layer last-position inputs: prompt ``row``'s input of ``first_layer`` only."""
+    out: list[torch.Tensor | None] = [None] * len(inputs)
+    out[first_layer] = inputs[first_layer][row:row + 1].clone()
+    return out
+
+
+def share_positions(per_layer: Sequence[torch.Tensor], row: int, first_layer: int,
+                    start: int) -> list[torch.Tensor | None]:
+    """A share's keys or values: per layer from ``first_layer`` up, prompt ``row``'s
+    ``(1, heads, S' - start, d)`` from cached position ``start`` on; ``None`` below."""
+    return [None] * first_layer + [per_layer[i][row:row + 1, ..., start:, :].clone()
+                                   for i in range(first_layer, len(per_layer))]
+
+
+def join_inputs(per_share: Sequence[Sequence[torch.Tensor | None]]) -> tuple[int, list[torch.Tensor | None]]:
+    """The shares' :func:`share_inputs` as one batch's, and the layer they start at."""
+    first = next(i for i, t in enumerate(per_share[0]) if t is not None)
+    out: list[torch.Tensor | None] = [None] * len(per_share[0])
+    out[first] = torch.cat([inputs[first] for inputs in per_share])
+    return first, out
+
+
+def join_positions(per_share: Sequence[Sequence[torch.Tensor | None]], first: int) -> list[torch.Tensor | None]:
+    """Per layer from ``first`` up, the shares' keys or values ``(1, heads, S_i, d)`` as one
+    batch's, left-padded with zeros (their mask hides the padding); ``None`` below."""
+    return [None] * first + [pad_left_cat([s[i] for s in per_share], -2, 0.0) for i in range(first, len(per_share[0]))]
 
 def steer_upward(after_first: torch.Tensor, vectors: torch.Tensor, layers: list[int], num_layers: int,
                  layer: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:

@@ -28,13 +28,14 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from mfv.hooks import overwrite_input_rows, record_last_inputs, record_layer_calls
-from mfv.models.base import PrefixState, PromptBatch, steer_upward
+from mfv.models.base import (PrefixState, PromptBatch, first_attended, join_inputs, join_positions, pad_left_cat,
+                             share_inputs, share_positions, steer_upward)
 
 if TYPE_CHECKING:
     from mfv.models.hf import HFAdapter
@@ -105,6 +106,22 @@ class Replay:
     calls: list[dict[str, Any]]
     heads: list[torch.Tensor] | None = None
 
+    def share(self, row: int, first_layer: int) -> "Replay":
+        """Prompt ``row``'s share from ``first_layer`` up (:class:`~mfv.models.base.PromptShare`)."""
+        above = range(first_layer, len(self.keys))
+        start = first_attended([self.calls[i]["attention_mask"][row] for i in above]) if len(above) else 0
+        return Replay(share_inputs(self.inputs, row, first_layer), share_positions(self.keys, row, first_layer, start),
+                      share_positions(self.values, row, first_layer, start),
+                      [None] * first_layer + [_call_share(self.calls[i], row, start) for i in above])
+
+    @classmethod
+    def join(cls, shares: Sequence["Replay"]) -> "Replay":
+        """A batch of shares, keys and values left-padded and masked (:class:`~mfv.models.base.PromptShare`)."""
+        first, inputs = join_inputs([s.inputs for s in shares])
+        calls = [None] * first + [_call_join([s.calls[i] for s in shares]) for i in range(first, len(shares[0].calls))]
+        return cls(inputs, join_positions([s.keys for s in shares], first),
+                   join_positions([s.values for s in shares], first), calls)
+
 
 def _prefix_mask(recorded: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
     """The last query's additive mask over positions ``0..S-2`` ``(P, 1, 1, S-1)``: the batch's
@@ -134,6 +151,44 @@ def _last_call(kwargs: dict[str, Any], mask: torch.Tensor) -> dict[str, Any] | N
         else:
             out[name] = value
     out.setdefault("attention_mask", _prefix_mask(None, mask))
+    return out
+
+
+# A call's per-prompt tensors and their prompt axis, counted from the end: the mask
+# (P, 1, 1, S'), rotary tables (..., P, 1, d), position ids (..., P, 1).
+def _prompt_axis(name: str) -> int | None:
+    if name.startswith("position_embeddings"):
+        return -3
+    return -2 if name == "position_ids" else None
+
+
+def _call_share(call: dict[str, Any], row: int, start: int) -> dict[str, Any]:
+    """One prompt's share of a layer's replay call: its own rows, the mask from ``start`` on."""
+    def own(t: torch.Tensor, axis: int) -> torch.Tensor:  # a table shared by every prompt (size 1) stays so
+        return t.narrow(axis, row if t.shape[axis] > 1 else 0, 1).clone()
+
+    out = dict(call)
+    out["attention_mask"] = call["attention_mask"][row:row + 1, ..., start:].clone()
+    for name, value in call.items():
+        axis = _prompt_axis(name)
+        if axis is not None and value is not None:
+            out[name] = tuple(own(t, axis) for t in value) if isinstance(value, tuple) else own(value, axis)
+    return out
+
+
+def _call_join(calls: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The shares' calls as one batch's: masks left-padded (padding masked out), the rest stacked."""
+    out = dict(calls[0])
+    mask = calls[0]["attention_mask"]
+    out["attention_mask"] = pad_left_cat([c["attention_mask"] for c in calls], -1, torch.finfo(mask.dtype).min)
+    for name, value in calls[0].items():
+        axis = _prompt_axis(name)
+        if axis is None or value is None:
+            continue
+        if isinstance(value, tuple):
+            out[name] = tuple(torch.cat([c[name][k] for c in calls], dim=axis) for k in range(len(value)))
+        else:
+            out[name] = torch.cat([c[name] for c in calls], dim=axis)
     return out
 
 

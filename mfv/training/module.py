@@ -20,9 +20,9 @@ from mfv.models import load_backbone
 from mfv.models.base import BackboneAdapter
 from mfv.models.weights import cast_weights
 from mfv.steering import Steer, steered_logits
+from mfv.training.checkpoint import FV_PARAMETER, check_checkpoint
 from mfv.training.optim import RowwiseAdam
-
-FV_PARAMETER = "function_vectors"
+from mfv.training.prompt_store import PromptStore, check_budget, print_note
 
 
 def _check_options(init: str, scheduler_interval: str, relation_training: str, injection: str, lr: float,
@@ -70,6 +70,9 @@ class FunctionVectorModule(L.LightningModule):
         export_dir: Optional extra export folder (``<backbone>-finetuned.safetensors`` there);
             the best FVs always go to the run folder. An existing file there is an error at
             start, never silently replaced.
+        prompt_store_gb: Gigabytes for the fit's prompt store (:mod:`mfv.training.prompt_store`):
+            each training and validation prompt's pass runs once, later steps only the last
+            position from the injection layer up; beyond it, prompts are recomputed (one line says so).
     """
 
     def __init__(
@@ -87,10 +90,12 @@ class FunctionVectorModule(L.LightningModule):
         injection: Literal["single", "distributed"] = "single",
         backbone_dtype: Literal["float32", "bfloat16", "auto"] = "float32",
         export_dir: str | None = None,
+        prompt_store_gb: float = 2.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         _check_options(init, scheduler_interval, relation_training, injection, lr, backbone_dtype)
+        check_budget(prompt_store_gb)
         # Which names are valid depends on the data (synthetic or GQA); the datamodule
         # checks them (train.py links model.relations into it).
         self.relations = list(relations)
@@ -128,6 +133,7 @@ class FunctionVectorModule(L.LightningModule):
         self.strict_loading = False  # checkpoints hold only the FVs
         # Per-image work of the frozen vision tower, kept for a whole fit (every epoch sees the same images).
         self._image_store: dict | None = None
+        self._prompt_store: PromptStore | None = None  # per-prompt last-position state, for a fit
         self._outcomes: Outcomes | None = None
         self.scores: dict[int, Score] = {}
 
@@ -229,9 +235,13 @@ class FunctionVectorModule(L.LightningModule):
             return Steer.per_layer(self._per_layer(), self.active_layers)
         return Steer.at(self.layer, self.function_vectors)
 
-    def forward(self, batch: EncodedBatch) -> torch.Tensor:
-        """Last-position logits, with each row's relation FV injected (:func:`mfv.steering.steered_logits`)."""
-        return steered_logits(self.adapter, batch.prompts, self.steer().injection(batch.relation_ids, batch.indices))
+    def forward(self, batch: EncodedBatch, split: str | None = None) -> torch.Tensor:
+        """Last-position logits, with each row's relation FV injected (:func:`mfv.steering.steered_logits`);
+        with ``split`` (the dataset the rows index) inside a fit, from the fit's prompt store."""
+        injection = self.steer().injection(batch.relation_ids, batch.indices)
+        if split is None or self._prompt_store is None:
+            return steered_logits(self.adapter, batch.prompts, injection)
+        return self._prompt_store.logits(self.adapter, batch, injection, split)
 
     def reusing(self):
         """The backbone's reuse context over the fit's image store (a no-op outside a fit).
@@ -240,13 +250,15 @@ class FunctionVectorModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self._image_store = {}
+        budget = self.hparams.get("prompt_store_gb", 2.0)
+        self._prompt_store = PromptStore(budget, say=None if self.global_rank else print_note) if budget else None
 
     def on_fit_end(self) -> None:
-        self._image_store = None
+        self._image_store = self._prompt_store = None
 
     def training_step(self, batch: EncodedBatch, batch_idx: int) -> torch.Tensor:
         with self.reusing():
-            logits = self(batch)
+            logits = self(batch, "train")
         loss = nn.functional.cross_entropy(logits.float(), batch.answer_ids)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
         optimizer = self.optimizers().optimizer if self._trainer is not None else None
@@ -268,9 +280,9 @@ class FunctionVectorModule(L.LightningModule):
         loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
         self._outcomes = Outcomes([len(loader.dataset) for loader in loaders], self.device)
 
-    def _record(self, batch: EncodedBatch, dataloader_idx: int) -> torch.Tensor:
+    def _record(self, batch: EncodedBatch, dataloader_idx: int, split: str | None = None) -> torch.Tensor:
         with torch.no_grad(), self.reusing():
-            logits = self(batch)
+            logits = self(batch, split)
         self._outcomes.record(dataloader_idx, batch, logits)
         return logits
 
@@ -287,7 +299,7 @@ class FunctionVectorModule(L.LightningModule):
         self._start(self.trainer.val_dataloaders)
 
     def validation_step(self, batch: EncodedBatch, batch_idx: int) -> None:
-        logits = self._record(batch, 0)
+        logits = self._record(batch, 0, "val")
         loss = nn.functional.cross_entropy(logits.float(), batch.answer_ids.to(logits.device))
         self.log("val/loss", loss, batch_size=len(batch), sync_dist=True)
 
@@ -339,39 +351,8 @@ class FunctionVectorModule(L.LightningModule):
 
     def check_checkpoint(self, checkpoint: Any, source: str | Path = "checkpoint", require_finite: bool = True) -> None:
         """Raises :class:`ConfigError` (one line naming ``source`` and the field) unless
-        ``checkpoint`` is a train.py checkpoint of this run's backbone, relations in this
-        order, layer and injection, holding FVs of the right shape (finite, with ``require_finite``)."""
-        fix = "resume with the settings it was saved with, or start a new run without --ckpt_path"
-        meta = checkpoint.get("mfv") if isinstance(checkpoint, dict) else None
-        state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
-        vectors = state.get(FV_PARAMETER) if isinstance(state, dict) else None
-        if not isinstance(meta, dict) or not isinstance(vectors, torch.Tensor):
-            raise ConfigError(f"{source}: not a train.py checkpoint (no function vectors and 'mfv' record); "
-                              f"give --ckpt_path RUN/checkpoints/last.ckpt of a train.py run")
-        shape = self.adapter.shape_signature()
-        if meta.get("shape") != shape or meta.get("backbone_id", self.adapter.backbone_id) != self.adapter.backbone_id:
-            raise ConfigError(f"{source}: saved for backbone {meta.get('backbone_id')!r} with shape {meta.get('shape')}, "
-                              f"this run's model.backbone is {self.adapter.backbone_id!r} with shape {shape}; {fix}")
-        stored = list(meta.get("relations", []))
-        if stored != self.relations:
-            what = "the same relations in another order" if sorted(stored) == sorted(self.relations) else "other relations"
-            raise ConfigError(f"{source}: holds FVs for model.relations = {stored}, this run has {what}: "
-                              f"{self.relations} (each row would steer another relation); {fix}")
-        if meta.get("layer") != self.layer:
-            raise ConfigError(f"{source}: holds FVs for model.layer = {meta.get('layer')}, this run injects after "
-                              f"layer {self.layer}; {fix}")
-        injection = meta.get("injection") or ("distributed" if vectors.dim() == 2 and self.adapter.num_layers > 1 and
-                                              vectors.shape[1] == shape["hidden_size"] * self.adapter.num_layers
-                                              else "single")
-        if injection != self.hparams.injection:
-            raise ConfigError(f"{source}: holds FVs for model.injection = {injection!r}, this run has "
-                              f"{self.hparams.injection!r}; {fix}")
-        if tuple(vectors.shape) != tuple(self.function_vectors.shape):
-            raise ConfigError(f"{source}: its FVs have shape {tuple(vectors.shape)}, this run's "
-                              f"{tuple(self.function_vectors.shape)}; {fix}")
-        if require_finite and not bool(torch.isfinite(vectors).all()):
-            raise ConfigError(f"{source}: its FVs hold NaN or inf (the fit diverged); resume from an earlier "
-                              f"checkpoint or train again with a lower model.lr")
+        ``checkpoint`` fits this run (:func:`mfv.training.checkpoint.check_checkpoint`)."""
+        check_checkpoint(self, checkpoint, source, require_finite)
 
     def export_path(self, kind: str = "finetuned") -> Path:
         return Path(self.hparams.export_dir) / f"{self.adapter.backbone_id}-{kind}.safetensors"

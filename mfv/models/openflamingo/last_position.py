@@ -22,12 +22,14 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from einops import rearrange
 
 from mfv.hooks import record_last_inputs
-from mfv.models.base import PrefixState, steer_upward
+from mfv.models.base import (PrefixState, first_attended, join_inputs, join_positions, pad_left_cat, share_inputs,
+                             share_positions, steer_upward)
 
 
 @dataclass
@@ -39,11 +41,35 @@ class _Prefix:
     cos: torch.Tensor  # (P, 1, 1, rot)
     sin: torch.Tensor
     image_kv: dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer -> (P, xheads, n, dh) each
-    base_logits: torch.Tensor  # (P, vocab)
-    latents: torch.Tensor  # (P, images, n, d_visual): every image's resampler latents
-    media_locations: torch.Tensor  # (P, S): where the images are
+    base_logits: torch.Tensor | None  # (P, vocab); None in a prompt store's share
+    latents: torch.Tensor | None  # (P, images, n, d_visual): every image's resampler latents (None in a share)
+    media_locations: torch.Tensor | None  # (P, S): where the images are (None in a share)
     heads: list[torch.Tensor] | None = None  # per layer: (P, heads * hs), the full forward's head outputs
     decoder_inputs: list[torch.Tensor] | None = None  # per layer: (P, D), after cross-attention
+
+    def share(self, row: int, first_layer: int) -> "_Prefix":
+        """Prompt ``row``'s share from ``first_layer`` up (:class:`~mfv.models.base.PromptShare`):
+        what the steered path reads, the prompt's left padding cut off."""
+        start = first_attended([self.mask[row]])
+
+        def own(t: torch.Tensor) -> torch.Tensor:
+            return t[row:row + 1].clone()
+
+        return _Prefix(share_inputs(self.inputs, row, first_layer), share_positions(self.keys, row, first_layer, start),
+                       share_positions(self.values, row, first_layer, start), own(self.mask[..., start:]),
+                       own(self.cos), own(self.sin),
+                       {i: (own(k), own(v)) for i, (k, v) in self.image_kv.items() if i >= first_layer},
+                       None, None, None)
+
+    @classmethod
+    def join(cls, shares: Sequence["_Prefix"]) -> "_Prefix":
+        """A batch of shares, keys and values left-padded and masked (:class:`~mfv.models.base.PromptShare`)."""
+        first, inputs = join_inputs([s.inputs for s in shares])
+        mask = pad_left_cat([s.mask for s in shares], -1, torch.finfo(shares[0].mask.dtype).min)
+        image_kv = {i: tuple(torch.cat([s.image_kv[i][n] for s in shares]) for n in (0, 1)) for i in shares[0].image_kv}
+        return cls(inputs, join_positions([s.keys for s in shares], first),
+                   join_positions([s.values for s in shares], first), mask, torch.cat([s.cos for s in shares]),
+                   torch.cat([s.sin for s in shares]), image_kv, None, None, None)
 
 
 def supports(adapter) -> bool:
