@@ -1,7 +1,7 @@
 """``mfv <command> [options]``: every job behind one entry point, one convention.
 
-Every command takes ``--help`` (each option with its default and help), ``--config FILE``
-and dotted overrides (jsonargparse / LightningCLI); ``mfv --version`` prints the version.
+Every command takes ``--help`` (its main options; ``--help full``: each option with its
+default and help), ``--config FILE`` and dotted overrides (jsonargparse / LightningCLI); ``mfv --version`` prints the version.
 
     mfv train --config configs/toy.yaml                     # = python train.py
     mfv evaluate --config configs/toy.yaml --fv F --out D   # = python evaluate.py
@@ -11,6 +11,11 @@ and dotted overrides (jsonargparse / LightningCLI); ``mfv --version`` prints the
     mfv demo                                                # = make demo (without set-up)
     mfv train-organism --out checkpoints/organism           # the model organism's recipe
     mfv seeds --config configs/toy.yaml --seeds 3            # mean and spread over seeds
+    mfv models                                              # backbone names, stand-ins included
+
+A config is a file or a bundled config's name (``--config toy``), from any folder. ``--help`` is
+short; ``--help full`` lists every option. ``--threads N`` (or ``MFV_THREADS``) sets torch's
+CPU threads (default: the cores this process may use).
 
 A list option takes ``[a,b]`` or, for one element, the bare value: ``--relations agentic``
 is ``--relations [agentic]`` and ``--scene_graphs train.json`` is ``--scene_graphs
@@ -225,30 +230,76 @@ def _program(name: str) -> Iterator[None]:
         sys.argv = saved
 
 
+def _models() -> None:
+    """``mfv models``: the backbone names ``--model.backbone`` takes (the registry's)."""
+    from mfv.models import BACKBONES
+
+    width = max(map(len, BACKBONES))
+    for name, spec in BACKBONES.items():
+        print(f"  {name:<{width}}  {spec.description}")
+    print("A '-random' name is a tiny random stand-in of its family, built from sizes (no weights, no download): "
+          "mfv train --config toy --model.backbone qwen3vl-random")
+
+
+def _refuse_unknown_command(name: str) -> None:
+    from mfv.usage import suggestion
+
+    print(f"error: unknown command {name!r}{suggestion(name, (*COMMANDS, 'models'))} "
+          f"(commands: {', '.join(COMMANDS)}, models; run: mfv --help)", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     from mfv import __version__
-    from mfv.console import quiet
+    from mfv.threads import take_threads_option
+    from mfv.usage import SHORT_HELP, full_help_argv, wants_help
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] in (["--version"], ["-V"]):
         print(f"mfv {__version__}")
         return
-    if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS:
-        print(f"error: unknown command {argv[0]!r}; commands: {', '.join(COMMANDS)} (run: mfv --help)",
-              file=sys.stderr)
-        raise SystemExit(2)
-    if not argv or argv[0] not in COMMANDS:
+    argv = take_threads_option(argv)  # --threads N: MFV_THREADS, read here and by started ranks
+    if argv and not argv[0].startswith("-") and argv[0] not in (*COMMANDS, "models"):
+        _refuse_unknown_command(argv[0])
+    if not argv or argv[0] not in (*COMMANDS, "models"):
         print(__doc__)
-        print("commands: " + ", ".join(COMMANDS))
+        print("commands: " + ", ".join(COMMANDS) + "; mfv models: the backbones (families and '-random' stand-ins)")
         raise SystemExit(0 if argv[:1] in (["-h"], ["--help"]) else 2)
+    name, rest = argv[0], argv[1:]
+    help_wanted = wants_help(rest)
+    if help_wanted == "short" or (name == "models" and help_wanted):
+        print(SHORT_HELP[name])  # no torch, no Lightning: instant
+        raise SystemExit(0)  # as argparse's --help
+    if name == "models":
+        return _models()
+    _run(name, full_help_argv(rest) if help_wanted else rest, announce=help_wanted is None)
+
+
+# Commands whose run summary (threads included) comes from train.py's build_cli.
+_SUMMARISED_BY_TRAIN = ("train", "evaluate", "demo", "seeds")
+
+
+def _run(name: str, args: list[str], announce: bool) -> None:
+    """Runs command ``name`` with strict parsing, torch's threads set and (``announce``) named."""
+    from mfv.console import quiet
+    from mfv.usage import strict_parsers
+
     quiet()
-    command = _commands()[argv[0]]
+    strict_parsers()
+    if announce and name not in _SUMMARISED_BY_TRAIN:
+        from mfv.preflight import exit_on_bad_input
+        from mfv.threads import set_threads, summary
+
+        with exit_on_bad_input():
+            set_threads()
+        print(summary())
+    command = _commands()[name]
     # Not returned: the console script exits with main()'s value.
-    if argv[0] in _NAMED_BY_ARGV:
-        with _program(f"mfv {argv[0]}"):
-            command(argv[1:])
+    if name in _NAMED_BY_ARGV:
+        with _program(f"mfv {name}"):
+            command(args)
     else:
-        command(argv[1:])
+        command(args)
 
 
 if __name__ == "__main__":

@@ -146,12 +146,34 @@ def _build_py_with_hook() -> type:
             super().run()
             Path(self.build_lib).mkdir(parents=True, exist_ok=True)
             (Path(self.build_lib) / HOOK_PTH).write_text(HOOK_LINE)
+            self._bundled = _copy_bundled(Path.cwd(), Path(self.build_lib) / "mfv" / "bundled")
 
         def get_outputs(self, include_bytecode: bool = True) -> list[str]:
-            return [*super().get_outputs(include_bytecode), str(Path(self.build_lib) / HOOK_PTH)]
+            bundled = [str(p) for p in getattr(self, "_bundled", [])]
+            return [*super().get_outputs(include_bytecode), str(Path(self.build_lib) / HOOK_PTH), *bundled]
 
     BuildPyWithHook.__module__ = __name__
     return BuildPyWithHook
+
+
+def _copy_bundled(root: Path, target: Path) -> list[Path]:
+    """Copies the clone's configs, model organism and constraints (:data:`mfv.resources.SOURCES`)
+    into ``target`` (the wheel's ``mfv/bundled``); a source tree without them (an sdist built
+    without them) copies nothing. Returns the files written."""
+    import shutil
+
+    from mfv.resources import SOURCES
+
+    written: list[Path] = []
+    for name, source in SOURCES.items():
+        source_path, destination = root / source, target / name
+        files = [source_path] if source_path.is_file() else sorted(p for p in source_path.rglob("*") if p.is_file())
+        for file in files:
+            out = destination if file == source_path else destination / file.relative_to(source_path)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(file, out)
+            written.append(out)
+    return written
 
 
 def __getattr__(name: str):

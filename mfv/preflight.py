@@ -52,7 +52,9 @@ def exit_on_bad_input(*also: type[BaseException]) -> Iterator[None]:
     try:
         yield
     except (MfvError, *also) as exc:
-        print(f"error: {one_line(exc)}", file=sys.stderr)
+        from mfv.usage import plain_message  # jsonargparse's wrapper off, the option named as set
+
+        print(f"error: {one_line(plain_message(exc))}", file=sys.stderr)
         raise SystemExit(2) from exc
 
 
@@ -239,10 +241,11 @@ def check_answers(adapter, samplers: dict, closed: bool = True) -> None:
                                       anchors)):
         unknown = unknown_first_tokens(adapter, group)
         if unknown:
-            shown = ", ".join(repr(n) for n in unknown[:6]) + (", ..." if len(unknown) > 6 else "")
+            shown = ", ".join(repr(n) for n in unknown[:40]) + (", ..." if len(unknown) > 40 else "")  # all, to fix at once
             raise DataError(f"data: {len(unknown)} of {len(group)} {kind} ({shown}) start with a token unknown to "
                             f"{adapter.backbone_id}'s tokenizer ({adapter.tokenizer.unk_token!r}), so {consequence}; "
-                            f"use a backbone whose tokenizer knows them, or data without them")
+                            f"use a backbone whose tokenizer knows them, or data without them"
+                            + (" (the organism's words: model card, 'Vocabulary')" * (adapter.backbone_id == "openflamingo-organism")))
     clashes = first_token_clashes(adapter, names)
     if clashes and closed:
         raise DataError(f"data: answers share a first token under {adapter.backbone_id}'s tokenizer, so they cannot be "

@@ -28,6 +28,10 @@ from mfv.io import atomic_write_text
 from mfv.method.extraction import AIESettings, extract_from_datamodule
 from mfv.accelerator import check_accelerator
 from mfv.preflight import exit_on_bad_input, plan_training
+from mfv.resources import resolve_configs
+from mfv.threads import set_threads
+from mfv.threads import summary as threads_summary
+from mfv.usage import strict_parsers
 from mfv.training.callbacks import AIEHeadSelection
 from mfv.training.module import FV_PARAMETER, FunctionVectorModule
 
@@ -142,9 +146,14 @@ def build_cli(cli_class: type[LightningCLI], args: Sequence[str] | None, trainer
     Bad input exits with status 2 and one line naming the field, never a traceback.
     """
     quiet()  # the known Lightning / jsonargparse / litlogger noise, at its source
+    strict_parsers()  # no abbreviated options; a parse error is one line with suggestions
     torch.set_float32_matmul_precision("high")
     args = bracket_lists(sys.argv[1:] if args is None else args, model=FunctionVectorModule, aie=AIESettings,
                          evaluation=EvaluationSettings)
+    with exit_on_bad_input():
+        args = resolve_configs(args)  # --config toy: the bundled config, from any folder
+        set_threads()  # the cores this process may use (MFV_THREADS / --threads overrides)
+    print(threads_summary())
     # jsonargparse wraps errors raised while instantiating classes in ValueError; either way
     # the message names the field and the valid values.
     with exit_on_bad_input(ValueError):

@@ -51,8 +51,9 @@ class Outcomes:
     """
 
     def __init__(self, sizes: Sequence[int], device: torch.device | str = "cpu") -> None:
-        # rows: seen, correct, relation id, answer probability
-        self.tables = [torch.tensor([[0.0], [0.0], [-1.0], [0.0]], device=device).repeat(1, size) for size in sizes]
+        # rows: seen, correct, relation id, answer probability, top-1 token id (constant answers)
+        self.tables = [torch.tensor([[0.0], [0.0], [-1.0], [0.0], [-1.0]], device=device).repeat(1, size)
+                       for size in sizes]
 
     def record(self, index: int, batch: EncodedBatch, logits: torch.Tensor) -> None:
         """Writes the outcomes of ``batch`` under condition ``index``."""
@@ -63,6 +64,7 @@ class Outcomes:
         table[1, rows] = (logits.argmax(-1) == answers).float().to(table.device)
         table[2, rows] = batch.relation_ids.float().to(table.device)
         table[3, rows] = answer_probability(logits, answers).detach().float().to(table.device)
+        table[4, rows] = logits.argmax(-1).float().to(table.device)  # exact below 2**24 ids
 
     def scores(self, relations_of: Sequence[Sequence[str]],
                gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[Score]:
@@ -75,7 +77,7 @@ class Outcomes:
                 gathered = gathered.max(0).values
             seen = gathered[0] > 0
             scores.append(Score.from_tensors(list(relations), gathered[1][seen], gathered[2][seen],
-                                             gathered[3][seen]))
+                                             gathered[3][seen], gathered[4][seen]))
         return scores
 
 

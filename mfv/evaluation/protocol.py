@@ -66,6 +66,7 @@ class EvaluationResult:
     injected: dict
     settings: dict
     not_run: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         """The ``metrics.json`` content (schema version 2)."""
@@ -80,6 +81,7 @@ class EvaluationResult:
             "injected": self.injected,
             "settings": self.settings,
             "not_run": self.not_run,
+            "warnings": self.warnings,
         }
 
 

@@ -53,6 +53,7 @@ def report_markdown(metrics: dict) -> str:
     if finetuned:
         parts.append(f"Fine-tuned FVs injected after layer {finetuned['layer']}. ")
     parts.append(provenance(metrics))
+    parts += [f"\n\n**Warning:** {warning}\n\n" for warning in metrics.get("warnings", [])]
     parts.append(
         f"{extraction['heads_for_half_positive_aie']} of the LM's {extraction['lm_heads']} heads "
         f"({extraction['heads_for_half_positive_aie_share']:.1%}) carry half of the positive AIE; the top 10 "

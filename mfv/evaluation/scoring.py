@@ -76,20 +76,23 @@ class Score:
         correct: ``(n,)`` 1 where the top-1 first token was the answer.
         relation: ``(n,)`` relation id of each prompt.
         probability: ``(n,)`` the model's probability of the answer's first token.
+        predicted: ``(n,)`` the top-1 token id of each prompt (``None``: not recorded).
     """
 
     relations: list[str]
     correct: np.ndarray
     relation: np.ndarray
     probability: np.ndarray
+    predicted: np.ndarray | None = None
 
     @classmethod
     def from_tensors(cls, relations: Sequence[str], correct: torch.Tensor, relation: torch.Tensor,
-                     probability: torch.Tensor | None = None) -> "Score":
+                     probability: torch.Tensor | None = None, predicted: torch.Tensor | None = None) -> "Score":
         correct_np = correct.detach().cpu().double().numpy()
         probability_np = (np.zeros_like(correct_np) if probability is None
                           else probability.detach().cpu().double().numpy())
-        return cls(list(relations), correct_np, relation.detach().cpu().long().numpy(), probability_np)
+        predicted_np = None if predicted is None else predicted.detach().cpu().long().numpy()
+        return cls(list(relations), correct_np, relation.detach().cpu().long().numpy(), probability_np, predicted_np)
 
     @property
     def n(self) -> int:

@@ -194,12 +194,15 @@ def save_tiny_openflamingo(adapter: OpenFlamingoAdapter, directory: str | os.Pat
     return directory
 
 
-def load_tiny_openflamingo(directory: str | os.PathLike) -> OpenFlamingoAdapter:
-    """Loads a tiny model saved by :func:`save_tiny_openflamingo` (config, weights, tokenizer)."""
+def load_tiny_openflamingo(directory: str | os.PathLike | None = None) -> OpenFlamingoAdapter:
+    """Loads a tiny model saved by :func:`save_tiny_openflamingo` (config, weights, tokenizer);
+    without ``directory``, the bundled model organism (:func:`mfv.resources.organism_dir`)."""
     from safetensors import safe_open
     from safetensors.torch import load_model
 
-    directory = Path(directory)
+    from mfv.resources import organism_dir
+
+    directory = Path(directory) if directory is not None else organism_dir()
     weights = directory / "model.safetensors"
     for required in (directory / "config.json", weights):
         if not required.is_file():
