@@ -31,6 +31,7 @@ RELEASE: dict[str, Any] = {
                         sliding_window=1024, rope_theta=1000000.0, rope_local_base_freq=10000.0,
                         rope_scaling={"rope_type": "linear", "factor": 8.0}, rms_norm_eps=1e-6,
                         max_position_embeddings=131072, hidden_activation="gelu_pytorch_tanh",
+                        tie_word_embeddings=True,  # Gemma3TextConfig's default, which the release keeps
                         layer_types=["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(34)]),
     "vision_config": dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
                           image_size=896, patch_size=14, vision_use_head=False),
