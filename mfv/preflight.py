@@ -36,10 +36,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-import torch
-
 from mfv.errors import ConfigError, DataError, MfvError
-from mfv.io import check_writable
+from mfv.io import UnsafeFileError, check_writable, load_checkpoint
+from mfv.runs import check_resume, shaping_settings
 
 EVALUATION_OUTPUT_BYTES = 16 * 2**20  # metrics.json, report.md, figures, TensorBoard
 RUN_OUTPUT_BYTES = 8 * 2**20  # metrics.json, heatmaps, config, TensorBoard (besides checkpoints)
@@ -95,6 +94,8 @@ class RunPlan:
         fingerprints: split -> content fingerprint (table, sampling and image bytes).
         finetuned: The ``--fv`` vectors, loaded and checked (evaluation).
         fv_data_mismatch: split -> (fingerprint the ``--fv`` file records, this run's), where they differ.
+        resume_changes: What differs from the run ``--ckpt_path`` resumes, allowed by
+            ``--allow_changed_data`` (:func:`mfv.runs.check_resume`).
     """
 
     relations: list[str]
@@ -103,6 +104,7 @@ class RunPlan:
     fingerprints: dict[str, str]
     finetuned: Any = None
     fv_data_mismatch: dict[str, list[str]] = field(default_factory=dict)
+    resume_changes: dict[str, list[str]] = field(default_factory=dict)
 
     def provenance(self) -> dict[str, Any]:
         """The data facts an exported FV file records."""
@@ -129,7 +131,9 @@ def check_checkpoint(path: str | Path, module) -> dict:
     if path.stat().st_size == 0:
         raise ConfigError(f"--ckpt_path {path}: the file is empty (an interrupted write?); {advice}")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint = load_checkpoint(path)  # tensors and plain data only: a hostile pickle is refused, never run
+    except UnsafeFileError as exc:
+        raise ConfigError(f"--ckpt_path {path}: {exc}; give a checkpoint train.py wrote") from None
     except Exception as exc:  # truncated zip, random bytes, another format
         raise ConfigError(f"--ckpt_path {path}: unreadable checkpoint ({type(exc).__name__}: {one_line(exc, 160)}); "
                           f"{advice}") from exc
@@ -346,8 +350,7 @@ def plan_training(cli) -> RunPlan:
     relations = check_relations_match(module, datamodule)
     validate_extraction(adapter, relations, datamodule, aie)
     ckpt_path = cli.config.get("ckpt_path")
-    if ckpt_path:
-        check_checkpoint(ckpt_path, module)
+    checkpoint = check_checkpoint(ckpt_path, module) if ckpt_path else None
     extracting = not module.fv_initialized
     vectors = module.function_vectors.numel() * 4
     outputs: dict[str, tuple[str | Path, int]] = {
@@ -362,7 +365,11 @@ def plan_training(cli) -> RunPlan:
     uses = {"eval": _extraction_use(datamodule, aie)} if extracting else {}
     uses.update(train=SplitUse("fine-tuning"), val=SplitUse("validation: the best epoch"), test=SplitUse("test"))
     fingerprints = check_data(adapter, datamodule, relations, uses)
-    return RunPlan(relations, uses, written, fingerprints)
+    plan = RunPlan(relations, uses, written, fingerprints)
+    if checkpoint is not None:  # the same data and settings as the run it resumes, or explicitly allowed
+        plan.resume_changes = check_resume(checkpoint, ckpt_path, shaping_settings(cli.config.as_dict()), fingerprints,
+                                           bool(cli.config.get("allow_changed_data")))
+    return plan
 
 
 def plan_evaluation(cli, settings) -> RunPlan:

@@ -756,3 +756,87 @@ def test_your_own_episodes_are_checked_before_extraction(tmp_path):
     with pytest.raises(DataError, match=f"{scenes[5].image_path}: does not decode"):
         check_extraction(adapter, sampler, AIESettings(num_aie_prompts=4, **aie))
     assert not (tmp_path / "cache").exists()
+
+
+# ----- issue 33: nothing from a file runs code --------------------------------------------------
+
+PACKAGE_SOURCES = [ROOT / "mfv", ROOT / "train.py", ROOT / "evaluate.py", ROOT / "benchmarks"]
+
+
+def _unsafe_loads(path: Path) -> list[str]:
+    """Calls in ``path`` that could unpickle arbitrary objects: ``torch.load`` without
+    ``weights_only=True``, ``pickle.load(s)``, ``numpy.load(allow_pickle=True)``, and
+    ``pickle.Unpickler`` subclasses without their own ``find_class``."""
+    import ast
+
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        where = f"{path.relative_to(ROOT)}:{getattr(node, 'lineno', '?')}"
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            owner = node.func.value.id if isinstance(node.func.value, ast.Name) else ""
+            keywords = {k.arg: k.value for k in node.keywords}
+            safe = isinstance(keywords.get("weights_only"), ast.Constant) and keywords["weights_only"].value is True
+            if owner == "torch" and node.func.attr == "load" and not safe:
+                found.append(f"{where} torch.load without weights_only=True")
+            if owner in ("pickle", "cPickle", "dill", "joblib") and node.func.attr in ("load", "loads"):
+                found.append(f"{where} {owner}.{node.func.attr}")
+            pickled = keywords.get("allow_pickle")
+            if owner in ("np", "numpy") and isinstance(pickled, ast.Constant) and pickled.value:
+                found.append(f"{where} numpy.load(allow_pickle=True)")
+        if isinstance(node, ast.ClassDef) and any(ast.unparse(b).endswith("Unpickler") for b in node.bases):
+            if not any(isinstance(b, ast.FunctionDef) and b.name == "find_class" for b in node.body):
+                found.append(f"{where} an Unpickler that allows every class")
+    return found
+
+
+def test_the_package_never_unpickles_arbitrary_objects():
+    files = [p for root in PACKAGE_SOURCES for p in ([root] if root.is_file() else sorted(root.rglob("*.py")))]
+    assert len(files) > 50
+    text = "\n".join(p.read_text() for p in files)
+    assert "weights_only=False" not in text
+    assert [hit for path in files for hit in _unsafe_loads(path)] == []
+
+
+class _Hostile:
+    """Unpickled, it would create the marker file (stands in for any shell command)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture
+def hostile(tmp_path) -> tuple[Path, Path]:
+    """A checkpoint-shaped pickle whose loading would run a command, and the command's marker."""
+    marker = tmp_path / "PWNED"
+    path = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {}, "epoch": 0, "hyper_parameters": _Hostile(marker)}, path)
+    return path, marker
+
+
+def test_a_hostile_ckpt_path_is_refused_in_one_line_and_never_runs(tmp_path, capsys, hostile):
+    ckpt, marker = hostile
+    path = write_config(tmp_path / "run")
+    err = fails_clearly(capsys, lambda: train_main(["--config", str(path), "--ckpt_path", str(ckpt)]),
+                        f"--ckpt_path {ckpt}", "posix.system", "refused, not loaded")
+    assert len(err.strip().splitlines()) == 1
+    assert not marker.exists()
+    _no_compute(tmp_path / "run")
+
+
+def test_every_other_checkpoint_reader_refuses_a_hostile_pickle(tmp_path, capsys, hostile, fv_file):
+    from mfv.io import UnsafeFileError, load_checkpoint
+    from mfv.training.callbacks import AtomicCheckpointIO
+
+    ckpt, marker = hostile
+    with pytest.raises(UnsafeFileError, match="posix.system"):
+        load_checkpoint(ckpt)
+    # Lightning's own restore path (trainer.fit(ckpt_path=...)) reads through this plugin
+    with pytest.raises(UnsafeFileError):
+        AtomicCheckpointIO().load_checkpoint(ckpt, weights_only=False)
+    path = write_config(tmp_path / "run")  # an FV file is safetensors: a pickle is unreadable, not run
+    fails_clearly(capsys, lambda: evaluate_main(["--config", str(path), "--fv", str(ckpt), "--out",
+                                                 str(tmp_path / "o")]), str(ckpt))
+    assert not marker.exists() and not (tmp_path / "o").exists()

@@ -13,6 +13,7 @@ before any compute with one ``error: ...`` line and exit status 2 (:mod:`mfv.pre
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from mfv.commands.train import FunctionVectorCLI, build_cli
@@ -21,10 +22,11 @@ from mfv.evaluation.answers import constant_answer_warnings
 from mfv.evaluation.engine import score_conditions
 from mfv.evaluation.protocol import EvaluationSettings, Scorer, Vectors, evaluate
 from mfv.evaluation.report import report_markdown, write_report
-from mfv.io import ensure_writable_dir
+from mfv.io import ensure_writable_dir, exit_on_full_disk, stage_dir, staged
 from mfv.method.extraction import extract_from_datamodule
 from mfv.models.base import BackboneAdapter
-from mfv.preflight import EVALUATION_OUTPUT_BYTES, exit_on_bad_input, plan_evaluation
+from mfv.preflight import EVALUATION_OUTPUT_BYTES, RunPlan, exit_on_bad_input, plan_evaluation
+from mfv.runs import FolderLock, check_results, hold, record_results, shaping_settings
 
 # Trainer settings that describe where to compute; the rest (epochs, loggers) is training's.
 _COMPUTE_KEYS = ("accelerator", "devices", "num_nodes", "strategy", "precision")
@@ -42,6 +44,8 @@ class EvaluateCLI(FunctionVectorCLI):
         parser.add_argument("--out", type=str, default="runs/eval", help="output folder (metrics, report, figures)")
         parser.add_argument("--limit", type=int | None, default=None,
                             help="prompts per condition (>= 1); unset: every prompt of each split")
+        parser.add_argument("--overwrite", type=bool, default=False,
+                            help="replace an --out holding an evaluation with other settings (refused otherwise)")
 
 
 def _device_count(devices) -> int:
@@ -74,6 +78,29 @@ def evaluation_scorer(trainer_config, adapter: BackboneAdapter, settings: Evalua
                                                settings.reuse, fabric, progress)
 
 
+def _own_out(cli: EvaluateCLI, plan: RunPlan) -> tuple[Path, FolderLock, dict]:
+    """``--out``, created and locked for this evaluation: refused (one line) when another run
+    uses it, when it is a training run's folder, or when it holds an evaluation with other
+    settings (unless ``--overwrite true``); checked before creating anything, and again under
+    the lock.
+
+    Returns:
+        The folder, its lock and the settings recorded with the results.
+    """
+    config = cli.config
+    owner = {**shaping_settings(config.as_dict()), "evaluation": dict(config.evaluation), "fv": config.fv,
+             "limit": config.limit, "data_fingerprints": plan.fingerprints}
+    check_results(config.out, "--out", "evaluate", owner, config.overwrite)
+    out = ensure_writable_dir(config.out, "--out", EVALUATION_OUTPUT_BYTES)
+    lock = hold(out, "--out", "evaluate.py")
+    try:
+        check_results(out, "--out", "evaluate", owner, config.overwrite)
+    except BaseException:
+        lock.release()
+        raise
+    return out, lock, owner
+
+
 def main(args: Sequence[str] | None = None) -> dict:
     """Runs the evaluation and returns the metrics written to ``metrics.json``.
 
@@ -84,8 +111,9 @@ def main(args: Sequence[str] | None = None) -> dict:
     with exit_on_bad_input(FileNotFoundError):
         settings = EvaluationSettings(limit=config.limit, **config.evaluation)
         plan = plan_evaluation(cli, settings)
-        out = ensure_writable_dir(config.out, "--out", EVALUATION_OUTPUT_BYTES)
+        out, lock, owner = _own_out(cli, plan)
         module, datamodule = cli.model, cli.datamodule
+    with lock, exit_on_full_disk(out, "--out", EVALUATION_OUTPUT_BYTES), exit_on_bad_input(FileNotFoundError):
         for split, (recorded, now) in plan.fv_data_mismatch.items():
             print(f"warning: --fv {config.fv} records data fingerprint {recorded} for the {split} split, this run's is "
                   f"{now}: it was trained on other data (or the images changed since)", file=sys.stderr)
@@ -109,11 +137,13 @@ def main(args: Sequence[str] | None = None) -> dict:
             print(f"warning: {warning}", file=sys.stderr)
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(out / "tensorboard"))
-        try:
-            metrics = write_report(result, out, extraction, writer)
-        finally:
-            writer.close()
+        with staged() as landed:  # report, figures and TensorBoard (replaced whole, never mixed) land together
+            writer = SummaryWriter(str(stage_dir(out / "tensorboard")))
+            try:
+                metrics = write_report(result, out, extraction, writer)
+            finally:
+                writer.close()
+        record_results(out, "evaluate", owner, [path.name for path in landed])
     print(report_markdown(metrics))
     print(f"wrote {out}/metrics.json, report.md and figures")
     return metrics

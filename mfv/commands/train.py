@@ -24,15 +24,18 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from mfv.cli import bracket_lists
 from mfv.console import quiet
 from mfv.evaluation.protocol import EvaluationSettings
-from mfv.io import atomic_write_text
+from mfv.errors import ConfigError
+from mfv.io import atomic_write_text, exit_on_full_disk, load_checkpoint, staged
 from mfv.method.extraction import AIESettings, extract_from_datamodule
 from mfv.accelerator import check_accelerator
-from mfv.preflight import exit_on_bad_input, plan_training
+from mfv.preflight import RUN_OUTPUT_BYTES, RunPlan, exit_on_bad_input, plan_training
+from mfv.runs import (FolderLock, claim_version, hold, rank_zero, record_results, run_settings, shaping_settings,
+                      training_run_marker)
 from mfv.resources import resolve_configs
 from mfv.threads import set_threads
 from mfv.threads import summary as threads_summary
 from mfv.usage import strict_parsers
-from mfv.training.callbacks import AIEHeadSelection
+from mfv.training.callbacks import AIEHeadSelection, RunRecord
 from mfv.training.module import FV_PARAMETER, FunctionVectorModule
 
 
@@ -50,6 +53,7 @@ class FunctionVectorCLI(LightningCLI):
         return super().init_parser(**{"prog": self.prog, **kwargs})
 
     aie_callback: AIEHeadSelection | None = None
+    unversioned_root: Path | None = None  # runs/train when the run has no logger: its version_N is claimed
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -64,6 +68,9 @@ class FunctionVectorCLI(LightningCLI):
         )
         parser.add_class_arguments(AIESettings, "aie")
         parser.add_argument("--ckpt_path", type=str | None, default=None, help="resume this run from a checkpoint")
+        parser.add_argument("--allow_changed_data", type=bool, default=False,
+                            help="resume (--ckpt_path) even though the data or the settings that shape the run changed "
+                                 "(recorded in metrics.json)")
         # The evaluation section lives in the same config file (used by evaluate.py; train.py ignores it).
         parser.add_class_arguments(EvaluationSettings, "evaluation", skip={"limit"})
         parser.link_arguments("model.relations", "data.init_args.relations")
@@ -109,10 +116,9 @@ class FunctionVectorCLI(LightningCLI):
         if ckpt_path is not None and Path(ckpt_path).resolve().parent.name == "checkpoints":
             trainer.default_root_dir = str(Path(ckpt_path).resolve().parents[1])
             return
-        save_dir, name = Path(RUNS_DIR), TRAINER_DEFAULTS["logger"]["init_args"]["name"]
-        taken = [int(p.name.split("_", 1)[1]) for p in (save_dir / name).glob("version_*")
-                 if p.name.split("_", 1)[1].isdigit()]
-        trainer.default_root_dir = str(save_dir / name / f"version_{max(taken, default=-1) + 1}")
+        # The version is claimed after the preflight (mfv.runs.claim_version); this one is checked.
+        self.unversioned_root = Path(RUNS_DIR) / TRAINER_DEFAULTS["logger"]["init_args"]["name"]
+        trainer.default_root_dir = str(self.unversioned_root / "version_0")
 
     @property
     def aie_settings(self) -> AIESettings:
@@ -171,23 +177,47 @@ def build_cli(cli_class: type[LightningCLI], args: Sequence[str] | None, trainer
 
 
 def _hparams(cli: "FunctionVectorCLI") -> dict:
-    """Every setting of the run for TensorBoard's hparams (model, data, aie, seed), flattened."""
-    config = cli.config.as_dict()
-    data = config.get("data", {})
-    flat = {"seed": config.get("seed_everything"), "data": data.get("class_path")}
-    for section, values in (("model", config.get("model", {})), ("data", data.get("init_args", {})),
-                            ("aie", config.get("aie", {}))):
-        for key, value in values.items():
-            flat[f"{section}.{key}"] = value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
-    return flat
+    """Every setting of the run for TensorBoard's hparams (model, data, aie, seed), flattened,
+    and whether a resume was allowed on changed data or settings."""
+    return {**run_settings(cli.config.as_dict()), "allow_changed_data": bool(cli.config.get("allow_changed_data"))}
 
 
-def _pin_run_folder(trainer: L.Trainer) -> None:
-    """One run, one folder: the version is resolved before fit so that spawned processes
-    (ddp_spawn) agree on it (a resumed run's was set from its checkpoint at parse time)."""
-    for logger in trainer.loggers:
-        if isinstance(logger, TensorBoardLogger):
-            _ = logger.version  # resolves (and so fixes) the next free version in this process
+def _unversioned(trainer: L.Trainer) -> list[TensorBoardLogger]:
+    """The TensorBoard loggers whose version is not set (the next free one is claimed)."""
+    return [logger for logger in trainer.loggers if isinstance(logger, TensorBoardLogger) and logger._version is None]
+
+
+def _own_run_folder(cli: FunctionVectorCLI, unversioned: list[TensorBoardLogger]) -> tuple[Path, FolderLock]:
+    """One run, one folder: claims the next free version (``mkdir``, atomic: two runs started
+    together get two; fixed before fit so that spawned processes agree on it), locks the run
+    folder and refuses one that holds another training run (a resume continues its own).
+
+    Returns:
+        The run folder and its lock (held until the run ends).
+    """
+    trainer = cli.trainer
+    if rank_zero():
+        for logger in unversioned:
+            logger._version = claim_version(logger.root_dir)
+        if cli.unversioned_root is not None:
+            trainer._default_root_dir = str(cli.unversioned_root / f"version_{claim_version(cli.unversioned_root)}")
+    run_dir = Path(trainer.log_dir or trainer.default_root_dir)
+    if trainer.fast_dev_run:  # a smoke test writes no run folder
+        return run_dir, FolderLock()
+    lock = hold(run_dir, "run folder", "train.py")
+    try:
+        marker = training_run_marker(run_dir)
+        ckpt_path = cli.config.get("ckpt_path")
+        if marker is not None and not (ckpt_path and Path(ckpt_path).resolve().is_relative_to(run_dir.resolve())):
+            raise ConfigError(f"run folder {run_dir} holds another training run (its {marker}); resume it with "
+                              f"--ckpt_path {run_dir / 'checkpoints' / 'last.ckpt'}, or leave trainer.logger's version "
+                              f"unset for a new folder")
+        if rank_zero():
+            record_results(run_dir, "train", shaping_settings(cli.config.as_dict()))
+    except BaseException:
+        lock.release()
+        raise
+    return run_dir, lock
 
 
 def _aie_summary(cli: FunctionVectorCLI, model: FunctionVectorModule, datamodule) -> dict | None:
@@ -210,17 +240,26 @@ def main(args: Sequence[str] | None = None) -> dict:
     trainer = cli.trainer
     if not trainer.loggers:  # --trainer.logger false: nothing to log the learning rate to
         trainer.callbacks[:] = [c for c in trainer.callbacks if not isinstance(c, LearningRateMonitor)]
-    ckpt_path = cli.config.get("ckpt_path")
-    _pin_run_folder(trainer)
+    unversioned = _unversioned(trainer)
     with exit_on_bad_input():
         plan = plan_training(cli)  # everything checked before the AIE and the fit
+        run_dir, lock = _own_run_folder(cli, unversioned)
+    with lock, exit_on_full_disk(run_dir, "trainer.logger.init_args.save_dir", RUN_OUTPUT_BYTES):
+        return _train(cli, plan, run_dir)
+
+
+def _train(cli: FunctionVectorCLI, plan: RunPlan, run_dir: Path) -> dict:
+    """Fit, test and export into ``run_dir`` (checked and owned); returns the metrics."""
+    model, datamodule, trainer = cli.model, cli.datamodule, cli.trainer
+    ckpt_path = cli.config.get("ckpt_path")
     model.provenance = plan.provenance()
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    trainer.callbacks.append(RunRecord(shaping_settings(cli.config.as_dict()), plan.fingerprints))
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)  # never runs code from a file
 
     checkpoint = next(c for c in trainer.callbacks if isinstance(c, ModelCheckpoint) and c.monitor)
     best = checkpoint.best_model_path or None
     if best:
-        saved = torch.load(best, map_location="cpu", weights_only=False)
+        saved = load_checkpoint(best)
         with torch.no_grad():
             model.function_vectors.copy_(saved["state_dict"][FV_PARAMETER])
         model.on_load_checkpoint(saved)  # the heads the FVs came from (set in another process under spawn)
@@ -231,7 +270,6 @@ def main(args: Sequence[str] | None = None) -> dict:
             if state.get("best_model_score") is not None:
                 checkpoint.best_model_score = torch.as_tensor(state["best_model_score"])
     test = trainer.test(model, datamodule=datamodule, verbose=False)
-    run_dir = Path(trainer.log_dir or trainer.default_root_dir)
     metrics: dict = {}
     if trainer.fast_dev_run:
         # A smoke test: like Lightning's own loggers, write nothing (no export, no metrics).
@@ -239,21 +277,24 @@ def main(args: Sequence[str] | None = None) -> dict:
         return {"test": test[0] if test else {}, "fast_dev_run": True}
     if trainer.is_global_zero:
         aie = _aie_summary(cli, model, datamodule)
-        with exit_on_bad_input():  # non-finite FVs (a diverged fit) are refused, nothing exported
-            exported = model.export(run_dir / "function_vectors_finetuned.safetensors")
-            if model.hparams.export_dir:
-                model.export()
         metrics = {
             "test": test[0] if test else {},
             "best_val_acc": float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else None,
             "best_checkpoint": best,
-            "exported_fv": str(exported),
+            "exported_fv": str(run_dir / "function_vectors_finetuned.safetensors"),
             "layer": model.layer,
             "relations": model.relations,
             "data_fingerprints": plan.fingerprints,
             "aie": aie,
         }
-        atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2))
+        if plan.resume_changes:
+            metrics["resumed_with_changes"] = plan.resume_changes  # allowed by --allow_changed_data
+        # Non-finite FVs (a diverged fit) are refused, nothing exported; FVs and metrics land together or not at all.
+        with exit_on_bad_input(), staged():
+            model.export(run_dir / "function_vectors_finetuned.safetensors")
+            if model.hparams.export_dir:
+                model.export()
+            atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2))
         if test and trainer.logger is not None:
             trainer.logger.log_hyperparams(_hparams(cli), {"hp_metric": test[0]["test/acc"]})
         print(json.dumps(metrics["test"], indent=2))

@@ -13,7 +13,7 @@ from typing import Sequence
 
 from mfv.evaluation import plots
 from mfv.evaluation.protocol import EvaluationResult
-from mfv.io import atomic_write_text
+from mfv.io import atomic_write_text, staged
 from mfv.method.extraction import Extraction
 
 GROUP_TITLES = {"test": "Test split (trained objects)", "novel": "Novel objects",
@@ -39,8 +39,9 @@ def _table(rows: list[tuple[str, dict]]) -> str:
     return header + "\n".join(lines) + "\n"
 
 
-def report_markdown(metrics: dict) -> str:
-    """The markdown report of a ``metrics.json`` dict."""
+def report_markdown(metrics: dict, drawn: Sequence[str] | None = None) -> str:
+    """The markdown report of a ``metrics.json`` dict, listing the figures ``drawn`` (by stem;
+    default: every figure :func:`figures` draws for it)."""
     conditions = metrics["conditions"]
     injected = metrics["injected"]["extracted"]
     extraction = metrics["extraction"]
@@ -85,7 +86,7 @@ def report_markdown(metrics: dict) -> str:
     if metrics.get("not_run"):
         parts.append("\n\n## Not run\n\n| condition | reason |\n|---|---|\n")
         parts += [f"| `{name}` | {reason} |\n" for name, reason in metrics["not_run"].items()]
-    parts.append("\n\nFigures (PNG and PDF): " + ", ".join(figure_stems(metrics)) + ".\n")
+    parts.append("\n\nFigures (PNG and PDF): " + ", ".join(figure_stems(metrics) if drawn is None else drawn) + ".\n")
     return "".join(parts)
 
 
@@ -178,25 +179,30 @@ def write_report(result: EvaluationResult, out: str | Path, extraction: Extracti
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     metrics = result.to_dict()
-    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
-    markdown = report_markdown(metrics)
-    atomic_write_text(out / "report.md", markdown)
-    for stem, figure in figures(metrics, extraction).items():
-        pixels = plots.render(figure)  # one raster draw for the PNG and TensorBoard (the PDF reuses its layout)
+    with staged():  # all of it lands or none: a full disk partway leaves the previous report whole
+        drawn = []
+        for stem, figure in figures(metrics, extraction).items():
+            try:
+                pixels = plots.render(figure)  # one raster draw for the PNG and TensorBoard (the PDF reuses its layout)
+                if tensorboard is not None:
+                    tensorboard.add_image(f"eval/{stem}", plots.screen_pixels(pixels), global_step=0, dataformats="HWC")
+                plots.write(figure, out / stem, pixels=pixels)
+            finally:
+                plots.save_close(figure)
+            drawn.append(stem)
+        markdown = report_markdown(metrics, drawn)
+        atomic_write_text(out / "report.md", markdown)
         if tensorboard is not None:
-            tensorboard.add_image(f"eval/{stem}", plots.screen_pixels(pixels), global_step=0, dataformats="HWC")
-        plots.write(figure, out / stem, pixels=pixels)
-        plots.save_close(figure)
-    if tensorboard is not None:
-        for group in GROUP_TITLES:
-            for n, c in metrics["conditions"].items():
-                if c["group"] == group:
-                    tensorboard.add_scalar(f"eval_{group}/{n}", c["accuracy"], 0)
-        for name, sweep in metrics["sweeps"].items():
-            for split in ("val", "test"):
-                if split in sweep:
-                    for x, y in zip(sweep["x"], sweep[split]["accuracy"]):
-                        tensorboard.add_scalar(f"sweep_{name}/{split}_accuracy_by_{name}", y, x)
-        tensorboard.add_text("eval/report", markdown, 0)
-        tensorboard.flush()
+            for group in GROUP_TITLES:
+                for n, c in metrics["conditions"].items():
+                    if c["group"] == group:
+                        tensorboard.add_scalar(f"eval_{group}/{n}", c["accuracy"], 0)
+            for name, sweep in metrics["sweeps"].items():
+                for split in ("val", "test"):
+                    if split in sweep:
+                        for x, y in zip(sweep["x"], sweep[split]["accuracy"]):
+                            tensorboard.add_scalar(f"sweep_{name}/{split}_accuracy_by_{name}", y, x)
+            tensorboard.add_text("eval/report", markdown, 0)
+            tensorboard.flush()
+        atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))  # last: the report is complete
     return metrics

@@ -108,7 +108,7 @@ def main(args: Sequence[str] | None = None) -> Path:
     trainer.callbacks.extend([checkpoints, _Curves(work / "curves.jsonl")])
     last = work / "checkpoints" / "last.ckpt"
     started = time.time()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last.is_file() else None)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last.is_file() else None, weights_only=True)
     module.model.eval()
     module.to("cpu")
     out = save_tiny_openflamingo(module.adapter, cli.config.out)

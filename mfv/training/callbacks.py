@@ -10,7 +10,7 @@ import lightning as L
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from mfv.evaluation import plots
-from mfv.io import atomic_write, atomic_write_text
+from mfv.io import atomic_write, atomic_write_text, load_checkpoint
 from mfv.method.extraction import AIESettings, Extraction, extract_from_datamodule
 
 
@@ -70,8 +70,32 @@ class AIEHeadSelection(L.Callback):
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint writer, made atomic: a full disk or a kill mid-write leaves the
-    previous checkpoint (or none), never a 0-byte or truncated ``.ckpt``."""
+    previous checkpoint (or none), never a 0-byte or truncated ``.ckpt``; and its reader,
+    made safe: tensors and plain data only (:func:`mfv.io.load_checkpoint`), whatever a
+    caller asks for, so no checkpoint given to ``--ckpt_path`` ever runs code."""
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"Checkpoint file not found: {path}")
+        return load_checkpoint(path)
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda tmp: super(AtomicCheckpointIO, self).save_checkpoint(checkpoint, tmp, storage_options))
+
+
+class RunRecord(L.Callback):
+    """Stores in every checkpoint what a resume is checked against
+    (:func:`mfv.runs.check_resume`): the settings that shape the run and the content
+    fingerprints of the data it reads.
+
+    Args:
+        settings: :func:`mfv.runs.shaping_settings` of the run's config.
+        fingerprints: split -> content fingerprint (from the preflight).
+    """
+
+    def __init__(self, settings: dict, fingerprints: dict[str, str]) -> None:
+        self.record = {"settings": dict(settings), "data_fingerprints": dict(fingerprints)}
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        checkpoint["mfv_run"] = self.record
