@@ -111,3 +111,51 @@ def test_a_prompt_at_a_known_index_that_changed_is_recomputed(tiny_adapter):
         reference = steered_logits(tiny_adapter, swapped.prompts, injection)
     torch.testing.assert_close(logits, reference, atol=1e-5, rtol=1e-5)
     assert store.recomputed == 3
+
+
+def _fit_module(tmp_path, budget_gb: float, monkeypatch) -> tuple[torch.Tensor, list[float], int, tuple[int, int]]:
+    """A Lightning fit of 2 shuffled epochs with a validation pass each: FVs, val losses, prompt
+    passes, and the counts of training and validation prompts."""
+    import lightning as L
+
+    from mfv.data.datamodule import SyntheticRelationDataModule
+    from mfv.training.module import FunctionVectorModule
+
+    module = FunctionVectorModule("openflamingo-random", {"image_size": 32, "patch_size": 8, "hidden_size": 32,
+                                                          "num_layers": 3, "num_heads": 4, "intermediate_size": 64},
+                                  layer=1, init="random", lr=0.05, prompt_store_gb=budget_gb)
+    data = SyntheticRelationDataModule(str(tmp_path / "data"), module.relations, shots=1, image_size=32, batch_size=3,
+                                       num_images={"eval": 4, "train": 10, "test": 4, "novel": 4, "composite": 4})
+    passes, val_losses = [0], []
+    real_prefill = type(module.adapter).prefill
+    monkeypatch.setattr(type(module.adapter), "prefill", lambda self, batch: (
+        passes.__setitem__(0, passes[0] + len(batch)), real_prefill(self, batch))[1])
+
+    class ValLoss(L.Callback):
+        def on_validation_epoch_end(self, trainer, pl_module):
+            val_losses.append(float(trainer.callback_metrics["val/loss"]))
+
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        callbacks=[ValLoss()])
+    trainer.fit(module, datamodule=data)
+    sizes = len(trainer.train_dataloader.dataset), len(trainer.val_dataloaders.dataset)
+    return module.function_vectors.detach().clone(), val_losses, passes[0], sizes
+
+
+def test_a_fit_from_the_store_equals_a_fit_that_recomputes(tmp_path, monkeypatch):
+    stored, stored_val, stored_passes, (train, val) = _fit_module(tmp_path, 2.0, monkeypatch)
+    recomputed, recomputed_val, recomputed_passes, _ = _fit_module(tmp_path, 0.0, monkeypatch)
+    torch.testing.assert_close(stored, recomputed, atol=1e-6, rtol=1e-5)
+    assert stored_val == pytest.approx(recomputed_val, abs=1e-5) and len(stored_val) == 2
+    # Each training and validation prompt passed once, in the first epoch (recomputing passes
+    # every training prompt every epoch; its validation runs the full forward, not a prefill).
+    assert train >= 4 and val >= 1 and stored_passes == train + val and recomputed_passes == 2 * train
+
+
+def test_the_budget_is_checked_before_anything_is_built():
+    from mfv.errors import ConfigError
+    from mfv.training.prompt_store import check_budget
+
+    with pytest.raises(ConfigError, match="model.prompt_store_gb = -1 must be a number of gigabytes >= 0"):
+        check_budget(-1)
