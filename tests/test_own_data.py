@@ -179,7 +179,8 @@ def test_train_cli_selects_the_datamodule_by_class_path(tmp_path, monkeypatch, c
     with pytest.raises(SystemExit) as exit_:
         build_cli(FunctionVectorCLI, ["--config", config, "--model.relations", "[above,beside]"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert exit_.value.code == 2 and len(err) == 1 and "examples.jsonl: data.init_args.relations has 'beside'" in err[0]
+    # train.py names the field the user sets (model.relations, linked to data.init_args.relations).
+    assert exit_.value.code == 2 and len(err) == 1 and "examples.jsonl: model.relations has 'beside'" in err[0]
 
 
 def test_prepare_data_names_an_undecodable_image_in_one_line(tmp_path, monkeypatch, capsys):

@@ -7,6 +7,7 @@ extraction), ``novel`` and ``composite`` (evaluation only).
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import warnings
 import zlib
@@ -68,6 +69,10 @@ def validate_data_settings(owner: str, shots: int, batch_size: int, num_workers:
             raise ConfigError(f"data.init_args.{field} = {value}: {rule} ({owner})")
 
 
+# Every split name a relation DataModule may have (each module's has_split says which it has).
+SPLITS = ("train", "val", "test", "eval", "novel", "composite")
+
+
 class RelationDataModule(L.LightningDataModule):
     """What every relation DataModule shares: the attached backbone, episode loaders, DDP sharding.
 
@@ -91,6 +96,20 @@ class RelationDataModule(L.LightningDataModule):
 
     def sampler(self, split: str) -> EpisodeSampler:
         raise NotImplementedError
+
+    def check_split(self, split: object) -> str:
+        """``split``, checked to be a split of this module (each :meth:`sampler` starts here).
+
+        Raises:
+            ConfigError: one line naming this module's splits and the closest to ``split``.
+        """
+        valid = [s for s in SPLITS if self.has_split(s)]
+        if isinstance(split, str) and split in valid:
+            return split
+        lower = str(split).lower()
+        close = difflib.get_close_matches(lower, valid, n=1) or [s for s in valid if lower.startswith(s)]  # validation
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"{type(self).__name__} has no split {split!r}: its splits are {valid}{hint}")
 
     def split_dir(self, split: str) -> Path:
         raise NotImplementedError
@@ -248,6 +267,7 @@ class SyntheticRelationDataModule(RelationDataModule):
         """Episode sampler of ``split`` (``val`` is the held-out tail of ``train``, see
         :meth:`_validation_rows`)."""
         if split not in self._samplers:
+            self.check_split(split)
             source = "train" if split == "val" else split
             scenes = read_scenes(self.split_dir(source))
             if source == "train":
@@ -255,5 +275,6 @@ class SyntheticRelationDataModule(RelationDataModule):
                 scenes = [s for i, s in enumerate(scenes) if (i in held) == (split == "val")]
             relations = self.relations if split != "composite" else sorted({s.relation for s in scenes})
             self._samplers[split] = EpisodeSampler(scenes, relations, self.shots, seed=split_seed(self.seed, split))
+            self._samplers[split].split = split
         return self._samplers[split]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import operator
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -182,6 +183,8 @@ class EpisodeSampler:
         self.shots = shots
         self.seed = seed
 
+    split: str | None = None  # the split's name, set by the DataModule that builds the sampler (for messages)
+
     def __len__(self) -> int:
         return len(self.queries)
 
@@ -205,7 +208,40 @@ class EpisodeSampler:
         return [self.queries[i % len(self.queries)].relation for i in range(count)]
 
     def episode(self, index: int, mode: Mode = "clean", shots: int | None = None, relation: str | None = None) -> Episode:
-        """Episode ``index``: query scene ``index`` with ``shots`` demonstrations.
+        """Episode ``index`` of the split, ``0 <= index < len(self)``: :meth:`draw` within range.
+
+        Raises:
+            IndexError: ``index`` outside the split (the message names its size); an index
+                past the end never wraps around to ask an earlier query again.
+            TypeError: ``index`` is not an integer.
+        """
+        index = self.index_of(index)
+        if index >= len(self):
+            where = f"the {self.split!r} split" if self.split else "this sampler"
+            raise IndexError(f"episode {index} out of range: {where} has {len(self)} episodes (indices 0.."
+                             f"{len(self) - 1}); sampler.draw(index, ...) cycles over them on purpose")
+        return self.draw(index, mode, shots, relation)
+
+    @staticmethod
+    def index_of(index: object) -> int:
+        """``index`` as a non-negative int (numpy and 0-d tensor integers too).
+
+        Raises:
+            IndexError: a negative index; TypeError: not an integer.
+        """
+        try:
+            value = operator.index(index)
+        except TypeError:
+            raise TypeError(f"episode index must be an int, got {index!r} ({type(index).__name__})") from None
+        if value < 0 or isinstance(index, bool):
+            raise IndexError(f"episode index must be a non-negative int, got {index!r}")
+        return value
+
+    def draw(self, index: int, mode: Mode = "clean", shots: int | None = None, relation: str | None = None) -> Episode:
+        """Episode ``index`` of the sampler's endless stream: query scene ``index mod len(self)``
+        with ``shots`` demonstrations drawn from ``(seed, index)``, so that index ``len + i`` asks
+        query ``i`` again with other demonstrations (extraction takes more prompts than a small
+        split has queries this way; :meth:`episode` is the same within the split).
 
         Modes: ``clean`` (demonstrations of the relation), ``zero_shot`` (query alone),
         ``corrupted`` (same demonstrations labelled with mixed relations, for AIE) and
@@ -214,6 +250,7 @@ class EpisodeSampler:
         """
         if mode not in MODES:
             raise DataError(f"unknown episode mode {mode!r}; valid: {list(MODES)}")
+        index = self.index_of(index)
         shots = self.shots if shots is None else shots
         if mode != "zero_shot" and shots > self.max_shots():
             raise DataError(f"a {shots}-shot prompt needs {shots + 1} scenes to draw from (the query's and {shots} "

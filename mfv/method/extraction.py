@@ -236,7 +236,7 @@ def _chunked(
 def _episodes(adapter: BackboneAdapter, sampler: EpisodeSampler, settings: ExtractionSettings, indices: range,
               mode: str) -> EncodedBatch:
     """The encoded ``mode`` episodes of ``indices``."""
-    return encode_episodes(adapter, [sampler.episode(i, mode, settings.shots) for i in indices],
+    return encode_episodes(adapter, [sampler.draw(i, mode, settings.shots) for i in indices],
                            list(settings.relations))
 
 

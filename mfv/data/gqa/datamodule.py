@@ -103,7 +103,10 @@ class GQAEpisodeSampler(EpisodeSampler):
                     kept.append(scene)
         return kept
 
-    def episode(self, index: int, mode: Mode = "clean", shots: int | None = None, relation: str | None = None) -> Episode:
+    def draw(self, index: int, mode: Mode = "clean", shots: int | None = None, relation: str | None = None) -> Episode:
+        """Episode ``index`` of the endless stream (:meth:`EpisodeSampler.draw`): each
+        demonstration from another image of its relation, never the query's."""
+        index = self.index_of(index)
         shots = self.shots if shots is None else shots
         query = self.queries[index % len(self.queries)]
         relation = relation or query.relation
@@ -206,6 +209,8 @@ class GQARelationDataModule(RelationDataModule):
         if split not in self._samplers:
             from datasets import load_from_disk
 
+            self.check_split(split)
+            self.prepare_data()  # a missing preparation is one line, not load_from_disk's traceback
             data = load_from_disk(str(self.dataset_dir / "dataset"))
             source = "test" if split == "test" else "train"
             rows = [r for r in data[source] if r["relation"] in self.relations]
@@ -222,4 +227,5 @@ class GQARelationDataModule(RelationDataModule):
             self._samplers[split] = GQAEpisodeSampler(scenes, self.relations, self.shots,
                                                       seed=split_seed(self.seed, split),
                                                       tasks_per_relation=self.tasks_per_relation)
+            self._samplers[split].split = split
         return self._samplers[split]

@@ -16,7 +16,8 @@ of names. Relation names are normalised ("to the left of" -> "left of"). ``attri
 (``colour of``, ``material of``) asks an object's colour or material instead
 (:mod:`mfv.data.gqa.attributes`). The output is a
 Hugging Face ``datasets`` DatasetDict (train/test) plus ``summary.json`` (tasks and images
-per relation, what each filter removed, every malformed entry counted by kind). The split
+per relation, what each filter removed, every malformed entry counted by kind), written whole
+at the end; an ``--out`` holding a preparation is refused unless ``--overwrite true``. The split
 is image-disjoint and greedily balanced per relation (the authors'), or, as an option,
 50/50 within each relation (an image may then be train for one relation, test for another).
 """
@@ -24,20 +25,17 @@ is image-disjoint and greedily balanced per relation (the authors'), or, as an o
 from __future__ import annotations
 
 import json
-import os
 import random
-import shutil
 import sys
-import uuid
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
 from mfv.data.gqa.attributes import ATTRIBUTES, VOCABULARY, attribute_triples, objects_with_attributes
+from mfv.data.gqa.output import check_out, write_preparation
 from mfv.data.gqa.scene_graphs import iter_scene_graphs
-from mfv.errors import DataError
-from mfv.io import atomic_write_text
+from mfv.errors import DataError, MfvError
 
 SPATIAL = ("above", "below", "left of", "right of", "next to", "behind", "in front of")
 AGENTIC = ("wearing", "holding", "carrying", "sitting on", "standing on", "standing in", "riding")
@@ -230,6 +228,7 @@ def prepare(
     image_ext: str = ".jpg",
     progress: bool = True,
     split: Literal["image_disjoint", "per_relation"] = "image_disjoint",
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Filters scene graphs into tasks and writes the split dataset and its summary.
 
@@ -245,26 +244,29 @@ def prepare(
         progress: Show a progress bar per file.
         split: ``image_disjoint`` (the authors': greedy balance, no image in both splits) or
             ``per_relation`` (50/50 within each relation).
+        overwrite: Replace an earlier preparation at ``out`` (otherwise refused, before any work).
 
     Raises:
         DataError: unreadable input, or nothing left after filtering (the message says
-        which filter removed what).
+            which filter removed what).
+        ConfigError: ``out`` holds a preparation (without ``overwrite``) or other files, or
+            cannot be written; before any scene graph is read.
     """
+    out = Path(out)
+    check_out(out, overwrite)  # :mod:`mfv.data.gqa.output`: written whole, at the end, or not at all
+    if split not in SPLITS:
+        raise DataError(f"split = {split!r}; valid: {list(SPLITS)}")
     settings = settings or FilterSettings()
     wanted = set(resolve_relations(relations))
     report = PrepareReport()
     images = Path(images)
     tasks = _collect_tasks(scene_graphs, images, image_ext, wanted, settings, report, progress)
     _check_tasks_left(tasks, report, images, wanted)
-    if split not in SPLITS:
-        raise DataError(f"split = {split!r}; valid: {list(SPLITS)}")
     train, test = (image_disjoint_split if split == "image_disjoint" else per_relation_split)(tasks, seed)
-    out = Path(out)
-    _write_dataset(out, train, test)
     summary = _summary(report, tasks, train, test, split, wanted, settings, seed)
     if wanted & VOCABULARY.keys():
         summary["objects_with_attributes"] = report.objects_with_attributes
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    write_preparation(out, train, test, summary)
     return summary
 
 
@@ -338,19 +340,6 @@ def _no_attributes_hint(report: PrepareReport, wanted: set[str]) -> str:
             f"which is empty or holds other words in these scene graphs")
 
 
-def _write_dataset(out: Path, train: list[dict], test: list[dict]) -> None:
-    """Writes ``out/dataset`` (a DatasetDict with ``train`` and ``test``), replacing an old one whole."""
-    from datasets import Dataset, DatasetDict
-
-    out.mkdir(parents=True, exist_ok=True)
-    # Written beside the old dataset and swapped in whole: an interrupted prepare leaves the old one.
-    staging = out / f".dataset.{os.getpid()}.{uuid.uuid4().hex[:8]}"
-    DatasetDict({"train": Dataset.from_list(train), "test": Dataset.from_list(test)}).save_to_disk(str(staging))
-    if (out / "dataset").exists():
-        shutil.rmtree(out / "dataset")
-    staging.rename(out / "dataset")
-
-
 def _summary(report: PrepareReport, tasks: list[dict], train: list[dict], test: list[dict], split: str,
              wanted: set[str], settings: FilterSettings, seed: int) -> dict[str, Any]:
     """The content of ``summary.json``: counts per split and relation, and what each filter did."""
@@ -388,7 +377,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     argv = bracket_lists(argv, prepare)  # `--relations agentic` = `--relations [agentic]`
     try:
         summary = CLI(prepare, args=argv, as_positional=False, prog="mfv prepare-gqa")
-    except DataError as exc:
+    except MfvError as exc:  # bad input or --out: one line
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from exc
     print(json.dumps({k: summary[k] for k in ("images_seen", "tasks", "tasks_per_relation", "removed_images",

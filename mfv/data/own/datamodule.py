@@ -115,12 +115,12 @@ class OwnRelationDataModule(RelationDataModule):
     def sampler(self, split: str) -> OwnEpisodeSampler:
         """Episode sampler of ``split`` (deterministic in the file, the seeds and the settings)."""
         if split not in self._samplers:
-            if split not in self.splits:
-                raise DataError(f"{self.annotations}: no {split!r} split (the file's splits: {sorted(self.splits)})")
+            self.check_split(split)
             examples = [e for e in self.splits[split] if e.relation in self.relations]
             if not examples:
                 raise DataError(f"{self.annotations}: the {split} split has no example of relations {self.relations}")
             self._samplers[split] = OwnEpisodeSampler(scenes_of(examples), self.relations, self.shots,
                                                       seed=split_seed(self.seed, split),
                                                       tasks_per_relation=self.tasks_per_relation)
+            self._samplers[split].split = split
         return self._samplers[split]

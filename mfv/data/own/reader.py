@@ -6,22 +6,26 @@ One example per JSONL line (a JSON object) or CSV row (with a header line)::
 
 Fields:
 
-* ``image``: the image file, relative to the folder. One image per example: the prompt
-  builder shows one image per demonstration and one for the query (a list is refused).
+* ``image``: the image file, relative to the folder and inside it (a path that leaves it, by
+  ``..`` or a link pointing out, is refused before anything is opened). One image per example:
+  the prompt builder shows one image per demonstration and one for the query (a list is refused).
 * ``query``: the text after ``Q:`` (usually an object's name).
 * ``answer``: the text after ``A:`` (the object's name the relation leads to); scored on its
   first token, as the authors do.
 * ``relation`` (or ``task``): the relation's name; never shown to the model.
 * ``split`` (optional, every example or none): ``train``, ``val``, ``test``, ``eval`` or ``novel``.
 
-Other fields are ignored. Bad input stops with one :class:`~mfv.errors.DataError` line
-naming the file, the line and the field, before any model work.
+Other fields are ignored. The file may be UTF-8 with a byte-order mark and CRLF line ends (as
+spreadsheets save it); a CSV may be separated by commas, semicolons or tabs. Bad input stops
+with one :class:`~mfv.errors.DataError` line naming the file, the line and the field, before
+any model work.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -55,19 +59,37 @@ class OwnExample:
 
 
 def _rows(path: Path) -> Iterator[tuple[int, Any]]:
-    """``(line number, row)`` of a JSONL or CSV file; a row is a dict (or, for bad JSONL, anything)."""
-    if path.suffix.lower() == ".jsonl":
-        with path.open(encoding="utf-8") as handle:
-            for number, text in enumerate(handle, start=1):
-                if not text.strip():
-                    continue  # blank lines (a trailing newline, spacing) are not examples
-                try:
-                    yield number, json.loads(text)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}:{number}: not a JSON object ({exc.msg} at column {exc.colno})") from exc
-        return
-    with path.open(encoding="utf-8", newline="") as handle:
-        reader = csv.DictReader(handle)
+    """``(line number, row)`` of a JSONL or CSV file; a row is a dict (or, for bad JSONL, anything).
+
+    Both are read as a spreadsheet or an editor saves them: UTF-8 with or without a byte-order
+    mark, LF or CRLF line ends, blank lines (and a CSV's rows of empty cells) skipped, and a CSV
+    separated by commas, semicolons or tabs (told apart by its header line).
+    """
+    try:
+        yield from (_jsonl_rows if path.suffix.lower() == ".jsonl" else _csv_rows)(path)
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); save it as "
+                        f"UTF-8 (a spreadsheet's 'CSV UTF-8')") from exc
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    with path.open(encoding="utf-8-sig") as handle:  # -sig: a leading byte-order mark is not data
+        for number, text in enumerate(handle, start=1):
+            if not text.strip():
+                continue  # blank lines (a trailing newline, spacing) are not examples
+            try:
+                yield number, json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{number}: not a JSON object ({exc.msg} at column {exc.colno})") from exc
+
+
+def _csv_rows(path: Path) -> Iterator[tuple[int, dict]]:
+    # newline="": the csv module itself reads CRLF and line breaks inside quoted fields.
+    with path.open(encoding="utf-8-sig", newline="") as handle:
+        header = handle.readline()
+        handle.seek(0)
+        separator = max(",;\t", key=header.count)  # field names hold none of them
+        reader = csv.DictReader(handle, delimiter=separator)
         columns = reader.fieldnames or []
         missing = [f for f in REQUIRED if f not in columns and not (f == "relation" and "task" in columns)]
         if missing:
@@ -75,7 +97,8 @@ def _rows(path: Path) -> Iterator[tuple[int, Any]]:
                             f"needed: {list(REQUIRED)})")
         start = 2
         for row in reader:
-            yield start, row
+            if any(str(v or "").strip() for v in row.values()):  # a spreadsheet's trailing empty rows
+                yield start, row
             start = reader.line_num + 1  # a quoted field may span several lines
 
 
@@ -104,16 +127,32 @@ def _text(path: Path, line: int, row: dict, field: str) -> str:
     return text if field != "image" else value.strip()
 
 
-def _image(root: Path, path: Path, line: int, name: str, seen: dict[str, bool]) -> str:
-    """The image file of field ``image`` (relative to ``root``), checked to exist (once per file)."""
+def _image(root: Path, path: Path, line: int, name: str, seen: dict[str, str | None]) -> str:
+    """The image file of field ``image`` (relative to ``root``), checked once per file to stay
+    inside ``root`` (resolved, links followed: nothing outside the data folder is ever opened)
+    and to exist."""
     if Path(name).is_absolute():
         raise DataError(f"{path}:{line}: field 'image': {name} is absolute; give the path relative to {root}")
     full = str(root / name)
     if full not in seen:
-        seen[full] = Path(full).is_file()
-    if not seen[full]:
-        raise DataError(f"{path}:{line}: field 'image': {name} not found in {root}")
+        seen[full] = _image_problem(root, Path(full))
+    if seen[full]:
+        raise DataError(f"{path}:{line}: field 'image': {name} {seen[full]}")
     return full
+
+
+def _image_problem(root: Path, full: Path) -> str | None:
+    """Why ``full`` cannot be an image of ``root`` (it leaves the folder, or is no file), or ``None``."""
+    target = full.resolve()
+    if not target.is_relative_to(root.resolve()):
+        # Written inside the folder yet resolving outside it: a link on the way points out.
+        written = Path(os.path.abspath(full)).is_relative_to(os.path.abspath(root))
+        via = f"{'a link on its path points to' if written else 'it resolves to'} {target}"
+        return (f"leaves the data folder {root} ({via}); image paths must stay inside it: copy the image into "
+                f"{root} and give its path relative to it")
+    if not full.is_file():
+        return f"not found in {root}"
+    return None
 
 
 def _split(path: Path, line: int, row: dict, has_split: bool | None, first: int) -> str | None:
@@ -140,7 +179,7 @@ def read_examples(annotations: str | Path, root: str | Path) -> list[OwnExample]
 
     Raises:
         DataError: one line naming the file, the line and the field: a missing or empty
-            field, an image file not found, a bad split, a duplicate example (same image, query
+            field, an image file not found or outside ``root``, a bad split, a duplicate example (same image, query
             and relation), no example at all, or a file that is missing or of another format.
     """
     path, root = Path(annotations), Path(root)
@@ -152,7 +191,7 @@ def read_examples(annotations: str | Path, root: str | Path) -> list[OwnExample]
         raise DataError(f"{path}: examples file must be {' or '.join(FORMATS)} (one example per line or row)")
     examples: list[OwnExample] = []
     first_of: dict[tuple[str, str, str], int] = {}
-    images: dict[str, bool] = {}
+    images: dict[str, str | None] = {}
     has_split: bool | None = None
     for line, row in _rows(path):
         if not isinstance(row, dict):
