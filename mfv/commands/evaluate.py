@@ -117,7 +117,7 @@ def main(args: Sequence[str] | None = None) -> dict:
         for split, (recorded, now) in plan.fv_data_mismatch.items():
             print(f"warning: --fv {config.fv} records data fingerprint {recorded} for the {split} split, this run's is "
                   f"{now}: it was trained on other data (or the images changed since)", file=sys.stderr)
-        aie = cli.aie_settings
+        aie = settings.aie_settings(cli.aie_settings, datamodule)  # the authors' protocol: every eval prompt
         extraction = extract_from_datamodule(module.adapter, list(module.relations), datamodule, aie)
         vectors = Vectors.from_extraction(module.adapter, extraction, aie.k, module.layer, aie.selection,
                                           plan.finetuned)

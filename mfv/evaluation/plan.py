@@ -12,6 +12,7 @@ from typing import Sequence
 import torch
 
 from mfv.data.episodes import EpisodeDataset, EpisodeList
+from mfv.evaluation.authors import IndexedEpisodes
 from mfv.evaluation.conditions import (
     AffineFit,
     Condition,
@@ -34,19 +35,27 @@ class PromptSets:
     prompts; handing out one object per key lets the engine score every condition over those
     prompts from one loader and one prompt pass (e.g. the layer and K sweeps of a split, and
     the test zero-shot conditions when ``--limit`` equals the sweep's prompt count).
+
+    Args:
+        datamodule: Where the splits come from.
+        keep: Per split, the query indices scored (the authors' filter,
+            :func:`mfv.evaluation.authors.authors_filter`): the first ``limit`` prompts of
+            such a split are those of its first ``limit`` that are kept.
     """
 
-    def __init__(self, datamodule) -> None:
+    def __init__(self, datamodule, keep: dict[str, Sequence[int]] | None = None) -> None:
         self.datamodule = datamodule
-        self._made: dict[tuple, EpisodeDataset] = {}
+        self.keep = {split: sorted(rows) for split, rows in (keep or {}).items()}
+        self._made: dict[tuple, EpisodeDataset | IndexedEpisodes] = {}
 
-    def get(self, split: str, mode: str, shots: int | None, limit: int | None) -> EpisodeDataset:
+    def get(self, split: str, mode: str, shots: int | None, limit: int | None) -> EpisodeDataset | IndexedEpisodes:
         """The (shared) dataset of the first ``limit`` prompts of ``split`` (all for ``None``)."""
         sampler = self.datamodule.sampler(split)
         length = len(sampler) if limit is None else min(limit, len(sampler))
         key = (split, mode, shots, length)
         if key not in self._made:
-            self._made[key] = EpisodeDataset(sampler, mode, shots, length)
+            self._made[key] = (EpisodeDataset(sampler, mode, shots, length) if split not in self.keep else
+                               IndexedEpisodes(sampler, mode, shots, [i for i in self.keep[split] if i < length]))
         return self._made[key]
 
 

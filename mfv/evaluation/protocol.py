@@ -15,6 +15,10 @@ Conditions (names are the keys of ``metrics.json``), on the test split and, pref
   (``analogy_composite_<mode>``) and into the one-shot analogy prompt
   (``analogy_composite_<mode>_one_shot``), with fine-tuned FVs too when given.
 
+``settings.protocol`` ``authors`` reproduces the authors' evaluation instead
+(:mod:`mfv.evaluation.authors`): only test prompts whose eval prompt of the same relation and
+image file is answered with 4-shot ICL are scored, and the sweeps choose on test.
+
 :func:`evaluate` reads as its steps: the conditions of each split, the sweeps, the analogy
 conditions, a scoring pass for the composites' source weights, the composite conditions built
 from them, one scoring pass over everything else (conditions over the same prompts share it),
@@ -34,6 +38,7 @@ from typing import Callable, Sequence
 
 from mfv.data.episodes import Episode, EpisodeList
 from mfv.errors import ConfigError
+from mfv.evaluation.authors import authors_filter
 from mfv.evaluation.conditions import Condition
 from mfv.evaluation.engine import score_conditions
 from mfv.evaluation.plan import (
@@ -113,7 +118,13 @@ def evaluate(
     scorer = scorer or (lambda conditions: score_conditions(
         adapter, conditions, settings.batch_size or datamodule.batch_size, datamodule.num_workers, settings.reuse))
     not_run: dict[str, str] = {}
-    prompts = PromptSets(datamodule)
+    protocol: dict = {"name": settings.protocol}
+    keep = None
+    if settings.protocol == "authors":  # which test prompts are scored, before any condition is built
+        filters = authors_filter(datamodule, scorer, settings.limit)
+        keep = {split: f.kept for split, f in filters.items()}
+        protocol["filter"] = {split: f.summary() for split, f in filters.items()}
+    prompts = PromptSets(datamodule, keep)
     conditions = split_conditions(datamodule, "test", vectors, settings, not_run, prompts)
     if datamodule.has_split("novel"):
         conditions += split_conditions(datamodule, "novel", vectors, settings, not_run, prompts)
@@ -131,6 +142,7 @@ def evaluate(
     conditions, scores, mean_weights = _score(scorer, conditions, composites, vectors, settings, wanted)
     swept = [sweep for sweep in swept if all(c.name in scores for cs in sweep.conditions.values() for c in cs)]
     result = _result(adapter, datamodule, vectors, settings, conditions, scores, swept, mean_weights, not_run)
+    result.settings["protocol"] = protocol
     if composites is not None and composites.fits:
         result.settings["composite_affine"] = {kind: fit.summary() for kind, fit in composites.fits.items()}
     return result
@@ -215,7 +227,8 @@ def _result(adapter: BackboneAdapter, datamodule, vectors: Vectors, settings: Ev
     return EvaluationResult(
         scores=shown_scores,
         conditions={c.name: c.metadata() for c in shown},
-        sweeps={sweep.name: _sweep_entry(sweep, scores) for sweep in swept},
+        sweeps={sweep.name: _sweep_entry(sweep, scores, "test" if settings.protocol == "authors" else "val")
+                for sweep in swept},
         comparisons=_comparisons(shown_scores, datamodule.shots if datamodule is not None else 0),
         analogy_weights=mean_weights,
         extraction=vectors.extraction.summary(vectors.k, vectors.selection) if vectors.extraction else {},
@@ -233,15 +246,17 @@ def _result(adapter: BackboneAdapter, datamodule, vectors: Vectors, settings: Ev
     )
 
 
-def _sweep_entry(sweep: Sweep, scores: dict[str, Score]) -> dict:
+def _sweep_entry(sweep: Sweep, scores: dict[str, Score], chosen_on: str = "val") -> dict:
+    """A sweep's accuracies per split, and the point chosen on ``chosen_on`` (mfv: ``val``;
+    the authors' protocol: ``test``) with the test accuracy there."""
     entry: dict = {"x": sweep.points}
     for split, conditions in sweep.conditions.items():
         points = [scores[c.name] for c in conditions]
         entry[split] = {"accuracy": [p.accuracy for p in points], "ci95": [list(p.ci95()) for p in points],
                         "n": points[0].n}
-    if "val" in entry:
-        best = max(range(len(sweep.points)), key=lambda i: (entry["val"]["accuracy"][i], -i))
-        entry["chosen_on"] = "val"
+    if chosen_on in entry:
+        best = max(range(len(sweep.points)), key=lambda i: (entry[chosen_on]["accuracy"][i], -i))
+        entry["chosen_on"] = chosen_on
         entry["chosen"] = sweep.points[best]
         if "test" in entry:
             entry["test_at_chosen"] = {"accuracy": entry["test"]["accuracy"][best],

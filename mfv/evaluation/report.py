@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from mfv.evaluation import plots
+from mfv.evaluation.authors import protocol_markdown
 from mfv.evaluation.protocol import EvaluationResult
 from mfv.io import atomic_write_text, staged
 from mfv.method.extraction import Extraction
@@ -81,8 +82,14 @@ def report_markdown(metrics: dict, drawn: Sequence[str] | None = None) -> str:
         sweep = metrics["sweeps"].get(name)
         if sweep and "chosen" in sweep:
             at = sweep.get("test_at_chosen")
-            parts.append(f"\nBest {label} on the validation split: {sweep['chosen']}"
+            on = {"val": "validation", "test": "test"}.get(sweep.get("chosen_on"), sweep.get("chosen_on"))
+            parts.append(f"\nBest {label} on the {on} split: {sweep['chosen']}"
                          + (f"; on test there: {_fmt(at['accuracy'], at['ci95'])} (n={at['n']})" if at else "") + ".")
+    for kind, fit in metrics["settings"].get("composite_affine", {}).items():
+        parts.append(f"\n\nsoftmax_affine composite ({kind} FVs): scale {fit['scale']:.3g}, offset norm "
+                     f"{fit['offset_norm']:.3g}, fitted on {fit['n']} {fit['split']} prompts of the trained relations"
+                     + (" (the composites did not vary: scale set to 0)" if fit["degenerate"] else "") + ".")
+    parts.append(protocol_markdown(metrics))
     if metrics.get("not_run"):
         parts.append("\n\n## Not run\n\n| condition | reason |\n|---|---|\n")
         parts += [f"| `{name}` | {reason} |\n" for name, reason in metrics["not_run"].items()]
@@ -97,6 +104,8 @@ SWEPT = {"layer": ("model.layer", "layer"), "k": ("aie.k", "K")}
 def provenance(metrics: dict) -> str:
     """Whether the injected layer and K were chosen on validation or fixed by the config."""
     fixed, chosen_here = [], []
+    # The authors' protocol chooses on test (settings.protocol), mfv's on validation.
+    on = "test" if any(s.get("chosen_on") == "test" for s in metrics["sweeps"].values()) else "validation"
     for name, (option, label) in SWEPT.items():
         used, sweep = metrics["settings"].get(name), metrics["sweeps"].get(name) or {}
         if used is None or "chosen" not in sweep:
@@ -106,13 +115,13 @@ def provenance(metrics: dict) -> str:
         else:
             outside = "" if min(sweep["x"]) <= used <= max(sweep["x"]) else \
                 f", outside the swept {min(sweep['x'])}..{max(sweep['x'])}"
-            fixed.append(f"{label} {used} (`{option}`; validation chose {sweep['chosen']}{outside})")
+            fixed.append(f"{label} {used} (`{option}`; {on} chose {sweep['chosen']}{outside})")
     text = ""
     if fixed:
-        text += ("The injected " + " and ".join(fixed) + " were fixed by the config, not chosen on the validation "
+        text += ("The injected " + " and ".join(fixed) + f" were fixed by the config, not chosen on the {on} "
                  "split of this evaluation. ")
     if chosen_here:
-        text += "The injected " + " and ".join(chosen_here) + " are the validation sweeps' choices. "
+        text += "The injected " + " and ".join(chosen_here) + f" are the {on} sweeps' choices. "
     return text
 
 

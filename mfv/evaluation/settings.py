@@ -4,13 +4,15 @@ and :class:`Vectors` (the FVs it injects), each checked before any compute."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch
 
 from mfv.errors import ConfigError
+from mfv.evaluation.authors import PROTOCOLS, authors_aie_settings
 from mfv.evaluation.conditions import COMPOSITE_MODES
 from mfv.method.extraction import Extraction, Selection
+from mfv.method.settings import AIESettings
 from mfv.method.function_vector import FunctionVectorSet
 from mfv.models.base import BackboneAdapter
 
@@ -32,6 +34,11 @@ class EvaluationSettings:
             (no masked products, :meth:`BackboneAdapter.reuse_context`), and conditions over
             the same prompts sharing one prompt pass (each recomputes only the last position
             from its injection layer). ``false``: every condition from scratch.
+        protocol: ``mfv`` (every test prompt scored, the configured prompt counts, layer and K
+            chosen on validation) or ``authors`` (their released scripts: a test prompt scored
+            only if its eval prompt of the same relation and image file was answered with
+            4-shot ICL, means and AIE over every eval prompt, layer and K chosen on test;
+            :mod:`mfv.evaluation.authors`).
     """
 
     limit: int | None = None
@@ -42,6 +49,7 @@ class EvaluationSettings:
     composite_modes: list[str] = field(default_factory=lambda: list(COMPOSITE_MODES))
     batch_size: int | None = None
     reuse: bool = True
+    protocol: Literal["mfv", "authors"] = "mfv"
 
     def validate(self) -> None:
         """Raises :class:`ConfigError` naming the field and the allowed range."""
@@ -55,9 +63,18 @@ class EvaluationSettings:
                 raise ConfigError(f"evaluation.{name} = {getattr(self, name)} must be >= 1")
         if self.batch_size is not None and self.batch_size < 1:
             raise ConfigError(f"evaluation.batch_size = {self.batch_size} must be >= 1")
+        if self.protocol not in PROTOCOLS:
+            raise ConfigError(f"evaluation.protocol = {self.protocol!r}; valid: {list(PROTOCOLS)}")
         unknown = sorted(set(self.composite_modes) - set(COMPOSITE_MODES))
         if unknown:
             raise ConfigError(f"evaluation.composite_modes: unknown {unknown}; valid: {sorted(COMPOSITE_MODES)}")
+
+    def aie_settings(self, aie: AIESettings, datamodule) -> AIESettings:
+        """The ``aie:`` section this protocol extracts with: as configured under ``mfv``; under
+        ``authors`` means and AIE over every prompt of the datamodule's eval split."""
+        if self.protocol != "authors":
+            return aie
+        return authors_aie_settings(aie, len(datamodule.sampler("eval")))
 
 
 @dataclass
