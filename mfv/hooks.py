@@ -219,7 +219,10 @@ def head_output_contributions(adapter: BackboneAdapter, layer: int, activations:
 
 
 def _contiguous_input(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-    return (args[0].contiguous(), *args[1:])
+    # view: ``hidden[:, -1:]`` of one row is "contiguous" (size-1 dims are ignored) but keeps the
+    # sequence's stride, which matmul will not fold either (10.7 s vs 0.09 s at OpenFlamingo-4B's head).
+    inputs = args[0].contiguous()
+    return (inputs.view(inputs.shape), *args[1:])
 
 
 def keep_input_contiguous(module: torch.nn.Module) -> torch.utils.hooks.RemovableHandle:

@@ -144,3 +144,17 @@ def test_training_module_takes_auto(host, support, dtype):
                                   backbone_dtype="auto")
     assert next(module.backbone.parameters()).dtype == dtype
     assert module.function_vectors.dtype == torch.float32
+
+
+def test_the_head_hook_gives_matmul_a_foldable_one_row_input():
+    """Full-size hot spot (#36): ``hidden[:, -1:]`` of one row passed ``.contiguous()`` unchanged,
+    with the sequence's stride, and ``F.linear`` then copied the whole head weight per call."""
+    from mfv.hooks import keep_input_contiguous
+
+    head = torch.nn.Linear(8, 5, bias=False)
+    keep_input_contiguous(head)
+    seen = []
+    head.register_forward_pre_hook(lambda module, args: seen.append(args[0].stride()))
+    hidden = torch.randn(1, 7, 8)
+    assert torch.equal(head(hidden[:, -1:]), hidden[:, -1:] @ head.weight.T)
+    assert seen == [(8, 8, 1)]
