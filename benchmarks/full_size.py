@@ -25,8 +25,18 @@ loop on a few heads (extrapolated to all), extraction, FV fine-tuning steps at b
 the batched recipe's batch, and two evaluation conditions (zero-shot, zero-shot + FV).
 
 Per stage the JSON has wall and CPU seconds, matmul FLOPs (``torch.utils.flop_counter``),
-the FLOP rate and the process's peak RSS so far. Random weights answer nothing correctly:
-accuracies here are not results, only times, FLOPs and memory are.
+the FLOP rate, its fraction of the host's measured matmul peak in the compute dtype and the
+process's peak RSS so far. The peak is measured in the same run, on the rehearsal's threads
+(4096^2 matmuls in bf16 and fp32, at the start and at the end: the higher counts, as the
+host may be shared); ``host`` names the CPU, its bf16 support (:mod:`mfv.hardware`: flags and
+measured rates) and the load average before and after. Random weights answer nothing
+correctly: accuracies here are not results, only times, FLOPs and memory are.
+
+``--profile DIR`` instead profiles the prompt pass (``means``) and fast AIE with
+``torch.profiler`` (one warm-up run each, then one profiled run; tables by operator and by
+operator and input shapes under DIR); with ``--layers N`` the language model keeps its first
+N layers (full width; the others are dropped after loading), to look at a shared machine's
+hot spots in seconds instead of minutes.
 """
 
 from __future__ import annotations
@@ -46,7 +56,36 @@ import torch
 RELATIONS = ["above", "below", "left", "right"]
 RELEASES = {"openflamingo": "openflamingo-4b-instruct", "qwen3vl": "Qwen3-VL-4B-Instruct",
             "qwen2.5vl": "Qwen2.5-VL-3B-Instruct"}
-CPU_BF16_PEAK = 2.3e12  # this project's CI machine: bf16 matmul with AMX on 2 threads (DEVELOPERS.md)
+PEAK_SIZE = 4096  # side of the square matmuls that measure the host's peak
+
+
+def host_peaks(device: str, seconds: float = 1.0) -> dict[str, float]:
+    """The host's matmul peak per dtype (TFLOP/s), on the current torch threads."""
+    from mfv.hardware import matmul_rate
+
+    return {name: round(matmul_rate(getattr(torch, name), PEAK_SIZE, seconds, device) / 1e12, 3)
+            for name in ("bfloat16", "float32")}
+
+
+def host_record(device: str) -> dict:
+    """What the JSON says of the host before the run: CPU, bf16 support, load, the first peak."""
+    from mfv.hardware import bf16_support, cpu_model
+
+    return {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "bf16": bf16_support().to_dict(), "load_average_before": [round(x, 2) for x in os.getloadavg()],
+            "peak_size": PEAK_SIZE, "peak_tflop_per_s_at_start": host_peaks(device)}
+
+
+def finish_host_record(host: dict, device: str, stages: dict, dtype: str) -> None:
+    """Adds the end peak and load, the peak used (the higher), and each stage's fraction of it."""
+    host["peak_tflop_per_s_at_end"] = host_peaks(device)
+    host["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+    host["peak_tflop_per_s"] = {name: max(host["peak_tflop_per_s_at_start"][name], host["peak_tflop_per_s_at_end"][name])
+                                for name in host["peak_tflop_per_s_at_end"]}
+    peak = host["peak_tflop_per_s"][dtype]
+    for row in stages.values():
+        if "tflop_per_s" in row:
+            row["fraction_of_peak"] = round(row["tflop_per_s"] / peak, 3)
 
 
 def peak_rss_bytes() -> int:
@@ -105,34 +144,82 @@ def build(family: str, work: Path) -> None:
     (work / "release" / "COMPLETE").write_text(f"{time.perf_counter() - start:.0f} s\n")
 
 
-def load_release(family: str, release: Path, device: str):
-    """The user's path: ``mfv.load`` on the downloaded files."""
+def load_release(family: str, release: Path, device: str, dtype: str = "bfloat16", layers: int | None = None):
+    """The user's path: ``mfv.load`` on the downloaded files; with ``layers``, the language
+    model keeps its first ``layers`` layers (the others are dropped)."""
     import mfv
 
     if family != "openflamingo":
-        return mfv.load(family, model_path=str(release), dtype="bfloat16", device=device)
-    return mfv.load("openflamingo", release=RELEASES[family], checkpoint_path=str(release / "checkpoint.pt"),
-                    language_model_path=str(release / "language_model"),
-                    clip_weights_path=str(release / "open_clip_pytorch_model.bin"), dtype="bfloat16", device=device)
+        model = mfv.load(family, model_path=str(release), dtype=dtype, device=device)
+    else:
+        model = mfv.load("openflamingo", release=RELEASES[family], checkpoint_path=str(release / "checkpoint.pt"),
+                         language_model_path=str(release / "language_model"),
+                         clip_weights_path=str(release / "open_clip_pytorch_model.bin"), dtype=dtype, device=device)
+    if layers is not None:
+        blocks = model.blocks if family == "openflamingo" else model.layers
+        del blocks[layers:]
+        config = model.model.lang_encoder.config if family == "openflamingo" else model.text_config
+        config.num_hidden_layers = layers
+        if getattr(config, "layer_types", None):
+            config.layer_types = config.layer_types[:layers]
+    return model
+
+
+def samplers(work: Path, batch: int):
+    """The synthetic eval (4-shot) and train (zero-shot) samplers of the rehearsal."""
+    from mfv.data.episodes import EpisodeSampler, read_scenes
+    from mfv.data.synthetic import generate_split
+
+    data = work / "data"
+    scenes = {split: read_scenes(generate_split(data, split, size, image_size=224, workers=1, progress=False))
+              for split, size in (("eval", 16), ("train", 2 * batch))}
+    return (EpisodeSampler(scenes["eval"], RELATIONS, shots=4, seed=0),
+            EpisodeSampler(scenes["train"], RELATIONS, shots=0, seed=0))
+
+
+def profile(family: str, work: Path, device: str, dtype: str, layers: int | None, prompts: int, out: Path) -> None:
+    """torch.profiler tables of the prompt pass (means) and fast AIE, one warm-up run each."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as profiler
+
+    from mfv.data.episodes import encode_episodes
+    from mfv.method.aie import indirect_effects, mean_head_activations
+
+    eval_sampler, _ = samplers(work, 1)
+    model = load_release(family, work / "release", device, dtype, layers)
+    clean = encode_episodes(model, [eval_sampler.episode(i, "clean") for i in range(prompts)], RELATIONS)
+    corrupted = encode_episodes(model, [eval_sampler.episode(0, "corrupted")], RELATIONS)
+    means = mean_head_activations(model, [clean], len(RELATIONS), progress=False).means  # warm-up
+    work_of = {"means": lambda: mean_head_activations(model, [clean], len(RELATIONS), progress=False),
+               "aie_fast": lambda: indirect_effects(model, corrupted, means, "fast")}
+    out.mkdir(parents=True, exist_ok=True)
+    for name, fn in work_of.items():
+        if name != "means":
+            fn()  # warm-up
+        start = time.perf_counter()
+        with profiler(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            fn()
+        wall = time.perf_counter() - start
+        averages = prof.key_averages()
+        text = (f"{family} {name}: {wall:.2f} s profiled, layers kept: {layers or 'all'}, dtype {dtype}\n"
+                + averages.table(sort_by="self_cpu_time_total", row_limit=40) + "\n"
+                + prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=40))
+        (out / f"{family}_{name}.txt").write_text(text)
+        print(text[:4000], flush=True)
 
 
 def rehearse(family: str, work: Path, device: str, prompts: int, aie_prompts: int, reference_heads: int,
-             batch: int, layer: int, k: int) -> dict:
-    from mfv.data.episodes import EpisodeSampler, encode_episodes, read_scenes
-    from mfv.data.synthetic import generate_split
+             batch: int, layer: int, k: int, dtype: str = "bfloat16", layers: int | None = None) -> dict:
+    from mfv.data.episodes import encode_episodes
     from mfv.hooks import HeadPatch, patch_heads
     from mfv.method.aie import indirect_effects, mean_head_activations, top_heads
     from mfv.method.function_vector import build_function_vector
     from mfv.steering import Injection, steered_logits
 
+    host = host_record(device)
     stages = Stages(device)
-    release = work / "release"
-    data = work / "data"
-    eval_sampler = EpisodeSampler(read_scenes(generate_split(data, "eval", 16, image_size=224, workers=1,
-                                                             progress=False)), RELATIONS, shots=4, seed=0)
-    train_sampler = EpisodeSampler(read_scenes(generate_split(data, "train", 2 * batch, image_size=224, workers=1,
-                                                              progress=False)), RELATIONS, shots=0, seed=0)
-    model = stages.run("load", lambda: load_release(family, release, device), count=False)
+    eval_sampler, train_sampler = samplers(work, batch)
+    model = stages.run("load", lambda: load_release(family, work / "release", device, dtype, layers), count=False)
     weights = sum(p.numel() * p.element_size() for p in model.model.parameters())
     stages.rows["load"].update(parameters=sum(p.numel() for p in model.model.parameters()), weight_bytes=weights,
                                peak_over_weights=round(peak_rss_bytes() / weights, 3))
@@ -210,9 +297,11 @@ def rehearse(family: str, work: Path, device: str, prompts: int, aie_prompts: in
     stages.run("evaluate_zero_shot", lambda: evaluate(False), prompts=batch, batch=batch)
     stages.run("evaluate_zero_shot_fv", lambda: evaluate(True), prompts=batch, batch=batch)
 
+    compute = str(model.dtype).removeprefix("torch.")
+    finish_host_record(host, device, stages.rows, compute)
     return {
-        "family": family, "release": RELEASES[family], "device": device, "dtype": "bfloat16", "torch_threads": torch.get_num_threads(),
-        "machine_bf16_peak_tflop_per_s": CPU_BF16_PEAK / 1e12 if device == "cpu" else None,
+        "family": family, "release": RELEASES[family], "device": device, "dtype": compute,
+        "torch_threads": torch.get_num_threads(), "layers": model.num_layers, "host": host,
         "finetune_speedup_per_sample": round(ratio, 2),
         "aie_fast_vs_reference_extrapolated": round(
             stages.rows["aie_reference_sample"]["extrapolated_wall_s_per_prompt"]
@@ -223,7 +312,8 @@ def rehearse(family: str, work: Path, device: str, prompts: int, aie_prompts: in
 
 def markdown_table(result: dict) -> str:
     """The README's table of a rehearsal JSON."""
-    lines = ["| stage | wall s | CPU s | TFLOP | TFLOP/s | peak RSS GB | notes |", "|---|---|---|---|---|---|---|"]
+    lines = ["| stage | wall s | CPU s | TFLOP | TFLOP/s | of peak | peak RSS GB | notes |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, row in result["stages"].items():
         notes = []
         if name == "load":
@@ -240,9 +330,23 @@ def markdown_table(result: dict) -> str:
             notes.append(f"{row['prompts']} prompts")
         flops = f"{row['flops'] / 1e12:.2f}" if "flops" in row else ""
         rate = row.get("tflop_per_s", "")
-        lines.append(f"| {name} | {row['wall_s']} | {row['cpu_s']} | {flops} | {rate} | {row['peak_rss_gb']} | "
+        share = f"{row['fraction_of_peak']:.0%}" if "fraction_of_peak" in row else ""
+        lines.append(f"| {name} | {row['wall_s']} | {row['cpu_s']} | {flops} | {rate} | {share} | {row['peak_rss_gb']} | "
                      f"{'; '.join(notes)} |")
-    return "\n".join(lines)
+    return "\n".join(lines + [host_line(result)])
+
+
+def host_line(result: dict) -> str:
+    """One line under the table: the CPU, its bf16 support, the measured peak and the load."""
+    host = result.get("host")
+    if host is None:
+        return f"\n(before #36: fractions of a constant {result.get('machine_bf16_peak_tflop_per_s')} TFLOP/s peak)"
+    bf16 = host["bf16"]
+    peak = host["peak_tflop_per_s"]
+    return (f"\nHost: {host['cpu']}, {result['torch_threads']} threads; bf16 flags {', '.join(bf16['flags']) or 'none'}, "
+            f"{'native' if bf16['native'] else 'not native'} ({bf16['ratio']}x fp32 measured); measured peak "
+            f"{peak['bfloat16']} TFLOP/s bf16, {peak['float32']} fp32 ({host['peak_size']}^2 matmuls, the higher of "
+            f"start and end); load average {host['load_average_before'][0]} before, {host['load_average_after'][0]} after.")
 
 
 def main() -> None:
@@ -257,6 +361,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16, help="the batched recipe's batch (configs/finetune_batched.yaml)")
     parser.add_argument("--layer", type=int, default=18)
     parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--dtype", default="bfloat16", help="load dtype (float32, bfloat16, auto)")
+    parser.add_argument("--layers", type=int, help="keep the language model's first N layers (profiling)")
+    parser.add_argument("--profile", help="profile means and fast AIE into this folder instead of rehearsing")
     parser.add_argument("--table", help="print the markdown table of a rehearsal JSON and exit")
     parser.add_argument("--stage", choices=["all", "build", "run"], default="all", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -276,8 +383,10 @@ def main() -> None:
         command = [sys.executable, __file__, *sys.argv[1:], "--stage", "run"]
         subprocess.run(command, check=True)
         return
+    if args.profile:
+        return profile(args.family, work, args.device, args.dtype, args.layers, args.prompts, Path(args.profile))
     result = rehearse(args.family, work, args.device, args.prompts, args.aie_prompts, args.reference_heads, args.batch,
-                      args.layer, args.k)
+                      args.layer, args.k, args.dtype, args.layers)
     result["build_s"] = (work / "release" / "COMPLETE").read_text().strip()
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
