@@ -280,7 +280,8 @@ def evaluate(
     _check_data("evaluate", data, episodes=True)
     if isinstance(conditions, str):
         conditions = [conditions]  # one name or pattern
-    if conditions is not None and not all(isinstance(c, str) for c in conditions):
+    if conditions is not None and not (isinstance(conditions, (list, tuple)) and all(isinstance(c, str)
+                                                                                     for c in conditions)):
         raise _wrong("evaluate", "conditions", conditions, "condition names or patterns, e.g. ['zero_shot*']")
     if settings is not None and not isinstance(settings, EvaluationSettings):
         raise _wrong("evaluate", "settings", settings, "an mfv.EvaluationSettings or None")

@@ -109,6 +109,8 @@ def test_a_csv_saved_by_a_spreadsheet_reads_as_the_jsonl(tmp_path):
     from_jsonl = read_examples(tmp_path / "examples.jsonl", tmp_path)
     assert [e.__dict__ | {"line": 0} for e in from_csv] == [e.__dict__ | {"line": 0} for e in from_jsonl]
     assert [e.line for e in from_csv] == [2, 3, 4]  # the header is line 1
+    (tmp_path / "spaced.csv").write_text("\n".join([", ".join(lines[0].split(",")), *lines[1:]]))
+    assert read_examples(tmp_path / "spaced.csv", tmp_path) == from_csv  # "image, query, ..." by hand
     # A spreadsheet of a semicolon locale separates with ';'.
     (tmp_path / "semicolons.csv").write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).replace(",", ";").encode())
     assert read_examples(tmp_path / "semicolons.csv", tmp_path) == from_csv
@@ -287,6 +289,15 @@ def test_an_episode_index_past_the_split_is_refused_not_wrapped(sampler, tmp_pat
         sampler.episode(-1, "zero_shot")
     with pytest.raises(TypeError):
         sampler.episode("3", "zero_shot")
+    with pytest.raises(DataError) as info:
+        sampler.episode(0, "zero-shot")
+    one_line(info, "unknown episode mode 'zero-shot'", "did you mean 'zero_shot'?")
+    with pytest.raises(DataError) as info:
+        sampler.episode(0, "clean", relation="beside")
+    one_line(info, "relation 'beside'", "['above', 'below']")
+    with pytest.raises(TypeError) as info:
+        sampler.episode(0, "clean", shots="2")
+    one_line(info, "shots must be an int >= 0")
     # The one legitimate cycle: extraction's prompt stream, past the queries on purpose.
     assert sampler.draw(2 * len(sampler) - 1, "zero_shot").query.question == last.query.question
 

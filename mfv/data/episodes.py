@@ -7,6 +7,7 @@ or rank builds the same episode for the same index.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import io
 import operator
@@ -237,6 +238,26 @@ class EpisodeSampler:
             raise IndexError(f"episode index must be a non-negative int, got {index!r}")
         return value
 
+    def request(self, index: object, mode: object, shots: object, relation: object) -> tuple[int, int, Scene, str]:
+        """The arguments of :meth:`draw` checked: ``(index, shots, query scene, relation)``.
+
+        Raises:
+            DataError: an unknown mode, or a relation the query scene does not have.
+            TypeError: an index or shot count that is no integer; IndexError: a negative index.
+        """
+        if mode not in MODES:
+            close = difflib.get_close_matches(str(mode).replace("-", "_"), MODES, n=1)
+            raise DataError(f"unknown episode mode {mode!r}; valid: {list(MODES)}"
+                            + (f"; did you mean {close[0]!r}?" if close else ""))
+        index = self.index_of(index)
+        if shots is not None and (isinstance(shots, bool) or not isinstance(shots, (int, np.integer)) or shots < 0):
+            raise TypeError(f"shots must be an int >= 0 (or None: the sampler's {self.shots}), got {shots!r}")
+        query = self.queries[index % len(self.queries)]
+        relation = relation or query.relation
+        if relation not in query.neighbours:
+            raise DataError(f"relation {relation!r}: the query scene has none; its relations: {sorted(query.neighbours)}")
+        return index, self.shots if shots is None else int(shots), query, relation
+
     def draw(self, index: int, mode: Mode = "clean", shots: int | None = None, relation: str | None = None) -> Episode:
         """Episode ``index`` of the sampler's endless stream: query scene ``index mod len(self)``
         with ``shots`` demonstrations drawn from ``(seed, index)``, so that index ``len + i`` asks
@@ -248,15 +269,10 @@ class EpisodeSampler:
         ``shuffled`` (the clean demonstrations with their answers permuted across them so
         that no demonstration keeps its own answer: the authors' shuffled-label baseline).
         """
-        if mode not in MODES:
-            raise DataError(f"unknown episode mode {mode!r}; valid: {list(MODES)}")
-        index = self.index_of(index)
-        shots = self.shots if shots is None else shots
+        index, shots, query_scene, relation = self.request(index, mode, shots, relation)
         if mode != "zero_shot" and shots > self.max_shots():
             raise DataError(f"a {shots}-shot prompt needs {shots + 1} scenes to draw from (the query's and {shots} "
                             f"others); this split has {len(self.demo_pool)}: lower the shots or add scenes")
-        query_scene = self.queries[index % len(self.queries)]
-        relation = relation or query_scene.relation
         rng = np.random.default_rng([self.seed, index])
         demos: list[Example] = []
         demo_relations: list[str] = []

@@ -106,10 +106,7 @@ class GQAEpisodeSampler(EpisodeSampler):
     def draw(self, index: int, mode: Mode = "clean", shots: int | None = None, relation: str | None = None) -> Episode:
         """Episode ``index`` of the endless stream (:meth:`EpisodeSampler.draw`): each
         demonstration from another image of its relation, never the query's."""
-        index = self.index_of(index)
-        shots = self.shots if shots is None else shots
-        query = self.queries[index % len(self.queries)]
-        relation = relation or query.relation
+        index, shots, query, relation = self.request(index, mode, shots, relation)
         rng = np.random.default_rng([self.seed, index])
         demos, labels = [], []
         if mode != "zero_shot" and shots > 0:

@@ -90,7 +90,7 @@ def _csv_rows(path: Path) -> Iterator[tuple[int, dict]]:
         handle.seek(0)
         separator = max(",;\t", key=header.count)  # field names hold none of them
         reader = csv.DictReader(handle, delimiter=separator)
-        columns = reader.fieldnames or []
+        reader.fieldnames = columns = [name.strip() for name in reader.fieldnames or []]  # "image, query, ..."
         missing = [f for f in REQUIRED if f not in columns and not (f == "relation" and "task" in columns)]
         if missing:
             raise DataError(f"{path}:1: field {missing[0]!r}: no such column in the header (columns: {columns}; "
