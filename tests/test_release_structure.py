@@ -76,7 +76,8 @@ def test_answers_are_several_tokens_with_distinct_first_tokens_and_bos_is_the_re
 def _one_and_two_images(adapter):
     image = Image.new("RGB", (64, 64), (200, 40, 90))
     example = Example(image, "what is above the cup", "box")
-    return adapter.collate([adapter.build_prompt([], example)]), adapter.collate([adapter.build_prompt([example], example)])
+    one, two = adapter.build_prompt([], example), adapter.build_prompt([example], example)
+    return adapter.collate([one]), adapter.collate([two])
 
 
 def test_the_image_mechanisms_are_the_releases(stand_ins):

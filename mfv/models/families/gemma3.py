@@ -41,7 +41,8 @@ RELEASE: dict[str, Any] = {
 
 def tokenizer(words: Sequence[str] | None = None) -> Any:
     """Byte-level BPE in Gemma's class, adding ``<bos>`` as the release's tokenizer does."""
-    return bpe_tokenizer("GemmaTokenizerFast", words, ["<eos>", "<start_of_turn>", "<end_of_turn>", *IMAGE_TOKENS.values()], bos="<bos>",
+    return bpe_tokenizer("GemmaTokenizerFast", words,
+                         ["<eos>", "<start_of_turn>", "<end_of_turn>", *IMAGE_TOKENS.values()], bos="<bos>",
                          eos_token="<eos>", extra_special_tokens=IMAGE_TOKENS)
 
 

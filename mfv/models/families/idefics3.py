@@ -35,8 +35,10 @@ GRID_TOKENS = [f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6)]
 
 def tokenizer(words: Sequence[str] | None = None) -> Any:
     """Byte-level BPE, no BOS (as the release's), with the release's image and grid tokens."""
-    return bpe_tokenizer("PreTrainedTokenizerFast", words, ["<|im_start|>", "<end_of_utterance>", "<image>", "<fake_token_around_image>", "<global-img>",
-                          *GRID_TOKENS], eos_token="<end_of_utterance>", model_input_names=["input_ids", "attention_mask"])
+    specials = ["<|im_start|>", "<end_of_utterance>", "<image>", "<fake_token_around_image>", "<global-img>",
+                *GRID_TOKENS]
+    return bpe_tokenizer("PreTrainedTokenizerFast", words, specials, eos_token="<end_of_utterance>",
+                         model_input_names=["input_ids", "attention_mask"])
 
 
 def processor(config: dict[str, Any], tokenizer: Any) -> Any:
@@ -56,7 +58,8 @@ FAMILY = Family(
     "idefics3", "Idefics3ForConditionalGeneration", "HuggingFaceTB/SmolVLM-Instruct",
     "Idefics3 / SmolVLM from a local folder or the Hugging Face cache",
     StandIn(RELEASE, Reduction(vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                           num_attention_heads=2, image_size=48, patch_size=8)),  # 6x6 patches -> 4 tokens
+                                           # 6x6 patches, shuffled by 3: 4 tokens per tile
+                                           num_attention_heads=2, image_size=48, patch_size=8)),
             tokenizer, lambda tok: {"image_token_id": tok.convert_tokens_to_ids("<image>"),
                                     "pad_token_id": tok.pad_token_id}, processor),
     layers="model.text_model.layers", images="per_row", load_options={"do_image_splitting": True})

@@ -37,8 +37,8 @@ RELEASE: dict[str, Any] = {
 
 def tokenizer(words: Sequence[str] | None = None) -> Any:
     """Byte-level BPE in Qwen2's class, no BOS (as the release's)."""
-    return bpe_tokenizer("Qwen2TokenizerFast", words, ["<|im_start|>", "<|im_end|>", *IMAGE_TOKENS.values()], eos_token="<|im_end|>",
-                         extra_special_tokens=IMAGE_TOKENS)
+    return bpe_tokenizer("Qwen2TokenizerFast", words, ["<|im_start|>", "<|im_end|>", *IMAGE_TOKENS.values()],
+                         eos_token="<|im_end|>", extra_special_tokens=IMAGE_TOKENS)
 
 
 def processor(config: dict[str, Any], tokenizer: Any) -> Any:

@@ -37,7 +37,8 @@ RELEASE: dict[str, Any] = {
 
 def tokenizer(words: Sequence[str] | None = None) -> Any:
     """Byte-level BPE in Qwen2's class, no BOS (as the release's)."""
-    return bpe_tokenizer("Qwen2TokenizerFast", words, ["<|im_start|>", "<|im_end|>", "<image>", "<video>"], eos_token="<|im_end|>")
+    return bpe_tokenizer("Qwen2TokenizerFast", words, ["<|im_start|>", "<|im_end|>", "<image>", "<video>"],
+                         eos_token="<|im_end|>")
 
 
 def processor(config: dict[str, Any], tokenizer: Any) -> Any:

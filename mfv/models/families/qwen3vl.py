@@ -44,8 +44,7 @@ def rope_index(model: Any, batch: Any) -> torch.Tensor:
 
 def qwen_tokenizer(words: Sequence[str] | None = None) -> Any:
     """The Qwen stand-in tokenizer: byte-level BPE, no BOS (as the release's), ``<|im_end|>`` ends a turn."""
-    return bpe_tokenizer("Qwen2TokenizerFast", words, SPECIAL_TOKENS,
-                         eos_token="<|im_end|>")
+    return bpe_tokenizer("Qwen2TokenizerFast", words, SPECIAL_TOKENS, eos_token="<|im_end|>")
 
 
 def token_ids(tokenizer: Any) -> dict[str, int]:
@@ -55,9 +54,11 @@ def token_ids(tokenizer: Any) -> dict[str, int]:
             "vision_start_token_id": ids["<|vision_start|>"], "vision_end_token_id": ids["<|vision_end|>"]}
 
 
-def qwen_processor(config: dict[str, Any], tokenizer: Any, processor_class: str = "Qwen3VLProcessor") -> Any:
+def qwen_processor(config: dict[str, Any], tokenizer: Any, processor_class: str = "Qwen3VLProcessor",
+                   min_pixels: int | None = None, max_pixels: int | None = None) -> Any:
     """The release's processor classes at the config's patch and merge sizes: images between one
-    merged patch and 2x2 of them (the loader sets the paper's pixel budget)."""
+    merged patch and 2x2 of them unless ``min_pixels`` / ``max_pixels`` say otherwise (the loader
+    sets the paper's pixel budget)."""
     import transformers
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
     from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
@@ -65,8 +66,8 @@ def qwen_processor(config: dict[str, Any], tokenizer: Any, processor_class: str 
     vision = config["vision_config"]
     merged = vision["patch_size"] * vision["spatial_merge_size"]
     images = Qwen2VLImageProcessor(patch_size=vision["patch_size"], temporal_patch_size=vision["temporal_patch_size"],
-                                   merge_size=vision["spatial_merge_size"], min_pixels=merged**2,
-                                   max_pixels=(2 * merged) ** 2)
+                                   merge_size=vision["spatial_merge_size"], min_pixels=min_pixels or merged**2,
+                                   max_pixels=max_pixels or (2 * merged) ** 2)
     return getattr(transformers, processor_class)(image_processor=images, tokenizer=tokenizer,
                                                   video_processor=Qwen3VLVideoProcessor(), chat_template=CHAT_TEMPLATE)
 
