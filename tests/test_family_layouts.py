@@ -1,7 +1,8 @@
 """The Hugging Face release layouts the full-size rehearsals write, at reduced width and depth
 (:func:`mfv.models.families.release.reduce_release`, the release's vocabulary kept): every
 family's loads through the user's path (``mfv.load`` on the folder) and runs; a folder without
-its weights, with a truncated shard or of another family is refused in one line naming the file."""
+its weights, with a truncated shard, of another family or with weights that do not fit its config
+is refused in one line naming the file."""
 
 from __future__ import annotations
 
@@ -80,3 +81,17 @@ def test_a_folder_of_a_refused_architecture_is_refused_with_the_reason(tmp_path,
         mfv.load("llava", model_path=str(tmp_path), dtype="float32")
     message = str(error.value)
     assert "\n" not in message and "not supported" in message and "supported families: gemma3" in message
+
+
+def test_weights_that_do_not_fit_config_json_are_one_line(tmp_path, qwen25_layout):
+    """config.json of the same family but other sizes: one line naming the folder, no traceback."""
+    for path in qwen25_layout.iterdir():
+        (tmp_path / path.name).symlink_to(path)
+    config = json.loads((qwen25_layout / "config.json").read_text())
+    config["text_config"]["intermediate_size"] += 2
+    (tmp_path / "config.json").unlink()
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError) as error:
+        mfv.load("qwen2.5vl", model_path=str(tmp_path), dtype="float32")
+    message = str(error.value)
+    assert "\n" not in message and str(tmp_path) in message and "size mismatch" in message

@@ -300,6 +300,7 @@ def load_family(family: Family, model_path: str | None = None, cache_dir: str | 
         ConfigError: a bad dtype or option, or a folder of another family (named by config.json).
         MissingWeightsError: files missing or damaged (one line naming the file).
     """
+    from safetensors import SafetensorError
     from transformers import AutoProcessor
 
     from mfv.models.families.checks import check_folder, local_folder
@@ -327,6 +328,13 @@ def load_family(family: Family, model_path: str | None = None, cache_dir: str | 
                                                          dtype=getattr(torch, dtype))
     except (OSError, ValueError) as exc:  # the hub raises ValueError subclasses for bad local paths
         raise _missing(family, path) from exc
+    except SafetensorError as exc:  # damaged inside, past the header check
+        raise MissingWeightsError(f"{family.name} weights at {path} are damaged ({exc}): download them again") from exc
+    except RuntimeError as exc:
+        if "size mismatch" not in str(exc):
+            raise
+        raise ConfigError(f"{path}: the weights do not fit its config.json ({str(exc).splitlines()[-1].strip()}); "
+                          f"download the model again") from exc
     adapter = HFAdapter(model, processor, family, path.rstrip("/").split("/")[-1].lower(), system_prompt)
     adapter.freeze()
     return adapter
