@@ -46,15 +46,6 @@ def build_word_tokenizer(words: Iterable[str]) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def prompt_words(words: Iterable[str] | None = None) -> list[str]:
-    """The words of every mfv prompt: ``words`` (default: every object name) and the words of
-    the chat prompts' system message, for word-level stand-in tokenizers."""
-    from mfv.models.hf import SYSTEM_PROMPT
-    from mfv.vocabulary import OBJECT_NAMES
-
-    return [*(OBJECT_NAMES if words is None else words), *(w.strip(".,:'<>") for w in SYSTEM_PROMPT.split())]
-
-
 def first_tokens(answers: Iterable[str]) -> dict[str, str]:
     """Each answer's intended first token: its shortest prefix that starts no other answer, one
     character short of the whole word at most (so every answer of two or more characters is several
