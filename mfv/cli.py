@@ -156,25 +156,58 @@ def bracket_lists(argv: Sequence[str], *targets: Callable, **sections: Callable)
 
 
 def _prepare_data(args: Sequence[str]) -> None:
-    """Generates or checks the data a config's DataModule reads (no model is loaded)."""
+    """Generates or reads and checks the data a config's train run reads, with the run's
+    ``model.relations`` (no model is loaded), and prints its prompts per split and relation."""
     import argparse
 
     import lightning as L
     from jsonargparse import ActionConfigFile, ArgumentParser
 
+    from mfv.preflight import exit_on_bad_input
+    from mfv.resources import resolve_configs
+    from mfv.training.module import FunctionVectorModule
+
     parser = ArgumentParser(prog="mfv prepare-data", description=_prepare_data.__doc__)
     parser.add_argument("--config", action=ActionConfigFile, help="a train.py config")
     parser.add_subclass_arguments(L.LightningDataModule, "data", required=True)
+    # As train.py: the model's relations are the data's; the model itself is not built.
+    parser.add_class_arguments(FunctionVectorModule, "model", instantiate=False, sub_configs=True)
+    parser.link_arguments("model.relations", "data.init_args.relations")
     # The config's other sections are read and ignored (not listed in --help).
-    for other in ("seed_everything", "model", "trainer", "aie", "checkpoint", "last_checkpoint", "evaluation"):
+    for other in ("seed_everything", "trainer", "aie", "checkpoint", "last_checkpoint", "evaluation"):
         parser.add_argument(f"--{other}", type=object | None, default=None, help=argparse.SUPPRESS)
-    from mfv.preflight import exit_on_bad_input
-
     # Bad data (an unreadable image, a bad examples file) is one line naming it, not a traceback.
     with exit_on_bad_input(ValueError):
-        config = parser.instantiate_classes(parser.parse_args(list(args)))
+        args = resolve_configs(bracket_lists(args, model=FunctionVectorModule))
+        config = parser.instantiate_classes(parser.parse_args(args))
         config.data.prepare_data()
+        counts = split_counts(config.data)
     print(f"data ready: {getattr(config.data, 'data_dir', getattr(config.data, 'dataset_dir', ''))}")
+    print(counts_table(counts))
+
+
+def split_counts(datamodule) -> dict[str, dict[str, int]]:
+    """split -> relation -> prompts, for every split ``datamodule`` has, read as train would
+    (each split's sampler is built: a split without one of the relations fails here)."""
+    from collections import Counter
+
+    from mfv.data.datamodule import SPLITS
+
+    counts = {}
+    for split in SPLITS:
+        if datamodule.has_split(split):
+            queries = Counter(scene.relation for scene in datamodule.sampler(split).queries)
+            counts[split] = {relation: queries.get(relation, 0) for relation in datamodule.relations}
+    return counts
+
+
+def counts_table(counts: dict[str, dict[str, int]]) -> str:
+    """``counts`` as an aligned table: one row per split, one column per relation, and the total."""
+    relations = list(next(iter(counts.values()), {}))
+    header = ["split", *relations, "total"]
+    rows = [[split, *map(str, row.values()), str(sum(row.values()))] for split, row in counts.items()]
+    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in (header, *rows))
 
 
 def _prepare_gqa(args: Sequence[str]) -> object:

@@ -1,17 +1,27 @@
 """A quiet console: the known noise of Lightning, jsonargparse and litlogger that a user of
-mfv cannot act on, silenced where it is raised and nothing else.
+mfv cannot act on, silenced where it is raised and nothing else; progress bars that are one
+bar per stage, and plain lines in a log.
 
 :func:`quiet` is called once by every command before its parser is built. Each entry below
 names exactly one message (a regex anchored at its start, as :mod:`warnings` matches it) and
 why it is noise for mfv; any other warning, including other warnings of the same category
 from the same library, still reaches the user.
+
+Progress: on a terminal, bars redraw in place. Written to a file or a pipe (a log, CI) a bar
+redrawn in place is a run of carriage returns and cursor escapes; there every bar (mfv's,
+:func:`progress`, and Lightning's, through :func:`quiet` with the trainer) writes plain lines
+instead, at most one per :data:`PLAIN_INTERVAL_S` seconds per bar, and its last state.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import re
+import sys
+import time
 import warnings
+from typing import Any, Iterable, TextIO
 
 # (message regex, category, why it is noise here)
 NOISE_WARNINGS: tuple[tuple[str, type[Warning], str], ...] = (
@@ -70,16 +80,80 @@ def _hide_version(trainer) -> None:
     bar.get_metrics = functools.partial(_metrics_without_version, bar)
 
 
+PLAIN_INTERVAL_S = 30.0  # a bar in a log writes a line at most this often (and its final state)
+_ESCAPES = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+class PlainLines:
+    """A stream for one progress bar that turns its in-place redraws into plain lines: carriage
+    returns and escape codes dropped, one line per :data:`PLAIN_INTERVAL_S` at most (a finished
+    bar's ``100%`` line always)."""
+
+    def __init__(self, stream: TextIO, interval_s: float = PLAIN_INTERVAL_S) -> None:
+        self.stream, self.interval_s, self._last = stream, interval_s, float("-inf")
+
+    def write(self, text: str) -> None:
+        line = _ESCAPES.sub("", text).replace("\r", "").strip()
+        now = time.monotonic()
+        if line and ("100%" in line or now - self._last >= self.interval_s):
+            self.stream.write(line + "\n")
+            self._last = now
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+
+def plain_output(stream: TextIO | None = None) -> bool:
+    """Whether bars on ``stream`` (default stderr) are to be plain lines: it is not a terminal."""
+    stream = sys.stderr if stream is None else stream
+    return not (hasattr(stream, "isatty") and stream.isatty())
+
+
+def progress(iterable: Iterable | None = None, file: TextIO | None = None, **options: Any) -> Any:
+    """A tqdm bar (``tqdm.auto.tqdm``'s options; on ``file``, default stderr) that writes plain
+    lines where ``file`` is not a terminal."""
+    from tqdm.auto import tqdm
+
+    file = sys.stderr if file is None else file
+    return tqdm(iterable, file=PlainLines(file) if plain_output(file) else file, **options)
+
+
+def _plain_lightning_bar(progress_bar, name: str):
+    # Lightning builds its bars on sys.stdout, and draws them once as they are built.
+    stdout = sys.stdout
+    sys.stdout = PlainLines(stdout)
+    try:
+        return getattr(type(progress_bar), name)(progress_bar)
+    finally:
+        sys.stdout = stdout
+
+
+def _plain_lightning_bars(trainer) -> None:
+    """Lightning's tqdm bars (stdout) as plain lines when stdout is not a terminal."""
+    bar = getattr(trainer, "progress_bar_callback", None)
+    if bar is None or not hasattr(bar, "init_train_tqdm") or not plain_output(sys.stdout):
+        return
+    for name in ("init_sanity_tqdm", "init_train_tqdm", "init_validation_tqdm", "init_test_tqdm",
+                 "init_predict_tqdm"):
+        if not isinstance(bar.__dict__.get(name), functools.partial):
+            # A partial of a module-level function keeps the trainer picklable (ddp_spawn).
+            setattr(bar, name, functools.partial(_plain_lightning_bar, bar, name))
+
+
 def quiet(trainer=None) -> None:
     """Silences the known noise (idempotent; cheap: imports no library).
 
     Args:
         trainer: A built ``lightning.Trainer``: its progress bar also stops showing the
-            logger's ``v_num``.
+            logger's ``v_num``, and writes plain lines where stdout is not a terminal.
     """
     for message, category, _ in NOISE_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
     _install_log_filters()
     if trainer is not None:
         _hide_version(trainer)
+        _plain_lightning_bars(trainer)
 

@@ -202,3 +202,47 @@ def test_the_wheel_runs_its_demo_in_an_empty_folder(tmp_path):
     metrics = json.loads((tmp_path / "work" / "empty" / "X" / "eval" / "metrics.json").read_text())
     assert metrics["conditions"]
     print(f"installed demo: {time.perf_counter() - started:.0f} s")
+
+
+# ----- prepare-data checks what train would ------------------------------------------------------
+
+def test_prepare_data_uses_model_relations_and_prints_counts(tmp_path, monkeypatch, capsys):
+    from mfv.cli import main
+    from tests.test_own_data import make_folder, write_jsonl
+
+    rows = make_folder(tmp_path / "d")
+    monkeypatch.chdir(tmp_path)
+    main(["prepare-data", "--config", "own_data_example", "--data.init_args.data_dir", "d"])
+    out = capsys.readouterr().out
+    table = out.split("data ready: d\n", 1)[1].splitlines()
+    assert table[0].split() == ["split", "above", "below", "left", "right", "total"]
+    assert {line.split()[0] for line in table[1:]} >= {"train", "test"}
+    main(["prepare-data", "--config", "own_data_example", "--data.init_args.data_dir", "d", "--model.relations", "left"])
+    out = capsys.readouterr().out
+    assert out.split("data ready: d\n", 1)[1].splitlines()[0].split() == ["split", "left", "total"]
+    write_jsonl(tmp_path / "d" / "examples.jsonl", [dict(r, relation="on") if r["relation"] == "above" else r
+                                                     for r in rows])
+    with pytest.raises(SystemExit):
+        main(["prepare-data", "--config", "own_data_example", "--data.init_args.data_dir", "d"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "model.relations has 'above'" in err[0] and "Namespace" not in err[0]
+
+
+# ----- console --------------------------------------------------------------------------------------
+
+def test_one_bar_per_stage_and_plain_lines_in_a_log():
+    import io
+
+    from mfv.console import progress
+    from mfv.evaluation.engine import stage_label
+
+    assert stage_label([f"composite weights: mode {i}" for i in range(8)]) == "composite weights (8 conditions)"
+    assert stage_label(["1-shot ICL", "4-shot ICL"]) == "1-shot ICL and 1 more"
+    stream = io.StringIO()  # not a terminal, as a log
+    bar = progress(total=3, desc="stage", file=stream, position=2)
+    for _ in range(3):
+        bar.update()
+    bar.close()
+    lines = stream.getvalue().splitlines()
+    assert "\r" not in stream.getvalue() and "\x1b" not in stream.getvalue()
+    assert lines and all(line.startswith("stage:") for line in lines) and "100%" in lines[-1]

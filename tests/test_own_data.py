@@ -186,7 +186,7 @@ def test_train_cli_selects_the_datamodule_by_class_path(tmp_path, monkeypatch, c
 def test_prepare_data_names_an_undecodable_image_in_one_line(tmp_path, monkeypatch, capsys):
     from mfv import cli
 
-    make_folder(tmp_path / "my_data", images=6)
+    make_folder(tmp_path / "my_data", images=24)  # prepare-data reads every split as train would (2-shot val)
     monkeypatch.chdir(tmp_path)
     config = str(ROOT / "configs" / "own_data_example.yaml")
     cli.main(["prepare-data", "--config", config])

@@ -18,13 +18,12 @@ Lightning ``Fabric`` (DDP).
 
 from __future__ import annotations
 
-import sys
 from contextlib import nullcontext
 from typing import Any, Callable, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
+from mfv.console import progress
 from mfv.data.episodes import EncodedBatch, episode_collator
 from mfv.evaluation.conditions import Condition
 from mfv.evaluation.scoring import Score
@@ -102,29 +101,35 @@ def condition_logits(adapter: BackboneAdapter, conditions: Sequence[Condition], 
 
 
 class ConditionBars:
-    """One labelled progress bar per condition of a group sharing a loader (:meth:`Condition.label`).
-
-    The bars of a group are stacked and advance together as its shared prompt passes run, each
-    by one batch when its own last positions are done; they are cleared when the group ends
-    (the report's table follows). Disabled, it does nothing (no tqdm objects at all).
-    """
+    """One progress bar per stage: the conditions of a group sharing a loader advance one bar,
+    labelled with what they share (``composite weights (8 conditions)``), by one step per
+    condition and batch; cleared when the group ends (the report's table follows). In a log it
+    writes plain lines (:func:`mfv.console.progress`). Disabled, it does nothing."""
 
     def __init__(self, conditions: Sequence[Condition], batches: int, enabled: bool) -> None:
-        # On a terminal tqdm shows as many stacked bars as fit ("more hidden" below); a log
-        # (stderr not a terminal) has no height, so every condition's bar is written there.
-        rows = None if sys.stderr.isatty() else len(conditions) + 2
-        self.bars = [tqdm(total=batches, desc=c.label(), unit="batch", position=i, leave=False, nrows=rows)
-                     for i, c in enumerate(conditions)] if enabled else []
+        labels = [c.label() for c in conditions]
+        self.bar = progress(total=batches * len(conditions), desc=stage_label(labels), unit="step",
+                            leave=False) if enabled else None
 
     def advance(self, position: int) -> None:
         """Condition ``position`` of the group finished one more batch."""
-        if self.bars:
-            self.bars[position].update()
+        if self.bar is not None:
+            self.bar.update()
 
     def close(self) -> None:
-        """Clears the bars, last first (so stacked lines are removed bottom-up)."""
-        for bar in reversed(self.bars):
-            bar.close()
+        if self.bar is not None:
+            self.bar.close()
+
+
+def stage_label(labels: Sequence[str]) -> str:
+    """One label for a stage's conditions: the one label, else what they share before a colon
+    (``composite weights (8 conditions)``), else the first one's and how many more."""
+    if len(labels) == 1:
+        return labels[0]
+    heads = {label.split(":", 1)[0] for label in labels}
+    if len(heads) == 1 and all(":" in label for label in labels):
+        return f"{heads.pop()} ({len(labels)} conditions)"
+    return f"{labels[0]} and {len(labels) - 1} more"
 
 
 def score_conditions(

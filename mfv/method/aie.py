@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from typing import Iterable, Literal
 
 import torch
-from tqdm.auto import tqdm
 
+from mfv.console import progress as tqdm  # plain lines in a log
 from mfv.data.episodes import EncodedBatch
 from mfv.hooks import HeadPatch, patch_heads, record_heads
 from mfv.models.base import BackboneAdapter

@@ -32,8 +32,8 @@ from typing import Callable
 
 import torch
 from torch import distributed as world
-from tqdm.auto import tqdm
 
+from mfv.console import progress as tqdm  # plain lines in a log
 from mfv.data.episodes import EncodedBatch, EpisodeSampler, encode_episodes
 from mfv.errors import ConfigError
 from mfv.io import atomic_torch_save, atomic_write_text
