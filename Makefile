@@ -9,7 +9,7 @@ TORCH ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
 TORCH_VERSION := $(shell sed -n 's/^torch==//p' constraints.txt)
 CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: setup torch-cpu torch-cuda test test-fast demo bench clean
+.PHONY: setup torch-cpu torch-cuda test test-fast demo installed bench clean
 
 setup: $(STAMP)
 
@@ -48,6 +48,11 @@ test-fast: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m mfv.demo --out runs/demo
+
+# The documented install from a built wheel in a fresh venv (a temp folder), then `mfv demo`
+# in an empty folder; minutes. MFV_TORCH_INDEX= (empty) takes torch from pip's own sources.
+installed: $(STAMP)
+	PYTHON=$(PY) .ci/installed.sh $(DEMO_OPTIONS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/aie.py --json runs/bench/aie.json

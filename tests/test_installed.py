@@ -188,7 +188,10 @@ def test_a_constant_answer_is_reported_once_per_split():
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("MFV_TEST_INSTALL") != "1", reason="minutes: set MFV_TEST_INSTALL=1 (.ci/run does)")
 def test_the_wheel_runs_its_demo_in_an_empty_folder(tmp_path):
-    """.ci/installed.sh: wheel, fresh venv, torch then the wheel with constraints, `mfv demo`."""
+    """.ci/installed.sh: wheel, fresh venv, torch then the wheel with constraints, `mfv demo`.
+
+    torch comes from PyTorch's CPU index, as documented; offline, MFV_TORCH_INDEX= (empty) takes
+    it from pip's configured sources (a local wheel folder)."""
     quick = tmp_path / "quick.yaml"  # a short run: the acceptance is that it reaches its report
     quick.write_text("trainer: {max_epochs: 1}\naie: {num_mean_prompts: 16, num_aie_prompts: 8}\n"
                      "evaluation: {shots: [1], max_k: 4, sweep_limit: 8}\n"
@@ -196,8 +199,7 @@ def test_the_wheel_runs_its_demo_in_an_empty_folder(tmp_path):
     started = time.perf_counter()
     done = subprocess.run([str(ROOT / ".ci" / "installed.sh"), "--limit", "8", "--configs", f"[toy,{quick}]"],
                           capture_output=True, text=True, timeout=3000,
-                          env={**os.environ, "MFV_WORK": str(tmp_path / "work"), "MFV_TORCH_INDEX": "",
-                               "PYTHON": sys.executable})
+                          env={**os.environ, "MFV_WORK": str(tmp_path / "work"), "PYTHON": sys.executable})
     assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-3000:])
     metrics = json.loads((tmp_path / "work" / "empty" / "X" / "eval" / "metrics.json").read_text())
     assert metrics["conditions"]

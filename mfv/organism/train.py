@@ -33,6 +33,7 @@ from mfv.organism.data import OrganismDataModule
 from mfv.organism.module import OrganismModule
 from mfv.organism.reference import write_reference
 from mfv.preflight import exit_on_bad_input
+from mfv.threads import set_threads
 
 
 class _Curves(Callback):
@@ -54,7 +55,7 @@ class _Curves(Callback):
 class OrganismCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--out", type=str, default="checkpoints/organism", help="where the trained model is saved: a new or empty folder (or this run's own, continued)")
-        parser.add_argument("--threads", type=int | None, default=None, help="torch CPU threads (default: torch's)")
+        parser.add_argument("--threads", type=int | None, default=None, help="torch CPU threads (default: the cores this process may use, or MFV_THREADS)")
         # Everything a run writes (its config, Lightning's own checkpoints) goes to the work folder, not the cwd.
         parser.link_arguments("data.work_dir", "trainer.default_root_dir")
 
@@ -96,8 +97,8 @@ def main(args: Sequence[str] | None = None) -> Path:
                        "init_args": {"save_dir": "data/organism", "name": "logs", "version": "run"}},
         },
     )
-    if cli.config.threads:
-        torch.set_num_threads(cli.config.threads)
+    with exit_on_bad_input():
+        set_threads(cli.config.threads)  # mfv.threads: the usable cores unless given
     module, datamodule, trainer = cli.model, cli.datamodule, cli.trainer
     work = Path(datamodule.work_dir)
     with exit_on_bad_input():
