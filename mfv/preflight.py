@@ -4,7 +4,9 @@
 data and trainer from the parsed settings, then call :func:`plan_training` or
 :func:`plan_evaluation` before the AIE or any other compute. These resolve the run plan
 (:class:`RunPlan`: which splits are read and what for, which files are read, which folders
-are written) and check it:
+are written) and check it. Which splits a step reads, with what shots and prompt prefixes,
+its own room states (:mod:`mfv.requirements`: the evaluation protocol, the extraction, the
+data's scenes per relation through its sampler); the preflight asks and checks:
 
 * settings against the backbone and the data (``aie.*`` ranges, ``val_fraction`` where a
   validation part is used, relation names identical in model and data);
@@ -28,7 +30,6 @@ stderr and exit status 2.
 
 from __future__ import annotations
 
-import math
 import sys
 import warnings
 from contextlib import contextmanager
@@ -37,6 +38,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from mfv.errors import ConfigError, DataError, MfvError
+from mfv.requirements import SplitUse
 from mfv.io import UnsafeFileError, check_writable, load_checkpoint
 from mfv.runs import check_resume, shaping_settings
 
@@ -61,26 +63,6 @@ def one_line(exc: BaseException | str, limit: int = 1500) -> str:
     """``exc`` as one line (whitespace runs collapsed), at most ``limit`` characters."""
     text = " ".join(str(exc).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-@dataclass
-class SplitUse:
-    """How a run uses one split.
-
-    Attributes:
-        purpose: What for (named in messages).
-        shots: Demonstrations its N-shot prompts hold (0: zero-shot only).
-        shots_field: The setting that asks for ``shots``.
-        prompts: setting -> how many of the split's first prompts it takes (each such prefix
-            must cover every relation).
-        every_relation: Whether every relation of the run must have prompts here.
-    """
-
-    purpose: str
-    shots: int = 0
-    shots_field: str = "data.init_args.shots"
-    prompts: dict[str, int] = field(default_factory=dict)
-    every_relation: bool = True
 
 
 @dataclass
@@ -288,24 +270,6 @@ def check_data(adapter, datamodule, relations: list[str], uses: dict[str, SplitU
     return {split: datamodule.fingerprint(split) for split in uses}
 
 
-def _extraction_use(data, aie) -> SplitUse:
-    """The eval split (or your sampler) as extraction reads it: N-shot prompts, and the first
-    ``num_mean_prompts`` (every relation's mean) and ``num_aie_prompts`` (under per-relation
-    selection, every relation's heads) covering every relation."""
-    prompts = {"aie.num_mean_prompts": aie.num_mean_prompts}
-    if aie.selection == "per_relation":  # each relation's heads come from its own AIE prompts
-        prompts["aie.num_aie_prompts"] = aie.num_aie_prompts
-    return SplitUse("AIE and FV extraction", shots=data.shots, prompts=prompts)
-
-
-def _cache_bytes(adapter, relations: list[str], aie) -> int:
-    """About what the AIE cache of one extraction takes (chunks and result)."""
-    per_head = len(relations) * adapter.num_layers * adapter.num_heads
-    means = per_head * adapter.head_dim * 8
-    chunks = math.ceil(aie.num_mean_prompts / aie.batch_size) + math.ceil(aie.num_aie_prompts / aie.batch_size)
-    return (chunks + 2) * (2 * means + 4 * per_head * 8)
-
-
 # ----- run plans -----------------------------------------------------------------------------
 
 def check_extraction(adapter, data, aie) -> dict[str, str]:
@@ -329,12 +293,12 @@ def check_extraction(adapter, data, aie) -> dict[str, str]:
         aie.extraction_settings(relations, data.shots, data.seed).validate()
     else:
         validate_extraction(adapter, relations, data, aie)
-    check_outputs({"aie.cache_dir": (aie.cache_dir, _cache_bytes(adapter, relations, aie))})
+    check_outputs({"aie.cache_dir": (aie.cache_dir, aie.cache_bytes(adapter, relations))})
     if not isinstance(data, EpisodeSampler):
-        return check_data(adapter, data, relations, {"eval": _extraction_use(data, aie)})
+        return check_data(adapter, data, relations, {"eval": aie.prompt_use(data.shots)})
     samplers = {"episodes": data}
     check_images(None, samplers)
-    check_split(None, "episodes", data, relations, _extraction_use(data, aie))
+    check_split(None, "episodes", data, relations, aie.prompt_use(data.shots))
     check_answers(adapter, samplers)
     return {}
 
@@ -360,9 +324,9 @@ def plan_training(cli) -> RunPlan:
         if getattr(callback, "dirpath", None):
             outputs["checkpoint.dirpath"] = (callback.dirpath, 4 * (vectors + 2**16))
     if extracting:
-        outputs["aie.cache_dir"] = (aie.cache_dir, _cache_bytes(adapter, relations, aie))
+        outputs["aie.cache_dir"] = (aie.cache_dir, aie.cache_bytes(adapter, relations))
     written = check_outputs(outputs)
-    uses = {"eval": _extraction_use(datamodule, aie)} if extracting else {}
+    uses = {"eval": aie.prompt_use(datamodule.shots)} if extracting else {}
     uses.update(train=SplitUse("fine-tuning"), val=SplitUse("validation: the best epoch"), test=SplitUse("test"))
     fingerprints = check_data(adapter, datamodule, relations, uses)
     plan = RunPlan(relations, uses, written, fingerprints)
@@ -373,8 +337,10 @@ def plan_training(cli) -> RunPlan:
 
 
 def plan_evaluation(cli, settings) -> RunPlan:
-    """evaluate.py's plan: the eval split (AIE), test and novel (conditions), val (sweeps),
-    composite (analogies), the ``--fv`` file, ``--out`` and the cache; checked."""
+    """evaluate.py's plan: the splits the protocol reads
+    (:func:`mfv.evaluation.requirements.requirements`), the ``--fv`` file, ``--out`` and the
+    cache; checked."""
+    from mfv.evaluation.requirements import requirements
     from mfv.method.extraction import validate_extraction
 
     module, datamodule, config = cli.model, cli.datamodule, cli.config
@@ -389,16 +355,8 @@ def plan_evaluation(cli, settings) -> RunPlan:
                           f"(model.relations), so the mean over relations would leave some out; use --limit >= "
                           f"{len(relations)}")
     written = check_outputs({"--out": (config.out, EVALUATION_OUTPUT_BYTES),
-                             "aie.cache_dir": (aie.cache_dir, _cache_bytes(adapter, relations, aie))})
-    limit = {"--limit": settings.limit} if settings.limit is not None else {}
-    uses = {"eval": _extraction_use(datamodule, aie),
-            "test": SplitUse("evaluation", shots=datamodule.shots, prompts=dict(limit))}
-    if datamodule.has_split("novel"):
-        uses["novel"] = SplitUse("evaluation on novel objects", shots=datamodule.shots, prompts=dict(limit))
-    if datamodule.has_split("val"):
-        uses["val"] = SplitUse("layer and K sweeps")
-    if settings.analogies and datamodule.has_split("composite"):
-        uses["composite"] = SplitUse("analogies", every_relation=False)
+                             "aie.cache_dir": (aie.cache_dir, aie.cache_bytes(adapter, relations))})
+    uses = requirements(settings, datamodule, aie)  # the protocol says which splits it reads, and how
     fingerprints = check_data(adapter, datamodule, relations, uses)
     plan = RunPlan(relations, uses, written, fingerprints, finetuned)
     if finetuned is not None:

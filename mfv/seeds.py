@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import json
 import statistics
+from pathlib import Path
 from typing import Sequence
 
-from mfv.io import atomic_write_text, ensure_writable_dir
+from mfv.io import atomic_write_text, ensure_writable_dir, exit_on_full_disk
+from mfv.preflight import exit_on_bad_input
+from mfv.runs import check_results, hold, record_results
 
 OVERRIDES_HELP = ("Every other option is a train.py / evaluate.py override, e.g. --trainer.max_epochs 5 or "
                   "--evaluation.max_k 10 (mfv train --help and mfv evaluate --help list them); no -- is needed "
@@ -35,7 +38,7 @@ def aggregate(per_seed: list[dict]) -> dict[str, dict]:
 
 
 def run_seeds(config: str, seeds: int = 3, out: str = "runs/seeds", limit: int | None = None,
-              overrides: Sequence[str] = ()) -> dict:
+              overrides: Sequence[str] = (), overwrite: bool = False) -> dict:
     """Trains and evaluates once per seed 0..seeds-1, then writes the mean and spread.
 
     Args:
@@ -45,20 +48,36 @@ def run_seeds(config: str, seeds: int = 3, out: str = "runs/seeds", limit: int |
         limit: Prompts per evaluation condition (default: every prompt of each split).
         overrides: train.py / evaluate.py overrides, given to both (train.py parses and
             ignores the evaluation section).
+        overwrite: Replace an ``out`` holding seeds of other settings (refused otherwise).
 
     Returns:
         The summary written to ``seeds.json``.
     """
+    settings = {"config": config, "seeds": seeds, "limit": limit, "overrides": list(overrides)}
+    with exit_on_bad_input():
+        check_results(out, "--out", "seeds", settings, overwrite)
+        folder = ensure_writable_dir(out, "--out")
+        lock = hold(folder, "--out", "mfv seeds")  # one seeds run at a time in a folder
+    with lock, exit_on_full_disk(folder):
+        with exit_on_bad_input():
+            check_results(folder, "--out", "seeds", settings, overwrite)  # again, under the lock
+        return _run_seeds(config, seeds, folder, limit, overrides, settings)
+
+
+def _run_seeds(config: str, seeds: int, folder: Path, limit: int | None, overrides: Sequence[str],
+               settings: dict) -> dict:
+    """:func:`run_seeds` in its checked and locked ``folder``."""
     from mfv.commands.evaluate import main as evaluate_main
     from mfv.commands.train import main as train_main
 
-    folder = ensure_writable_dir(out, "--out")
     per_seed = []
     for seed in range(seeds):
         common = ["--config", config, "--seed_everything", str(seed), "--data.init_args.seed", str(seed), *overrides]
         trained = train_main([*common, "--trainer.logger.init_args.save_dir", str(folder / f"seed{seed}"),
                               "--trainer.logger.init_args.name", "train"])
-        evaluation = [*common, "--fv", trained["exported_fv"], "--out", str(folder / f"seed{seed}" / "eval")]
+        # This folder is this run's (checked above): a rerun's evaluation replaces the last one's.
+        evaluation = [*common, "--fv", trained["exported_fv"], "--out", str(folder / f"seed{seed}" / "eval"),
+                      "--overwrite", "true"]
         per_seed.append(evaluate_main(evaluation + (["--limit", str(limit)] if limit else [])))
     summary = {"config": config, "seeds": seeds, "conditions": aggregate(per_seed)}
     atomic_write_text(folder / "seeds.json", json.dumps(summary, indent=2))
@@ -66,6 +85,7 @@ def run_seeds(config: str, seeds: int = 3, out: str = "runs/seeds", limit: int |
     lines += [f"| {n} | {c['mean']:.3f} | {c['std']:.3f} | {c['min']:.3f} | {c['max']:.3f} |"
               for n, c in summary["conditions"].items()]
     atomic_write_text(folder / "seeds.md", "\n".join(lines) + "\n")
+    record_results(folder, "seeds", settings)
     print("\n".join(lines))
     return summary
 
@@ -82,10 +102,12 @@ def build_parser():
                         help="Output folder (one sub-folder per seed, seeds.json and seeds.md).")
     parser.add_argument("--limit", type=PositiveInt | None, default=None,
                         help="Prompts per evaluation condition (default: every prompt of each split).")
+    parser.add_argument("--overwrite", type=bool, default=False,
+                        help="Replace an --out holding seeds of other settings (refused otherwise).")
     return parser
 
 
-OWN_OPTIONS = ("--config", "--seeds", "--out", "--limit", "-h", "--help")
+OWN_OPTIONS = ("--config", "--seeds", "--out", "--limit", "--overwrite", "-h", "--help")
 
 
 def split_arguments(argv: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -119,7 +141,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     quiet()
     own, overrides = split_arguments(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(own)
-    return run_seeds(args.config, args.seeds, args.out, args.limit, overrides)
+    return run_seeds(args.config, args.seeds, args.out, args.limit, overrides,
+                     **({"overwrite": True} if args.overwrite else {}))
 
 
 if __name__ == "__main__":

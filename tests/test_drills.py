@@ -760,6 +760,13 @@ def test_your_own_episodes_are_checked_before_extraction(tmp_path):
 
 # ----- issue 33: nothing from a file runs code --------------------------------------------------
 
+def _one_error_line(err: str) -> None:
+    """stderr holds exactly one ``error: ...`` line (progress bars of data preparation aside)."""
+    lines = err.replace("\r", "\n").splitlines()
+    assert len([line for line in lines if line.startswith("error: ")]) == 1, err[-2000:]
+    assert not [line for line in lines if line.startswith(("Traceback", "  File "))]
+
+
 PACKAGE_SOURCES = [ROOT / "mfv", ROOT / "train.py", ROOT / "evaluate.py", ROOT / "benchmarks"]
 
 
@@ -821,7 +828,7 @@ def test_a_hostile_ckpt_path_is_refused_in_one_line_and_never_runs(tmp_path, cap
     path = write_config(tmp_path / "run")
     err = fails_clearly(capsys, lambda: train_main(["--config", str(path), "--ckpt_path", str(ckpt)]),
                         f"--ckpt_path {ckpt}", "posix.system", "refused, not loaded")
-    assert len(err.strip().splitlines()) == 1
+    _one_error_line(err)
     assert not marker.exists()
     _no_compute(tmp_path / "run")
 
@@ -840,3 +847,260 @@ def test_every_other_checkpoint_reader_refuses_a_hostile_pickle(tmp_path, capsys
     fails_clearly(capsys, lambda: evaluate_main(["--config", str(path), "--fv", str(ckpt), "--out",
                                                  str(tmp_path / "o")]), str(ckpt))
     assert not marker.exists() and not (tmp_path / "o").exists()
+
+
+# ----- issue 33: run folders are owned ------------------------------------------------------------
+
+EVAL_QUICK = ["--evaluation.analogies", "false", "--evaluation.max_k", "2", "--evaluation.sweep_limit", "2",
+              "--evaluation.shots", "[1]"]
+
+
+def _hold_in_another_process(folder: Path) -> subprocess.Popen:
+    """A second process holding ``folder``'s run lock (as a running train.py or evaluate.py does)."""
+    code = ("import sys, time; from mfv.runs import hold; lock = hold(sys.argv[1], '--out', 'evaluate.py'); "
+            "print('held', flush=True); time.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(folder)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused_and_a_dead_holder_frees_it(tmp_path, capsys):
+    from mfv.runs import hold
+
+    path = write_config(tmp_path / "run")
+    out = tmp_path / "eval"
+    holder = _hold_in_another_process(out)
+    try:
+        err = fails_clearly(capsys, lambda: evaluate_main(["--config", str(path), "--out", str(out)]),
+                            f"--out {out} is in use by another run", "evaluate.py, pid", "wait until it ends")
+        _one_error_line(err)
+        assert not (tmp_path / "run" / "cache").exists()  # refused before the AIE
+        fails_clearly(capsys, lambda: train_main(["--config", str(path), "--trainer.logger.init_args.save_dir",
+                                                  str(tmp_path), "--trainer.logger.init_args.name", "",
+                                                  "--trainer.logger.init_args.version", "eval"]),
+                      f"run folder {out} is in use by another run")
+    finally:
+        holder.kill()  # SIGKILL: no clean-up ran, the OS released the lock
+        holder.wait()
+    with hold(out, "--out", "evaluate.py"):  # stale-proof: the dead holder's lock is gone
+        assert (out / ".mfv.lock").read_text().startswith("evaluate.py, pid")
+    assert not (out / ".mfv.lock").exists()
+
+
+def _claim(parent: str, results) -> None:
+    from mfv.runs import claim_version
+
+    results.put(claim_version(parent))
+
+
+def test_version_folders_are_claimed_atomically(tmp_path):
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    workers = [context.Process(target=_claim, args=(str(tmp_path / "same"), results)) for _ in range(6)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
+    assert sorted(results.get(timeout=5) for _ in workers) == list(range(6))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, Path]:
+    """One finished tiny training run: (config, run folder)."""
+    root = tmp_path_factory.mktemp("trained")
+    path = write_config(root)
+    metrics = train_main(["--config", str(path), "--trainer.max_epochs", "1"])
+    return path, Path(metrics["exported_fv"]).parent
+
+
+def test_two_trains_with_one_logger_name_get_two_versions(trained, monkeypatch):
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    path, first = trained
+    # Both runs started together: each saw version_0 free (Lightning's own listing), the claim decides.
+    monkeypatch.setattr(TensorBoardLogger, "_get_next_version", lambda self: 0)
+    metrics = train_main(["--config", str(path), "--trainer.max_epochs", "1", "--model.lr", "0.03"])
+    second = Path(metrics["exported_fv"]).parent
+    assert first.name == "version_0" and second.name == "version_1"
+    for folder, lr in ((first, 0.01), (second, 0.03)):
+        assert yaml.safe_load((folder / "config.yaml").read_text())["model"]["lr"] == lr
+        assert yaml.safe_load((folder / "hparams.yaml").read_text())["lr"] == lr
+        assert len(list((folder / "checkpoints").glob("best-*.ckpt"))) == 1
+
+
+def test_evaluate_never_writes_into_a_training_run_folder(trained, capsys):
+    path, run = trained
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    err = fails_clearly(capsys, lambda: evaluate_main(["--config", str(path), "--out", str(run)]),
+                        f"--out {run} is a train.py run folder", f"{run}-evaluate")
+    _one_error_line(err)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+# ----- issue 33: resume checks what it resumes ------------------------------------------------------
+
+def test_resume_with_other_settings_or_data_is_refused_in_one_line(trained, tmp_path, capsys):
+    import shutil
+
+    path, run = trained
+    last = run / "checkpoints" / "last.ckpt"
+    err = fails_clearly(capsys, lambda: train_main(["--config", str(path), "--ckpt_path", str(last),
+                                                    "--model.lr", "0.02"]),
+                        f"--ckpt_path {last}", "model.lr: 0.01 -> 0.02", "--allow_changed_data true")
+    _one_error_line(err)
+    data = yaml.safe_load(path.read_text())["data"]["init_args"]["data_dir"]
+    changed = tmp_path / "data"
+    shutil.copytree(data, changed)
+    _repaint(sorted(next(changed.glob("train-*")).rglob("*.png"))[:1])
+    fails_clearly(capsys, lambda: train_main(["--config", str(path), "--ckpt_path", str(last),
+                                              "--data.init_args.data_dir", str(changed)]),
+                  "the data differ", "train: ")
+    from mfv.commands.train import FunctionVectorCLI, build_cli
+    from mfv.preflight import plan_training
+
+    same = build_cli(FunctionVectorCLI, ["--config", str(path), "--ckpt_path", str(last)])
+    assert plan_training(same).resume_changes == {}  # the same run resumes without a word
+
+
+def test_resume_on_changed_data_when_allowed_is_recorded(trained, tmp_path):
+    import shutil
+
+    path, run = trained
+    data = yaml.safe_load(path.read_text())["data"]["init_args"]["data_dir"]
+    changed = tmp_path / "data"
+    shutil.copytree(data, changed)
+    _repaint(sorted(next(changed.glob("train-*")).rglob("*.png"))[:1])
+    metrics = train_main(["--config", str(path), "--ckpt_path", str(run / "checkpoints" / "last.ckpt"),
+                          "--data.init_args.data_dir", str(changed), "--allow_changed_data", "true",
+                          "--trainer.max_epochs", "2"])
+    assert list(metrics["resumed_with_changes"]) == ["data_fingerprints"]
+    assert any(line.startswith("train: ") for line in metrics["resumed_with_changes"]["data_fingerprints"])
+    assert json.loads((run / "metrics.json").read_text())["resumed_with_changes"] == metrics["resumed_with_changes"]
+    assert Path(metrics["exported_fv"]).parent == run  # continued in its own folder
+
+
+# ----- issue 33: one --out, one evaluation; a full disk loses nothing ----------------------------
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory) -> tuple[Path, Path, set[str]]:
+    """A finished quick evaluation: (config, --out, the splits the protocol read while it ran)."""
+    from mfv.data.datamodule import SyntheticRelationDataModule
+
+    root = tmp_path_factory.mktemp("evaluated")
+    path = write_config(root)
+    read: set[str] = set()
+    sampler = SyntheticRelationDataModule.sampler
+
+    def spy(self, split):
+        read.add(split)
+        return sampler(self, split)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(SyntheticRelationDataModule, "sampler", spy)
+        evaluate_main(["--config", str(path), "--out", str(root / "out"), "--limit", "4", *EVAL_QUICK])
+    return path, root / "out", read
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_the_protocol_states_every_split_it_reads(evaluated):
+    from mfv.commands.evaluate import EvaluateCLI
+    from mfv.commands.train import build_cli
+    from mfv.evaluation.requirements import requirements
+    from mfv.evaluation.settings import EvaluationSettings
+
+    path, _, read = evaluated
+    cli = build_cli(EvaluateCLI, ["--config", str(path), "--limit", "4", *EVAL_QUICK])
+    settings = EvaluationSettings(limit=4, **cli.config.evaluation)
+    assert read and read <= set(requirements(settings, cli.datamodule, cli.aie_settings))
+
+
+def test_the_preflight_asks_the_protocol_what_it_reads(tmp_path, capsys, monkeypatch):
+    import mfv.evaluation.requirements as room
+    from mfv.requirements import SplitUse
+
+    stated = room.requirements
+
+    def more_shots(settings, datamodule, aie):  # a new condition that needs 11-shot prompts of the novel split
+        return {**stated(settings, datamodule, aie), "novel": SplitUse("a new condition", shots=11,
+                                                                       shots_field="evaluation.new")}
+
+    monkeypatch.setattr(room, "requirements", more_shots)
+    path = write_config(tmp_path)
+    fails_clearly(capsys, lambda: evaluate_main(["--config", str(path), "--out", str(tmp_path / "o")]),
+                  "evaluation.new = 11", "novel split (a new condition)")
+    _no_compute(tmp_path)
+
+
+def test_an_evaluation_with_other_settings_never_mixes_into_an_out(evaluated, capsys):
+    path, out, _ = evaluated
+    before = _files(out)
+    err = fails_clearly(capsys, lambda: evaluate_main(["--config", str(path), "--out", str(out), "--limit", "8",
+                                                       *EVAL_QUICK]),
+                        f"--out {out} holds the results of an mfv evaluate with other settings", "limit: 4 -> 8",
+                        "--overwrite true")
+    _one_error_line(err)
+    assert _files(out) == before
+
+
+def test_a_full_disk_while_writing_the_report_is_one_line_and_loses_nothing(evaluated, capsys, monkeypatch):
+    import errno
+
+    from mfv.evaluation import plots
+
+    path, out, _ = evaluated
+    before = _files(out)
+    real, calls = plots.write, []
+
+    def fills_up(figure, stem, *args, **kwargs):  # the third figure's files meet a full disk
+        calls.append(stem)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device", str(Path(stem).with_suffix(".png")))
+        return real(figure, stem, *args, **kwargs)
+
+    monkeypatch.setattr(plots, "write", fills_up)
+    err = fails_clearly(capsys, lambda: evaluate_main(["--config", str(path), "--out", str(out), "--limit", "4",
+                                                       *EVAL_QUICK]),
+                        f"the disk holding {out} is full", "choose another --out", "nothing partial")
+    _one_error_line(err)
+    assert len(calls) == 3
+    assert _files(out) == before  # the previous report whole: no new figure, no temporary file, same TensorBoard
+    report = (out / "report.md").read_text()
+    listed = report.rsplit("Figures (PNG and PDF): ", 1)[1].strip(" .\n").split(", ")
+    assert all((out / f"{stem}.png").is_file() and (out / f"{stem}.pdf").is_file() for stem in listed)
+
+
+def test_an_overwrite_replaces_the_whole_evaluation(evaluated):
+    path, out, _ = evaluated
+    (out / "layer_sweep.png").rename(out / "stale_sweep.png")  # as if an earlier evaluation had drawn it
+    record = json.loads((out / ".mfv-run.json").read_text())
+    record["files"].append("stale_sweep.png")
+    (out / ".mfv-run.json").write_text(json.dumps(record))
+    metrics = evaluate_main(["--config", str(path), "--out", str(out), "--limit", "8", "--overwrite", "true",
+                             *EVAL_QUICK])
+    assert json.loads((out / "metrics.json").read_text())["settings"]["limit"] == metrics["settings"]["limit"] == 8
+    assert not (out / "stale_sweep.png").exists() and (out / "layer_sweep.png").is_file()
+    assert len(list((out / "tensorboard").iterdir())) == 1  # one run's events, not two mixed
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_full_disk_during_training_is_one_line(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from mfv.training.callbacks import AtomicCheckpointIO
+
+    def disk_full(self, checkpoint, path, storage_options=None):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", disk_full)
+    path = write_config(tmp_path)
+    err = fails_clearly(capsys, lambda: train_main(["--config", str(path), "--trainer.max_epochs", "1"]),
+                        "the disk holding", "is full", "free")
+    _one_error_line(err)
+    run = tmp_path / "runs" / "drill" / "version_0"
+    assert not (run / "metrics.json").exists() and not list(run.rglob("*.ckpt"))
+    assert not (run / ".mfv.lock").exists()  # released on the way out

@@ -4,10 +4,12 @@ validated before any compute with errors naming the field."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
 from mfv.errors import ConfigError
+from mfv.requirements import SplitUse
 from mfv.method.aie import Algorithm
 from mfv.models.base import BackboneAdapter
 
@@ -49,6 +51,22 @@ class AIESettings:
         with ``adapter``, K is also checked against its number of heads."""
         _validate_prompt_options(self)
         validate_head_choice(self.k, self.selection, adapter)
+
+    def prompt_use(self, shots: int) -> SplitUse:
+        """What extraction reads of its split (the ``eval`` split, or your sampler): ``shots``-shot
+        prompts, the first ``num_mean_prompts`` (every relation's mean) and, under per-relation
+        selection, the first ``num_aie_prompts`` (every relation's heads) covering every relation."""
+        prompts = {"aie.num_mean_prompts": self.num_mean_prompts}
+        if self.selection == "per_relation":  # each relation's heads come from its own AIE prompts
+            prompts["aie.num_aie_prompts"] = self.num_aie_prompts
+        return SplitUse("AIE and FV extraction", shots=shots, prompts=prompts)
+
+    def cache_bytes(self, adapter: BackboneAdapter, relations: list[str]) -> int:
+        """About what one extraction's cache takes in ``cache_dir`` (chunks and result)."""
+        per_head = len(relations) * adapter.num_layers * adapter.num_heads
+        means = per_head * adapter.head_dim * 8
+        chunks = math.ceil(self.num_mean_prompts / self.batch_size) + math.ceil(self.num_aie_prompts / self.batch_size)
+        return (chunks + 2) * (2 * means + 4 * per_head * 8)
 
     def extraction_settings(self, relations: list[str], shots: int, seed: int) -> ExtractionSettings:
         """The cache-key settings of this section for ``relations``, ``shots`` and ``seed``."""

@@ -27,12 +27,13 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from mfv.errors import ConfigError
-from mfv.io import atomic_write_text
+from mfv.io import atomic_write_text, exit_on_full_disk
 from mfv.models.openflamingo import save_tiny_openflamingo
 from mfv.organism.data import OrganismDataModule
 from mfv.organism.module import OrganismModule
 from mfv.organism.reference import write_reference
 from mfv.preflight import exit_on_bad_input
+from mfv.runs import hold
 from mfv.threads import set_threads
 
 
@@ -99,10 +100,17 @@ def main(args: Sequence[str] | None = None) -> Path:
     )
     with exit_on_bad_input():
         set_threads(cli.config.threads)  # mfv.threads: the usable cores unless given
-    module, datamodule, trainer = cli.model, cli.datamodule, cli.trainer
-    work = Path(datamodule.work_dir)
+    work = Path(cli.datamodule.work_dir)
     with exit_on_bad_input():
         check_out(cli.config.out, work)
+        lock = hold(work, "data.work_dir", "train-organism")  # one run at a time continues a work folder
+    with lock, exit_on_full_disk(work, "data.work_dir"):
+        return _train(cli, work, args)
+
+
+def _train(cli: OrganismCLI, work: Path, args: Sequence[str] | None) -> Path:
+    """Fits (resuming the work folder's ``last.ckpt``), then saves the model and its records to ``--out``."""
+    module, datamodule, trainer = cli.model, cli.datamodule, cli.trainer
     # One file rewritten after every validation (Lightning 2.6 refreshes save_last only on top-k changes).
     checkpoints = ModelCheckpoint(dirpath=work / "checkpoints", filename="last", monitor=None, save_top_k=1,
                                   enable_version_counter=False, save_on_train_epoch_end=False)
