@@ -31,8 +31,8 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 from PIL import Image
-from tqdm.auto import tqdm
 
+from mfv.console import progress as tqdm  # plain lines in a log
 from mfv.data.objects import ObjectLibrary, ObjectSprite, builtin_library, folder_library
 from mfv.errors import DataError
 

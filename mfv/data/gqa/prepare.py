@@ -290,7 +290,7 @@ def _collect_tasks(
         report: Updated with what was seen, filtered out, malformed or missing.
         progress: Show a progress bar per file.
     """
-    from tqdm.auto import tqdm
+    from mfv.console import progress as tqdm  # plain lines in a log
 
     tasks: list[dict] = []
     for file in scene_graphs:
