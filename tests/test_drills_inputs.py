@@ -83,6 +83,17 @@ def test_links_inside_the_folder_and_dotted_paths_that_stay_in_it_are_read(folde
     assert [e.query for e in read_examples(root / "examples.jsonl", root)] == ["cup", "spoon"]
 
 
+@pytest.mark.parametrize("name, needle", [("photos/loop.png", "Symlink loop"), ("photos/\0.png", "null byte"),
+                                          ("a" * 5000, "File name too long")])
+def test_an_unusable_image_path_is_one_line(folders, name, needle):
+    root = folders / "my_data"
+    (root / "photos" / "loop.png").symlink_to(root / "photos" / "loop.png")
+    (root / "examples.jsonl").write_text(json.dumps({"image": name, **ROW}) + "\n")
+    with pytest.raises(DataError) as info:
+        read_examples(root / "examples.jsonl", root)
+    assert len(one_line(info, "examples.jsonl:1: field 'image'", "is not a usable path", needle)) < 600
+
+
 def test_an_absolute_image_path_is_still_refused(folders):
     root = folders / "my_data"
     (root / "examples.jsonl").write_text(json.dumps({"image": str(root / "photos" / "001.png"), **ROW}) + "\n")
@@ -332,7 +343,7 @@ def test_extraction_still_takes_more_prompts_than_a_split_has(tiny_adapter, samp
     ("ok", "1", TypeError, ("layer='1' (str)",)),
     ("list", 1, TypeError, ("vector=", "(list)", "a torch.Tensor of width 32")),
 ])
-def test_steer_refuses_a_bad_vector_or_layer_in_one_line(tiny_adapter, sampler, vector, layer, error, needles):
+def test_steer_refuses_a_bad_vector_or_layer_in_one_line(tiny_adapter, vector, layer, error, needles):
     width = tiny_adapter.hidden_size
     vectors = {"ok": torch.zeros(width), "narrow": torch.zeros(7), "list": [0.0] * width,
                "nan": torch.full((width,), float("nan")),
@@ -341,9 +352,17 @@ def test_steer_refuses_a_bad_vector_or_layer_in_one_line(tiny_adapter, sampler, 
         with mfv.steer(tiny_adapter, vectors[vector], layer=layer):
             pytest.fail("steered with a bad injection")
     one_line(info, *needles)
-    # Nothing stays hooked: an unsteered prediction afterwards equals a fresh one.
-    episode = sampler.episode(0, "zero_shot")
-    assert mfv.predict(tiny_adapter, episode) == mfv.predict(tiny_adapter, [episode])[0]
+
+
+def test_a_refused_steer_leaves_the_model_unsteered(tiny_adapter, sampler):
+    from mfv.steering import steered_logits
+
+    batch = mfv.api.encode_episodes(tiny_adapter, [sampler.episode(0, "zero_shot")], ["above", "below"])
+    before = steered_logits(tiny_adapter, batch.prompts, None)
+    with pytest.raises(ConfigError):
+        with mfv.steer(tiny_adapter, torch.full((tiny_adapter.hidden_size,), float("nan")), layer=1):
+            pass
+    assert torch.equal(steered_logits(tiny_adapter, batch.prompts, None), before)
 
 
 def test_predict_with_a_wrong_type_is_one_line(tiny_adapter):

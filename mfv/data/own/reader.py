@@ -137,20 +137,25 @@ def _image(root: Path, path: Path, line: int, name: str, seen: dict[str, str | N
     if full not in seen:
         seen[full] = _image_problem(root, Path(full))
     if seen[full]:
-        raise DataError(f"{path}:{line}: field 'image': {name} {seen[full]}")
+        shown = name if len(name) <= 200 else name[:160] + "..."
+        raise DataError(f"{path}:{line}: field 'image': {shown} {seen[full]}")
     return full
 
 
 def _image_problem(root: Path, full: Path) -> str | None:
     """Why ``full`` cannot be an image of ``root`` (it leaves the folder, or is no file), or ``None``."""
-    target = full.resolve()
+    try:
+        target, is_file = full.resolve(), full.is_file()
+    except (OSError, RuntimeError, ValueError) as exc:  # a NUL byte, a name too long, a link loop
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)[:80]
+        return f"is not a usable path ({why}); give the image's path relative to {root}"
     if not target.is_relative_to(root.resolve()):
         # Written inside the folder yet resolving outside it: a link on the way points out.
         written = Path(os.path.abspath(full)).is_relative_to(os.path.abspath(root))
         via = f"{'a link on its path points to' if written else 'it resolves to'} {target}"
         return (f"leaves the data folder {root} ({via}); image paths must stay inside it: copy the image into "
                 f"{root} and give its path relative to it")
-    if not full.is_file():
+    if not is_file:
         return f"not found in {root}"
     return None
 
