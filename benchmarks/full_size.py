@@ -32,11 +32,8 @@ host may be shared); ``host`` names the CPU, its bf16 support (:mod:`mfv.hardwar
 measured rates) and the load average before and after. Random weights answer nothing
 correctly: accuracies here are not results, only times, FLOPs and memory are.
 
-``--profile DIR`` instead profiles the prompt pass (``means``) and fast AIE with
-``torch.profiler`` (one warm-up run each, then one profiled run; tables by operator and by
-operator and input shapes under DIR); with ``--layers N`` the language model keeps its first
-N layers (full width; the others are dropped after loading), to look at a shared machine's
-hot spots in seconds instead of minutes.
+``--profile DIR`` instead profiles the prompt pass and fast AIE (:mod:`full_size_profile`);
+``--layers N`` keeps the language model's first N layers (full width).
 """
 
 from __future__ import annotations
@@ -59,12 +56,16 @@ RELEASES = {"openflamingo": "openflamingo-4b-instruct", "qwen3vl": "Qwen3-VL-4B-
 PEAK_SIZE = 4096  # side of the square matmuls that measure the host's peak
 
 
-def host_peaks(device: str, seconds: float = 1.0) -> dict[str, float]:
-    """The host's matmul peak per dtype (TFLOP/s), on the current torch threads."""
-    from mfv.hardware import matmul_rate
+def host_peaks(device: str) -> dict[str, float]:
+    """The host's matmul peak per dtype on the current torch threads, TFLOP per second of wall
+    time and (``*_per_cpu_s``) per CPU-second of this process, which other processes do not lower."""
+    from mfv.hardware import matmul_rates
 
-    return {name: round(matmul_rate(getattr(torch, name), PEAK_SIZE, seconds, device) / 1e12, 3)
-            for name in ("bfloat16", "float32")}
+    peaks = {}
+    for name in ("bfloat16", "float32"):
+        wall, cpu = matmul_rates(getattr(torch, name), PEAK_SIZE, 0.0, device)
+        peaks.update({name: round(wall / 1e12, 3), f"{name}_per_cpu_s": round(cpu / 1e12, 3)})
+    return peaks
 
 
 def host_record(device: str) -> dict:
@@ -82,10 +83,12 @@ def finish_host_record(host: dict, device: str, stages: dict, dtype: str) -> Non
     host["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     host["peak_tflop_per_s"] = {name: max(host["peak_tflop_per_s_at_start"][name], host["peak_tflop_per_s_at_end"][name])
                                 for name in host["peak_tflop_per_s_at_end"]}
-    peak = host["peak_tflop_per_s"][dtype]
+    peak, per_cpu_s = host["peak_tflop_per_s"][dtype], host["peak_tflop_per_s"].get(f"{dtype}_per_cpu_s")
     for row in stages.values():
         if "tflop_per_s" in row:
             row["fraction_of_peak"] = round(row["tflop_per_s"] / peak, 3)
+            if per_cpu_s and row["cpu_s"] > 0:  # the same, per CPU-second: what the load took away, put back
+                row["fraction_of_peak_per_cpu_s"] = round(row["flops"] / row["cpu_s"] / 1e12 / per_cpu_s, 3)
 
 
 def peak_rss_bytes() -> int:
@@ -175,37 +178,6 @@ def samplers(work: Path, batch: int):
               for split, size in (("eval", 16), ("train", 2 * batch))}
     return (EpisodeSampler(scenes["eval"], RELATIONS, shots=4, seed=0),
             EpisodeSampler(scenes["train"], RELATIONS, shots=0, seed=0))
-
-
-def profile(family: str, work: Path, device: str, dtype: str, layers: int | None, prompts: int, out: Path) -> None:
-    """torch.profiler tables of the prompt pass (means) and fast AIE, one warm-up run each."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as profiler
-
-    from mfv.data.episodes import encode_episodes
-    from mfv.method.aie import indirect_effects, mean_head_activations
-
-    eval_sampler, _ = samplers(work, 1)
-    model = load_release(family, work / "release", device, dtype, layers)
-    clean = encode_episodes(model, [eval_sampler.episode(i, "clean") for i in range(prompts)], RELATIONS)
-    corrupted = encode_episodes(model, [eval_sampler.episode(0, "corrupted")], RELATIONS)
-    means = mean_head_activations(model, [clean], len(RELATIONS), progress=False).means  # warm-up
-    work_of = {"means": lambda: mean_head_activations(model, [clean], len(RELATIONS), progress=False),
-               "aie_fast": lambda: indirect_effects(model, corrupted, means, "fast")}
-    out.mkdir(parents=True, exist_ok=True)
-    for name, fn in work_of.items():
-        if name != "means":
-            fn()  # warm-up
-        start = time.perf_counter()
-        with profiler(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-            fn()
-        wall = time.perf_counter() - start
-        averages = prof.key_averages()
-        text = (f"{family} {name}: {wall:.2f} s profiled, layers kept: {layers or 'all'}, dtype {dtype}\n"
-                + averages.table(sort_by="self_cpu_time_total", row_limit=40) + "\n"
-                + prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=40))
-        (out / f"{family}_{name}.txt").write_text(text)
-        print(text[:4000], flush=True)
 
 
 def rehearse(family: str, work: Path, device: str, prompts: int, aie_prompts: int, reference_heads: int,
@@ -331,6 +303,8 @@ def markdown_table(result: dict) -> str:
         flops = f"{row['flops'] / 1e12:.2f}" if "flops" in row else ""
         rate = row.get("tflop_per_s", "")
         share = f"{row['fraction_of_peak']:.0%}" if "fraction_of_peak" in row else ""
+        if "fraction_of_peak_per_cpu_s" in row:
+            share += f" ({row['fraction_of_peak_per_cpu_s']:.0%} per CPU-s)"
         lines.append(f"| {name} | {row['wall_s']} | {row['cpu_s']} | {flops} | {rate} | {share} | {row['peak_rss_gb']} | "
                      f"{'; '.join(notes)} |")
     return "\n".join(lines + [host_line(result)])
@@ -346,7 +320,8 @@ def host_line(result: dict) -> str:
     return (f"\nHost: {host['cpu']}, {result['torch_threads']} threads; bf16 flags {', '.join(bf16['flags']) or 'none'}, "
             f"{'native' if bf16['native'] else 'not native'} ({bf16['ratio']}x fp32 measured); measured peak "
             f"{peak['bfloat16']} TFLOP/s bf16, {peak['float32']} fp32 ({host['peak_size']}^2 matmuls, the higher of "
-            f"start and end); load average {host['load_average_before'][0]} before, {host['load_average_after'][0]} after.")
+            f"start and end; per CPU-second {peak.get('bfloat16_per_cpu_s')} and {peak.get('float32_per_cpu_s')}); "
+            f"load average {host['load_average_before'][0]} before, {host['load_average_after'][0]} after.")
 
 
 def main() -> None:
@@ -384,6 +359,8 @@ def main() -> None:
         subprocess.run(command, check=True)
         return
     if args.profile:
+        from full_size_profile import profile
+
         return profile(args.family, work, args.device, args.dtype, args.layers, args.prompts, Path(args.profile))
     result = rehearse(args.family, work, args.device, args.prompts, args.aie_prompts, args.reference_heads, args.batch,
                       args.layer, args.k, args.dtype, args.layers)

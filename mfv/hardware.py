@@ -62,23 +62,33 @@ def _cpuinfo() -> str:
 
 
 def matmul_rate(dtype: torch.dtype, size: int, min_seconds: float = 0.05, device: str = "cpu") -> float:
-    """FLOP/s of a ``size x size`` matmul in ``dtype`` on the current torch threads.
+    """FLOP/s (wall time) of a ``size x size`` matmul in ``dtype`` on the current torch threads
+    (:func:`matmul_rates`)."""
+    return matmul_rates(dtype, size, min_seconds, device)[0]
+
+
+def matmul_rates(dtype: torch.dtype, size: int, min_seconds: float = 0.05, device: str = "cpu"
+                 ) -> tuple[float, float]:
+    """FLOP per second of wall time and per CPU-second of this process (all its threads) of a
+    ``size x size`` matmul in ``dtype`` on the current torch threads.
 
     One untimed warm-up (kernel selection, first-touch pages), then products timed one by one
-    for ``min_seconds`` (at least two); the fastest counts, as the machine may be shared and a
-    product slowed by another process says nothing about the kernel.
+    for ``min_seconds`` of wall time (at least two); the fastest counts, as the machine may be
+    shared and a product slowed by another process says nothing about the kernel. The CPU
+    rate is what the load of other processes does not lower.
     """
     generator = torch.Generator(device=device).manual_seed(0)
     a, b = (torch.randn(size, size, generator=generator, device=device).to(dtype) for _ in range(2))
     torch.matmul(a, b)
     _sync(device)
-    best, start, count = float("inf"), time.perf_counter(), 0
+    wall, cpu, start, count = float("inf"), float("inf"), time.perf_counter(), 0
     while count < 2 or time.perf_counter() - start < min_seconds:
-        tick = time.perf_counter()
+        tick, tock = time.perf_counter(), time.process_time()
         torch.matmul(a, b)
         _sync(device)
-        best, count = min(best, time.perf_counter() - tick), count + 1
-    return 2 * size**3 / best
+        wall, cpu, count = min(wall, time.perf_counter() - tick), min(cpu, time.process_time() - tock), count + 1
+    flops = 2 * size**3
+    return flops / max(wall, 1e-9), flops / max(cpu, 1e-9)
 
 
 def _sync(device: str) -> None:

@@ -158,3 +158,30 @@ def test_the_head_hook_gives_matmul_a_foldable_one_row_input():
     hidden = torch.randn(1, 7, 8)
     assert torch.equal(head(hidden[:, -1:]), hidden[:, -1:] @ head.weight.T)
     assert seen == [(8, 8, 1)]
+
+
+def test_the_released_vision_tower_keeps_its_values_without_its_hot_spots():
+    """Full-size hot spots (#36): in-place QuickGELU (bit for bit) and fused attention (to
+    rounding) in open_clip's tower; with gradients open_clip's own code runs."""
+    import copy
+
+    from open_clip.model import CLIPVisionCfg, _build_vision_tower
+
+    from mfv.models.openflamingo.vision import quick_gelu, speed_up_vision_tower
+
+    torch.manual_seed(0)
+    tower = _build_vision_tower(32, CLIPVisionCfg(layers=2, width=64, head_width=16, image_size=32, patch_size=8),
+                                quick_gelu=True).eval()
+    tower.output_tokens = True
+    fast = copy.deepcopy(tower)
+    assert speed_up_vision_tower(fast) == 4  # two activations, two attentions
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        expected, got = tower(images)[1], fast(images)[1]
+    assert torch.allclose(expected, got, atol=1e-5) and not torch.equal(expected, torch.zeros_like(expected))
+    x = torch.randn(4, 8).bfloat16()
+    with torch.no_grad():
+        assert torch.equal(quick_gelu(x), x * torch.sigmoid(1.702 * x))
+    leaf = torch.randn(2, 5, requires_grad=True)
+    quick_gelu(leaf).sum().backward()  # no in-place op on a recorded graph
+    assert leaf.grad is not None and torch.equal(fast(images)[1], tower(images)[1])  # with grad: the originals

@@ -33,6 +33,7 @@ from torch import nn
 from mfv.compat import ensure_torchvision, offline_hub
 from mfv.errors import ConfigError, MissingWeightsError
 from mfv.models.openflamingo.adapter import OpenFlamingoAdapter, assemble_flamingo
+from mfv.models.openflamingo.vision import speed_up_vision_tower
 from mfv.models.weights import assign, empty_parameters, iter_tensors, unloaded, weight_files
 
 
@@ -101,7 +102,6 @@ def remap_checkpoint_key(key: str, model_keys: set[str]) -> str:
 
 def _resolve_hf_file(repo: str, filenames: Iterable[str], cache_dir: str | None) -> str | None:
     from huggingface_hub import hf_hub_download
-
     for filename in filenames:
         try:
             return hf_hub_download(repo, filename, cache_dir=cache_dir, local_files_only=True)
@@ -112,7 +112,6 @@ def _resolve_hf_file(repo: str, filenames: Iterable[str], cache_dir: str | None)
 
 def _resolve_hf_folder(repo: str, cache_dir: str | None) -> str | None:
     from huggingface_hub import snapshot_download
-
     try:
         return snapshot_download(repo, cache_dir=cache_dir, local_files_only=True)
     except Exception:
@@ -264,6 +263,7 @@ def load_openflamingo(
                                   spec.cross_attn_every_n_layers)
     _load_release_checkpoint(model, release, files, torch_dtype, target_device)
     model.to(target_device)  # the buffers; every parameter is already there
+    speed_up_vision_tower(model.vision_encoder)  # the same values, without its CPU hot spots
     from open_clip.transform import image_transform
 
     preprocess = image_transform(clip_config["vision_cfg"]["image_size"], is_train=False)
