@@ -90,14 +90,19 @@ class PlainLines:
     bar's ``100%`` line always)."""
 
     def __init__(self, stream: TextIO, interval_s: float = PLAIN_INTERVAL_S) -> None:
-        self.stream, self.interval_s, self._last = stream, interval_s, float("-inf")
+        self.stream, self.interval_s, self._last, self._finished = stream, interval_s, float("-inf"), False
 
     def write(self, text: str) -> None:
         line = _ESCAPES.sub("", text).replace("\r", "").strip()
-        now = time.monotonic()
-        if line and ("100%" in line or now - self._last >= self.interval_s):
+        if not line:
+            return
+        finished, now = "100%" in line, time.monotonic()
+        # A finished bar's line once (tqdm redraws it on close); a restarted bar (Lightning's
+        # next epoch) writes again.
+        if (finished and not self._finished) or (not finished and now - self._last >= self.interval_s):
             self.stream.write(line + "\n")
             self._last = now
+        self._finished = finished
 
     def flush(self) -> None:
         self.stream.flush()
