@@ -185,3 +185,19 @@ def test_the_released_vision_tower_keeps_its_values_without_its_hot_spots():
     leaf = torch.randn(2, 5, requires_grad=True)
     quick_gelu(leaf).sum().backward()  # no in-place op on a recorded graph
     assert leaf.grad is not None and torch.equal(fast(images)[1], tower(images)[1])  # with grad: the originals
+
+
+def test_a_patch_convolution_runs_as_one_matmul_with_the_same_values():
+    """Full-size hot spot (#36): Qwen-VL's per-patch Conv3d (oneDNN bf16: 0.002 TFLOP/s)."""
+    from mfv.models.patch_embedding import speed_up_patch_embeddings
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv3d(3, 8, (2, 4, 4), (2, 4, 4)), torch.nn.Conv2d(3, 8, 3, stride=1))
+    patches, image = torch.randn(5, 3, 2, 4, 4), torch.randn(2, 3, 8, 8)
+    expected = model[0](patches), model[1](image)
+    assert speed_up_patch_embeddings(model) == 1  # the 3x3 stride-1 convolution is no patch embedding
+    assert "forward" in vars(model[0]) and "forward" not in vars(model[1])
+    got = model[0](patches)
+    assert got.shape == expected[0].shape == (5, 8, 1, 1, 1) and torch.allclose(got, expected[0], atol=1e-6)
+    larger = torch.randn(1, 3, 4, 8, 8)  # not one patch: the convolution runs
+    assert torch.equal(model[0](larger), torch.nn.functional.conv3d(larger, model[0].weight, model[0].bias, stride=(2, 4, 4)))
