@@ -88,8 +88,10 @@ def _own_out(cli: EvaluateCLI, plan: RunPlan) -> tuple[Path, FolderLock, dict]:
         The folder, its lock and the settings recorded with the results.
     """
     config = cli.config
-    owner = {**shaping_settings(config.as_dict()), "evaluation": dict(config.evaluation), "fv": config.fv,
-             "limit": config.limit, "data_fingerprints": plan.fingerprints}
+    # What shapes the results (batch size and reuse change only the speed).
+    evaluation = {f"evaluation.{k}": v for k, v in dict(config.evaluation).items() if k not in ("batch_size", "reuse")}
+    owner = {**shaping_settings(config.as_dict()), **evaluation, "fv": config.fv, "limit": config.limit,
+             **{f"data fingerprint {split}": value for split, value in plan.fingerprints.items()}}
     check_results(config.out, "--out", "evaluate", owner, config.overwrite)
     out = ensure_writable_dir(config.out, "--out", EVALUATION_OUTPUT_BYTES)
     lock = hold(out, "--out", "evaluate.py")
