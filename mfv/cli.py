@@ -327,12 +327,17 @@ def _run(name: str, args: list[str], announce: bool) -> None:
             set_threads()
         print(summary())
     command = _commands()[name]
-    # Not returned: the console script exits with main()'s value.
-    if name in _NAMED_BY_ARGV:
-        with _program(f"mfv {name}"):
+    from pathlib import Path
+
+    from mfv.io import exit_on_full_disk
+
+    # Not returned: the console script exits with main()'s value. A full disk anywhere: one line, exit 2.
+    with exit_on_full_disk(Path.cwd(), "output folder"):
+        if name in _NAMED_BY_ARGV:
+            with _program(f"mfv {name}"):
+                command(args)
+        else:
             command(args)
-    else:
-        command(args)
 
 
 if __name__ == "__main__":

@@ -1104,3 +1104,18 @@ def test_a_full_disk_during_training_is_one_line(tmp_path, capsys, monkeypatch):
     run = tmp_path / "runs" / "drill" / "version_0"
     assert not (run / "metrics.json").exists() and not list(run.rglob("*.ckpt"))
     assert not (run / ".mfv.lock").exists()  # released on the way out
+
+
+def test_a_full_disk_in_any_mfv_command_is_one_line(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from mfv import cli
+
+    def fills_up(args):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "gqa" / "scenes.json"))
+
+    monkeypatch.setattr(cli, "_commands", lambda: {"prepare-gqa": fills_up})
+    monkeypatch.chdir(tmp_path)
+    err = fails_clearly(capsys, lambda: cli.main(["prepare-gqa", "--out", "gqa"]), f"the disk holding {tmp_path}",
+                        "is full", "free")
+    _one_error_line(err)
