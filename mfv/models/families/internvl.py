@@ -22,14 +22,18 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
-# OpenGVLab/InternVL3-2B-hf's config.json (the token ids come from the saved tokenizer).
+# OpenGVLab/InternVL3-2B-hf's config.json (the token ids come from the saved tokenizer). transformers'
+# convert_internvl_weights_to_hf.py copies the original llm_config into text_config and renames the
+# InternViT's qkv_bias to attention_bias; InternVL3's llm_config (as printed for InternVL3-1B) declares
+# dynamic rope scaling by 2 (the frequencies of the default rope below 32768 positions) and an untied
+# lm_head, and its InternViT-300M-448px-V2_5 has qkv_bias true (InternVLVisionConfig defaults to False).
 RELEASE: dict[str, Any] = {
     "text_config": dict(model_type="qwen2", vocab_size=151674, hidden_size=1536, intermediate_size=8960,
                         num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
                         max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=1000000.0, use_sliding_window=False,
-                        tie_word_embeddings=False),
+                        rope_scaling={"rope_type": "dynamic", "factor": 2.0}, tie_word_embeddings=False),
     "vision_config": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                          image_size=[448, 448], patch_size=[14, 14]),
+                          attention_bias=True, image_size=[448, 448], patch_size=[14, 14]),
     "downsample_ratio": 0.5, "projector_hidden_act": "gelu", "vision_feature_layer": -1,
     "vision_feature_select_strategy": "default", "image_seq_length": 256, "tie_word_embeddings": False,
 }
