@@ -181,7 +181,8 @@ def samplers(work: Path, batch: int):
 
 
 def rehearse(family: str, work: Path, device: str, prompts: int, aie_prompts: int, reference_heads: int,
-             batch: int, layer: int, k: int, dtype: str = "bfloat16", layers: int | None = None) -> dict:
+             batch: int, layer: int, k: int, dtype: str = "bfloat16", layers: int | None = None,
+             stop_after: str | None = None) -> dict:
     from mfv.data.episodes import encode_episodes
     from mfv.hooks import HeadPatch, patch_heads
     from mfv.method.aie import indirect_effects, mean_head_activations, top_heads
@@ -206,6 +207,8 @@ def rehearse(family: str, work: Path, device: str, prompts: int, aie_prompts: in
                      flops_fn=lambda: indirect_effects(model, corrupted[0], means, "fast"), flops_scale=aie_prompts,
                      prompts=aie_prompts, heads=heads_total)
     stages.rows["aie_fast"]["wall_s_per_prompt"] = round(stages.rows["aie_fast"]["wall_s"] / aie_prompts, 3)
+    if stop_after == "aie_fast":  # the prompt pass and fast AIE only: the stages #36 sets a FLOP-rate goal for
+        return summary(family, device, model, host, stages.rows)
 
     # The reference loop: one full forward per head (a patch hook on it); a few heads timed,
     # extrapolated to all heads plus the unpatched forward.
@@ -269,17 +272,19 @@ def rehearse(family: str, work: Path, device: str, prompts: int, aie_prompts: in
     stages.run("evaluate_zero_shot", lambda: evaluate(False), prompts=batch, batch=batch)
     stages.run("evaluate_zero_shot_fv", lambda: evaluate(True), prompts=batch, batch=batch)
 
+    return summary(family, device, model, host, stages.rows, finetune_speedup_per_sample=round(ratio, 2),
+                   aie_fast_vs_reference_extrapolated=round(
+                       stages.rows["aie_reference_sample"]["extrapolated_wall_s_per_prompt"]
+                       / stages.rows["aie_fast"]["wall_s_per_prompt"], 1))
+
+
+def summary(family: str, device: str, model, host: dict, rows: dict, **ratios) -> dict:
+    """The rehearsal's JSON: the run, the host (its end peak measured now) and the stages."""
     compute = str(model.dtype).removeprefix("torch.")
-    finish_host_record(host, device, stages.rows, compute)
-    return {
-        "family": family, "release": RELEASES[family], "device": device, "dtype": compute,
-        "torch_threads": torch.get_num_threads(), "layers": model.num_layers, "host": host,
-        "finetune_speedup_per_sample": round(ratio, 2),
-        "aie_fast_vs_reference_extrapolated": round(
-            stages.rows["aie_reference_sample"]["extrapolated_wall_s_per_prompt"]
-            / stages.rows["aie_fast"]["wall_s_per_prompt"], 1),
-        "stages": stages.rows,
-    }
+    finish_host_record(host, device, rows, compute)
+    return {"family": family, "release": RELEASES[family], "device": device, "dtype": compute,
+            "torch_threads": torch.get_num_threads(), "layers": model.num_layers, "host": host, **ratios,
+            "stages": rows}
 
 
 def markdown_table(result: dict) -> str:
@@ -314,7 +319,7 @@ def host_line(result: dict) -> str:
     """One line under the table: the CPU, its bf16 support, the measured peak and the load."""
     host = result.get("host")
     if host is None:
-        return f"\n(before #36: fractions of a constant {result.get('machine_bf16_peak_tflop_per_s')} TFLOP/s peak)"
+        return f"\n(measured before #36: no peak measured in the run; the script assumed {result.get('machine_bf16_peak_tflop_per_s')} TFLOP/s)"
     bf16 = host["bf16"]
     peak = host["peak_tflop_per_s"]
     return (f"\nHost: {host['cpu']}, {result['torch_threads']} threads; bf16 flags {', '.join(bf16['flags']) or 'none'}, "
@@ -338,6 +343,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--dtype", default="bfloat16", help="load dtype (float32, bfloat16, auto)")
     parser.add_argument("--layers", type=int, help="keep the language model's first N layers (profiling)")
+    parser.add_argument("--stop-after", choices=["aie_fast"], help="stop after this stage (JSON of the stages so far)")
     parser.add_argument("--profile", help="profile means and fast AIE into this folder instead of rehearsing")
     parser.add_argument("--table", help="print the markdown table of a rehearsal JSON and exit")
     parser.add_argument("--stage", choices=["all", "build", "run"], default="all", help=argparse.SUPPRESS)
@@ -363,7 +369,7 @@ def main() -> None:
 
         return profile(args.family, work, args.device, args.dtype, args.layers, args.prompts, Path(args.profile))
     result = rehearse(args.family, work, args.device, args.prompts, args.aie_prompts, args.reference_heads, args.batch,
-                      args.layer, args.k, args.dtype, args.layers)
+                      args.layer, args.k, args.dtype, args.layers, args.stop_after)
     result["build_s"] = (work / "release" / "COMPLETE").read_text().strip()
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
