@@ -137,10 +137,17 @@ def _plain_lightning_bar(progress_bar, name: str):
 
 
 def _plain_lightning_bars(trainer) -> None:
-    """Lightning's tqdm bars (stdout) as plain lines when stdout is not a terminal."""
+    """Where stdout is not a terminal, Lightning's bar is a tqdm one writing plain lines (its
+    rich bar, the default where rich is installed, writes nothing to a log until the run ends)."""
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
     bar = getattr(trainer, "progress_bar_callback", None)
-    if bar is None or not hasattr(bar, "init_train_tqdm") or not plain_output(sys.stdout):
+    if bar is None or not plain_output(sys.stdout):
         return
+    if not isinstance(bar, TQDMProgressBar):
+        plain = TQDMProgressBar()
+        trainer.callbacks[trainer.callbacks.index(bar)] = plain
+        bar = plain
     for name in ("init_sanity_tqdm", "init_train_tqdm", "init_validation_tqdm", "init_test_tqdm",
                  "init_predict_tqdm"):
         if not isinstance(bar.__dict__.get(name), functools.partial):
@@ -159,6 +166,6 @@ def quiet(trainer=None) -> None:
         warnings.filterwarnings("ignore", message=message, category=category)
     _install_log_filters()
     if trainer is not None:
-        _hide_version(trainer)
         _plain_lightning_bars(trainer)
+        _hide_version(trainer)
 

@@ -248,3 +248,21 @@ def test_one_bar_per_stage_and_plain_lines_in_a_log():
     lines = stream.getvalue().splitlines()
     assert "\r" not in stream.getvalue() and "\x1b" not in stream.getvalue()
     assert lines and all(line.startswith("stage:") for line in lines) and "100%" in lines[-1]
+
+
+def test_lightning_bars_are_plain_lines_in_a_log(monkeypatch):
+    import io
+
+    import lightning as L
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    from mfv.console import PlainLines, quiet
+
+    monkeypatch.setattr(sys, "stdout", io.StringIO())  # a log, not a terminal
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_model_summary=False)
+    quiet(trainer)
+    bar = trainer.progress_bar_callback
+    assert isinstance(bar, TQDMProgressBar) and sum(isinstance(c, TQDMProgressBar) for c in trainer.callbacks) == 1
+    train_bar = bar.init_train_tqdm()
+    assert isinstance(train_bar.fp, PlainLines) or isinstance(getattr(train_bar.fp, "_wrapped", None), PlainLines)
+    train_bar.close()
