@@ -48,8 +48,10 @@ def config_path(name: str) -> str:
     candidate = bundled("configs") / f"{stem}.yaml"
     if candidate.is_file() and (Path(name).parent in (Path("."), Path("configs"))):
         return str(candidate)
-    raise ConfigError(f"--config {name}: no such file, nor a bundled config of that name "
-                      f"(bundled: {', '.join(config_names())})")
+    from mfv.usage import suggestion
+
+    raise ConfigError(f"--config {name}: no such file, nor a bundled config of that name"
+                      f"{suggestion(stem, config_names())} (bundled: {', '.join(config_names())})")
 
 
 def resolve_configs(argv: Sequence[str]) -> list[str]:
