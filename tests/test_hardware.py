@@ -22,6 +22,11 @@ def built_with(**options):
     return options
 
 
+def built_in_bf16(dtype: str = "bfloat16", **options):
+    """A stand-in builder whose default dtype is bf16 (as the Hugging Face families')."""
+    return dict(options, dtype=dtype)
+
+
 @pytest.fixture
 def host(monkeypatch):
     """Sets the pretend host: ``host(support, available_gb)``; returns the lines printed."""
@@ -132,6 +137,13 @@ def test_load_backbone_resolves_auto_before_building(host, weights, monkeypatch)
     host(AMX)
     assert load_backbone("fake", dtype="auto", device="cpu")["dtype"] == "bfloat16"
     assert "dtype" not in load_backbone("fake", device="cpu")  # the builder's own default stays
+
+
+def test_a_builders_bf16_default_on_an_emulating_cpu_says_so(host, monkeypatch, capsys):
+    monkeypatch.setitem(BACKBONES, "fake16", BackboneSpec(f"{__name__}:built_in_bf16", f"{__name__}:built_in_bf16"))
+    host(AVX2)
+    assert load_backbone("fake16", device="cpu")["dtype"] == "bfloat16"
+    assert "not native" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("support, dtype", [(AVX2, torch.float32), (AMX, torch.bfloat16)])

@@ -146,11 +146,15 @@ def load_backbone(name: str, **options: Any) -> BackboneAdapter:
     Raises:
         ConfigError: unknown backbone or an option the builder does not take.
     """
-    if "dtype" in options:
+    spec = backbone_spec(name)
+    if "dtype" in options or spec.takes("dtype"):  # the builder's own default is checked too
         from mfv.hardware import resolve_dtype
 
-        options["dtype"] = resolve_dtype(options["dtype"], options.get("device"), options)
-    return backbone_spec(name).build(**options)
+        requested = (options["dtype"] if "dtype" in options
+                     else inspect.signature(_resolve(spec.builder)).parameters["dtype"].default)
+        if isinstance(requested, str):
+            options["dtype"] = resolve_dtype(requested, options.get("device"), options)
+    return spec.build(**options)
 
 
 __all__ = [
