@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from mfv.errors import ConfigError
+from mfv.errors import ConfigError, MfvError
 
 
 # Free space every output folder must have besides what a run estimates it writes: a full
@@ -138,8 +138,9 @@ def atomic_torch_save(obj: object, path: str | Path) -> Path:
     return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
-class UnsafeFileError(pickle.UnpicklingError):
-    """A checkpoint or tensor file holds objects other than tensors and plain data."""
+class UnsafeFileError(MfvError, pickle.UnpicklingError):
+    """A checkpoint or tensor file holds objects other than tensors and plain data (bad input:
+    one line wherever it is met, naming the file)."""
 
 
 def load_checkpoint(path: str | Path) -> Any:
@@ -159,8 +160,8 @@ def load_checkpoint(path: str | Path) -> Any:
             found = re.search(r"(?:unsupported GLOBAL|Unsupported global:)\s*(?:GLOBAL\s*)?([\w.]+)", str(exc))
             if found is None:
                 raise  # no foreign object named (random bytes, a damaged file): unreadable, not unsafe
-            raise UnsafeFileError(f"it holds objects other than tensors and plain data ({found.group(1)}), which could run "
-                                  f"code; it was refused, not loaded") from None
+            raise UnsafeFileError(f"{path}: it holds objects other than tensors and plain data ({found.group(1)}), "
+                                  f"which could run code; it was refused, not loaded") from None
 
 
 # errno values that mean the disk (or the user's quota on it) is full.

@@ -115,7 +115,7 @@ def check_checkpoint(path: str | Path, module) -> dict:
     try:
         checkpoint = load_checkpoint(path)  # tensors and plain data only: a hostile pickle is refused, never run
     except UnsafeFileError as exc:
-        raise ConfigError(f"--ckpt_path {path}: {exc}; give a checkpoint train.py wrote") from None
+        raise ConfigError(f"--ckpt_path {exc}; give a checkpoint train.py wrote") from None
     except Exception as exc:  # truncated zip, random bytes, another format
         raise ConfigError(f"--ckpt_path {path}: unreadable checkpoint ({type(exc).__name__}: {one_line(exc, 160)}); "
                           f"{advice}") from exc

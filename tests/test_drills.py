@@ -841,12 +841,32 @@ def test_every_other_checkpoint_reader_refuses_a_hostile_pickle(tmp_path, capsys
     with pytest.raises(UnsafeFileError, match="posix.system"):
         load_checkpoint(ckpt)
     # Lightning's own restore path (trainer.fit(ckpt_path=...)) reads through this plugin
-    with pytest.raises(UnsafeFileError):
+    with pytest.raises(UnsafeFileError, match=str(ckpt)):
         AtomicCheckpointIO().load_checkpoint(ckpt, weights_only=False)
     path = write_config(tmp_path / "run")  # an FV file is safetensors: a pickle is unreadable, not run
     fails_clearly(capsys, lambda: evaluate_main(["--config", str(path), "--fv", str(ckpt), "--out",
                                                  str(tmp_path / "o")]), str(ckpt))
     assert not marker.exists() and not (tmp_path / "o").exists()
+
+
+def test_a_hostile_checkpoint_in_the_organism_work_folder_is_refused(tmp_path, capsys, hostile, monkeypatch):
+    import shutil
+
+    from mfv.organism.train import main as organism_main
+
+    ckpt, marker = hostile
+    work = tmp_path / "work"
+    (work / "checkpoints").mkdir(parents=True)
+    shutil.copy(ckpt, work / "checkpoints" / "last.ckpt")  # what the next run resumes from
+    monkeypatch.chdir(tmp_path)
+    err = fails_clearly(capsys, lambda: organism_main([
+        "--data.work_dir", str(work), "--data.pool_size", "40", "--data.novel_pool_size", "20",
+        "--data.steps_per_epoch", "1", "--data.batch_size", "4", "--data.eval_count", "4",
+        "--data.heldout_size", "20", "--model.num_layers", "1", "--model.num_heads", "2", "--model.hidden_size", "16",
+        "--model.intermediate_size", "32", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+        "--out", str(tmp_path / "out")]), str(work / "checkpoints" / "last.ckpt"), "posix.system", "refused")
+    _one_error_line(err)
+    assert not marker.exists() and not (tmp_path / "out").exists()
 
 
 # ----- issue 33: run folders are owned ------------------------------------------------------------

@@ -35,7 +35,7 @@ from mfv.resources import resolve_configs
 from mfv.threads import set_threads
 from mfv.threads import summary as threads_summary
 from mfv.usage import strict_parsers
-from mfv.training.callbacks import AIEHeadSelection, RunRecord
+from mfv.training.callbacks import AIEHeadSelection, RunRecord, safe_restore
 from mfv.training.module import FV_PARAMETER, FunctionVectorModule
 
 
@@ -254,7 +254,7 @@ def _train(cli: FunctionVectorCLI, plan: RunPlan, run_dir: Path) -> dict:
     ckpt_path = cli.config.get("ckpt_path")
     model.provenance = plan.provenance()
     trainer.callbacks.append(RunRecord(shaping_settings(cli.config.as_dict()), plan.fingerprints))
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)  # never runs code from a file
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, **safe_restore())  # never runs code from a file
 
     checkpoint = next(c for c in trainer.callbacks if isinstance(c, ModelCheckpoint) and c.monitor)
     best = checkpoint.best_model_path or None

@@ -34,6 +34,7 @@ from mfv.organism.module import OrganismModule
 from mfv.organism.reference import write_reference
 from mfv.preflight import exit_on_bad_input
 from mfv.runs import hold
+from mfv.training.callbacks import safe_restore
 from mfv.threads import set_threads
 
 
@@ -94,6 +95,8 @@ def main(args: Sequence[str] | None = None) -> Path:
         OrganismModule, OrganismDataModule, run=False, args=args, save_config_kwargs={"overwrite": True},
         trainer_defaults={
             "max_epochs": 20, "gradient_clip_val": 1.0, "log_every_n_steps": 25, "num_sanity_val_steps": 0,
+            # Checkpoints written atomically and read back as tensors and plain data only.
+            "plugins": [{"class_path": "mfv.training.callbacks.AtomicCheckpointIO"}],
             "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                        "init_args": {"save_dir": "data/organism", "name": "logs", "version": "run"}},
         },
@@ -104,7 +107,7 @@ def main(args: Sequence[str] | None = None) -> Path:
     with exit_on_bad_input():
         check_out(cli.config.out, work)
         lock = hold(work, "data.work_dir", "train-organism")  # one run at a time continues a work folder
-    with lock, exit_on_full_disk(work, "data.work_dir"):
+    with lock, exit_on_full_disk(work, "data.work_dir"), exit_on_bad_input():  # e.g. a hostile last.ckpt
         return _train(cli, work, args)
 
 
@@ -117,7 +120,7 @@ def _train(cli: OrganismCLI, work: Path, args: Sequence[str] | None) -> Path:
     trainer.callbacks.extend([checkpoints, _Curves(work / "curves.jsonl")])
     last = work / "checkpoints" / "last.ckpt"
     started = time.time()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last.is_file() else None, weights_only=True)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last.is_file() else None, **safe_restore())
     module.model.eval()
     module.to("cpu")
     out = save_tiny_openflamingo(module.adapter, cli.config.out)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -82,6 +83,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda tmp: super(AtomicCheckpointIO, self).save_checkpoint(checkpoint, tmp, storage_options))
+
+
+def safe_restore() -> dict:
+    """``trainer.fit`` options that restore a checkpoint without running code from it:
+    ``weights_only=True`` where Lightning takes it (2.6+); before that, the
+    :class:`AtomicCheckpointIO` plugin's reader is the only one."""
+    return {"weights_only": True} if "weights_only" in inspect.signature(L.Trainer.fit).parameters else {}
 
 
 class RunRecord(L.Callback):
