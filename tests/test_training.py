@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
@@ -49,20 +51,70 @@ def _backbone_state(adapter) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in adapter.model.state_dict().items()}
 
 
-def test_only_function_vectors_train(tmp_path, monkeypatch):
-    captured = {}
-    real_fit = __import__("lightning").Trainer.fit
+@dataclass
+class Run:
+    """A finished ``train.py`` run that several tests read (each run is paid once per module).
+
+    Attributes:
+        root: The run's ``default_root_dir`` (its data, cache and checkpoints are under it).
+        metrics: What ``main`` returned.
+        seen: What the run's instrumentation recorded (neutral: it only reads).
+    """
+
+    root: Path
+    metrics: dict
+    seen: dict = field(default_factory=dict)
+
+
+@pytest.fixture(scope="module")
+def extracted_run(tmp_path_factory) -> Run:
+    """One epoch from extracted FVs, with the model's trainable parameters, backbone and FVs
+    recorded as fit starts."""
+    root, seen = tmp_path_factory.mktemp("extracted"), {}
+    real_fit = L.Trainer.fit
 
     def fit(trainer, model, *args, **kwargs):
-        captured["before"] = _backbone_state(model.adapter)
-        captured["fv_before"] = model.function_vectors.detach().clone()
-        captured["model"] = model
-        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-        captured["trainable"] = trainable
+        seen["before"] = _backbone_state(model.adapter)
+        seen["fv_before"] = model.function_vectors.detach().clone()
+        seen["model"] = model
+        seen["trainable"] = [n for n, p in model.named_parameters() if p.requires_grad]
         return real_fit(trainer, model, *args, **kwargs)
 
-    monkeypatch.setattr("lightning.Trainer.fit", fit)
-    metrics = main(_args(tmp_path, init="extracted"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("lightning.Trainer.fit", fit)
+        metrics = main(_args(root, init="extracted"))
+    return Run(root, metrics, seen)
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory) -> Run:
+    """One epoch from random FVs with every default of ``_args``."""
+    root = tmp_path_factory.mktemp("default")
+    return Run(root, main(_args(root)))
+
+
+@pytest.fixture(scope="module")
+def two_epoch_run(tmp_path_factory) -> Run:
+    """Two epochs from random FVs, with a digest of every image the vision encoder meets from
+    the module's ``on_fit_start`` on (where the run's image store is filled)."""
+    import hashlib
+
+    root, encoded = tmp_path_factory.mktemp("two_epochs"), []
+    real_start = FunctionVectorModule.on_fit_start
+
+    def counting_start(module):
+        real_start(module)
+        module.adapter.model.vision_encoder.register_forward_hook(lambda m, args, out: encoded.extend(
+            hashlib.blake2b(image.numpy().tobytes(), digest_size=16).digest() for image in args[0]))
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(FunctionVectorModule, "on_fit_start", counting_start)
+        metrics = main(_args(root, epochs=2))
+    return Run(root, metrics, {"encoded": encoded})
+
+
+def test_only_function_vectors_train(extracted_run):
+    captured, metrics = extracted_run.seen, extracted_run.metrics
     model = captured["model"]
     assert captured["trainable"] == ["function_vectors"]
     after = _backbone_state(model.adapter)
@@ -75,9 +127,8 @@ def test_only_function_vectors_train(tmp_path, monkeypatch):
     assert Path(metrics["exported_fv"]).is_file()
 
 
-def test_checkpoint_holds_only_the_fvs(tmp_path):
-    metrics = main(_args(tmp_path))
-    checkpoint_path = Path(metrics["best_checkpoint"])
+def test_checkpoint_holds_only_the_fvs(default_run):
+    checkpoint_path = Path(default_run.metrics["best_checkpoint"])
     checkpoint = torch.load(checkpoint_path, weights_only=False)
     assert list(checkpoint["state_dict"]) == ["function_vectors"]
     assert checkpoint["mfv"]["relations"] == ["above", "below", "left", "right"]
@@ -89,17 +140,16 @@ def _last_fvs(tmp_path: Path) -> torch.Tensor:
     return torch.load(last, weights_only=False)["state_dict"]["function_vectors"]
 
 
-class _StopAfterFirstEpoch(__import__("lightning").Callback):
+class _StopAfterFirstEpoch(L.Callback):
     """Stands for an interruption: the run ends after epoch 0 with its checkpoints saved."""
 
     def on_train_epoch_end(self, trainer, pl_module):
         trainer.should_stop = True
 
 
-def test_resume_continues_the_same_run(tmp_path, monkeypatch):
-    main(_args(tmp_path / "straight", epochs=2))
-    straight = _last_fvs(tmp_path / "straight")
-    real_fit = __import__("lightning").Trainer.fit
+def test_resume_continues_the_same_run(tmp_path, monkeypatch, two_epoch_run):
+    straight = _last_fvs(two_epoch_run.root)
+    real_fit = L.Trainer.fit
 
     def interrupted_fit(trainer, *args, **kwargs):
         trainer.callbacks.append(_StopAfterFirstEpoch())
@@ -115,15 +165,15 @@ def test_resume_continues_the_same_run(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
-    # init=extracted: the AIE callback also runs sharded over the two ranks.
-    main(_args(tmp_path / "single", epochs=1, batch_size=4, init="extracted"))
+def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, extracted_run):
+    # init=extracted: the AIE callback also runs sharded over the two ranks. The one-process
+    # side (one epoch, batch 4, extracted) is extracted_run.
     # Launched as users do (`python train.py`): spawned workers re-import train.py first.
     root = Path(__file__).resolve().parents[1]
     args = _args(tmp_path / "ddp", epochs=1, devices=2, strategy="ddp_spawn", batch_size=2, init="extracted")
     done = subprocess.run([sys.executable, str(root / "train.py"), *args], cwd=root, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
-    single, ddp = _last_fvs(tmp_path / "single"), _last_fvs(tmp_path / "ddp")
+    single, ddp = _last_fvs(extracted_run.root), _last_fvs(tmp_path / "ddp")
     assert single.abs().sum() > 0
     torch.testing.assert_close(ddp, single, atol=1e-5, rtol=0)
 
@@ -145,9 +195,9 @@ def test_config_errors_are_clear(tmp_path, capsys, override, message):
     assert message in capsys.readouterr().err
 
 
-def test_exports_go_to_the_run_and_never_silently_replace_a_file(tmp_path, capsys):
+def test_exports_go_to_the_run_and_never_silently_replace_a_file(tmp_path, capsys, default_run):
     first = main(_args(tmp_path / "a", "--model.export_dir", str(tmp_path / "export")))
-    second = main(_args(tmp_path / "b"))
+    second = default_run.metrics
     assert Path(first["exported_fv"]).parent != Path(second["exported_fv"]).parent
     exported = tmp_path / "export" / "openflamingo-tiny-finetuned.safetensors"
     assert exported.is_file() and oct(exported.stat().st_mode & 0o077) != "0o0"  # readable by the group as umask allows
@@ -239,26 +289,14 @@ def test_fine_tuning_graph_scales_with_layers_after_injection_not_prompt_length(
     assert _saved_graph_bytes(module, short)[0] < sizes["short"]
 
 
-def test_fitting_encodes_each_image_once_and_changes_no_fv(tmp_path, monkeypatch):
+def test_fitting_encodes_each_image_once_and_changes_no_fv(tmp_path, monkeypatch, two_epoch_run):
     """Every epoch meets the same images: with the run's image store each is encoded once
     (and attended without masked products), and the trained FVs equal those of a fit that
     recomputes everything."""
-    import hashlib
-
-    encoded: list[bytes] = []
-    real_start = FunctionVectorModule.on_fit_start
-
-    def counting_start(module):
-        real_start(module)
-        module.adapter.model.vision_encoder.register_forward_hook(lambda m, args, out: encoded.extend(
-            hashlib.blake2b(image.numpy().tobytes(), digest_size=16).digest() for image in args[0]))
-
-    monkeypatch.setattr(FunctionVectorModule, "on_fit_start", counting_start)
-    main(_args(tmp_path / "stored", epochs=2))
-    stored = _last_fvs(tmp_path / "stored")
+    encoded = two_epoch_run.seen["encoded"]
+    stored = _last_fvs(two_epoch_run.root)
     assert encoded and len(encoded) == len(set(encoded))  # no image encoded twice in two epochs
 
-    encoded.clear()
     monkeypatch.setattr(FunctionVectorModule, "on_fit_start", lambda module: None)  # no store: as before
     main(_args(tmp_path / "recomputed", epochs=2))
     torch.testing.assert_close(_last_fvs(tmp_path / "recomputed"), stored, atol=1e-6, rtol=0)

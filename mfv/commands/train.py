@@ -159,7 +159,7 @@ def build_cli(cli_class: type[LightningCLI], args: Sequence[str] | None, trainer
     with exit_on_bad_input():
         args = resolve_configs(args)  # --config toy: the bundled config, from any folder
         set_threads()  # the cores this process may use (MFV_THREADS / --threads overrides)
-    print(threads_summary())
+    print(threads_summary(), file=sys.stderr)  # stdout stays the results (--print_config is YAML)
     # jsonargparse wraps errors raised while instantiating classes in ValueError; either way
     # the message names the field and the valid values.
     with exit_on_bad_input(ValueError):
