@@ -86,7 +86,7 @@ class PromptStore:
         (:func:`mfv.steering.steered_logits`), prompt passes only for prompts not yet stored.
 
         Args:
-            split: Names the dataset the batch's ``indices`` index (e.g. ``train``, ``val0``).
+            split: Names the dataset the batch's ``indices`` index (the module: ``train``, ``val``).
         """
         injection.check(adapter)
         if not self.enabled or batch.indices is None:
