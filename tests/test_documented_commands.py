@@ -125,7 +125,8 @@ def _inline_spans(text: str, first_line: int, pattern: str, fragments: bool = Fa
     return found
 
 
-MARKDOWN = ("README.md", "checkpoints/organism/README.md")  # the README and the model card
+MARKDOWN = ("README.md", *sorted(f"docs/{p.name}" for p in (REPO / "docs").glob("*.md")),
+            "checkpoints/organism/README.md")  # the README, docs/ and the model card
 
 
 def _from_markdown(name: str, fragments: bool = False) -> list[Documented]:
@@ -480,7 +481,7 @@ def test_the_documentation_shows_commands() -> None:
     """The collector finds the commands it is meant to check (a broken collector checks nothing)."""
     texts = {(d.file, d.text) for d in DOCUMENTED}
     assert ("README.md", "make test") in texts
-    assert any(f == "README.md" and t.startswith("mfv prepare-gqa") for f, t in texts)
+    assert any(f == "docs/usage.md" and t.startswith("mfv prepare-gqa") for f, t in texts)
     assert any(f.startswith("configs/") for f, _ in texts)
     assert any(f.startswith("benchmarks/") for f, _ in texts)
     assert any(f.startswith("mfv/") for f, _ in texts)

@@ -49,7 +49,7 @@ def write_jsonl(path: Path, rows: list) -> Path:
 
 
 def _readme_block() -> str:
-    section = (ROOT / "README.md").read_text().split("## Your own data", 1)[1].split("\n## ", 1)[0]
+    section = (ROOT / "docs" / "data.md").read_text().split("## Your own data", 1)[1].split("\n## ", 1)[0]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
@@ -58,7 +58,7 @@ def test_readme_block_runs_on_a_generated_folder(tmp_path, monkeypatch, capsys):
     (tmp_path / "checkpoints").symlink_to(ROOT / "checkpoints")
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
-    exec(compile(_readme_block(), "README.md", "exec"), namespace)
+    exec(compile(_readme_block(), "docs/data.md", "exec"), namespace)
     assert "expected" in capsys.readouterr().out
     conditions = namespace["result"].to_dict()["conditions"]
     assert {"zero_shot", "zero_shot_fv", "icl_1"} <= set(conditions)
