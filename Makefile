@@ -40,11 +40,16 @@ torch-cpu:
 	  $(PIP) install --quiet --force-reinstall --no-deps --index-url $(CPU_INDEX) torch==$(TORCH_VERSION)
 	$(PIP) install --quiet torch==$(TORCH_VERSION)
 
+# Two pytest-xdist workers, each test file on one of them (its module fixtures are built once);
+# TEST_WORKERS=0 runs every test in one process.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PYTEST)
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 demo: $(STAMP)
 	$(PY) -m mfv.demo --out runs/demo
