@@ -232,6 +232,7 @@ def test_quiet_trainer_progress_bar_has_no_version(tmp_path):
     assert "v_num" in bar.get_metrics(trainer, None)
     console.quiet(trainer)
     console.quiet(trainer)
+    bar = trainer.progress_bar_callback  # where stdout is a log (pytest's), quiet put in a plain-lines bar
     assert "v_num" not in bar.get_metrics(trainer, None)
     assert "v_num" not in pickle.loads(pickle.dumps(bar)).get_metrics(trainer, None)  # ddp_spawn pickles it
 
