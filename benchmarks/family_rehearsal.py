@@ -115,7 +115,7 @@ def null_patch_and_reference(model, corrupted, means: torch.Tensor, aie: torch.T
         diffs.append(abs(float(patched[0] - base[0]) - float(aie[layer, head])))
     return {"null_patch": float(null.abs().max()), "null_patch_s": null_s,
             "reference_heads": [list(h) for h in heads], "reference_aie": [float(aie[h]) for h in heads],
-            "max_diff_aie": max(diffs)}, logits
+            "max_diff_aie": max(diffs), "answer_probability": float(base[0])}, logits
 
 
 @torch.no_grad()
@@ -135,7 +135,8 @@ def steered_difference(model, corrupted, means: torch.Tensor, aie: torch.Tensor,
         raise RuntimeError("the family has no minimal steering path")
     full = steered_logits(model, corrupted.prompts, injection)
     return {"steer_layer": layer, "max_diff_steered_logits": float((minimal.float() - full.float()).abs().max()),
-            "steering_effect": float((full.float() - plain.float()).abs().max())}
+            "steering_effect": float((full.float() - plain.float()).abs().max()),
+            "max_abs_logit": float(full.float().abs().max())}
 
 
 def rehearse(family_name: str, work: Path, layers: int | None) -> dict[str, Any]:
