@@ -55,7 +55,8 @@ def demo_table(metrics: dict, names: list[str]) -> str:
 DEMO_ROWS = ["zero_shot", "zero_shot_fv", "zero_shot_fv_distributed", "zero_shot_finetuned_fv", "icl_1", "icl_4",
              "icl_10", "icl_shuffled_4", "icl_shuffled_4_fv", "novel_zero_shot", "novel_zero_shot_fv", "novel_icl_4",
              "analogy_icl_1", "analogy_icl_4", "analogy_composite_normalized", "analogy_composite_normalized_one_shot",
-             "analogy_composite_sum", "analogy_composite_raw_one_shot", "analogy_composite_finetuned_normalized"]
+             "analogy_composite_sum", "analogy_composite_raw_one_shot", "analogy_composite_finetuned_normalized",
+             "analogy_composite_finetuned_softmax_affine", "analogy_composite_finetuned_softmax_affine_one_shot"]
 
 
 def main() -> None:
