@@ -162,7 +162,7 @@ def rehearse(family_name: str, work: Path, layers: int | None) -> dict[str, Any]
         "parameters": sum(p.numel() for p in model.model.parameters()),
         "layers_run": model.num_layers, "release_layers": text["num_hidden_layers"],
         "depth": "full" if layers is None else (f"reduced: full width, {layers} of {text['num_hidden_layers']} "
-                                                "decoder layers (the release does not fit this machine beside others)"),
+                                                "decoder layers (the full depth does not fit this machine's memory or CPU time beside others)"),
         "heads": model.num_layers * model.num_heads, "dtype": str(model.dtype).removeprefix("torch."),
         "tokenizer": "byte-level BPE stand-in (release vocabulary rows kept); the real one cannot be downloaded",
         "sequence_length": int(corrupted.prompts.input_ids.shape[1]), "shots": 4, "images_per_prompt": 5,
