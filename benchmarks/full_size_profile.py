@@ -1,6 +1,6 @@
 """Profiles of the full-size prompt pass (``means``) and fast AIE (``full_size.py --profile DIR``).
 
-    python benchmarks/full_size.py --work /tmp/of4b --stage run --profile /tmp/prof --layers 4
+    python benchmarks/full_size.py --work /tmp/of4b --profile /tmp/prof --layers 4
 
 ``torch.profiler`` over one run of each stage after one warm-up run; two tables per stage
 under DIR (by operator, and by operator and input shapes, by self CPU time). With
