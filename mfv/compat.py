@@ -30,6 +30,10 @@ HOOK_PTH = "mfv_compat.pth"
 HOOK_LINE = "import mfv.compat as _mfv_compat; _mfv_compat.install_torchvision_hook()\n"
 
 _STUBBED_MODULES = ("torchvision._meta_registrations", "torchvision._autograd_registrations")
+# What a wheel carries besides code (mfv/bundled/<name>) -> where the clone keeps it (git's one
+# copy). Here, not in mfv.resources: setuptools loads this module alone, without its package.
+BUNDLED_SOURCES: dict[str, str] = {"configs": "configs", "organism": "checkpoints/organism",
+                                   "constraints.txt": "constraints.txt"}
 
 
 def _needs_stubs() -> bool:
@@ -157,15 +161,13 @@ def _build_py_with_hook() -> type:
 
 
 def _copy_bundled(root: Path, target: Path) -> list[Path]:
-    """Copies the clone's configs, model organism and constraints (:data:`mfv.resources.SOURCES`)
+    """Copies the clone's configs, model organism and constraints (:data:`BUNDLED_SOURCES`)
     into ``target`` (the wheel's ``mfv/bundled``); a source tree without them (an sdist built
     without them) copies nothing. Returns the files written."""
     import shutil
 
-    from mfv.resources import SOURCES
-
     written: list[Path] = []
-    for name, source in SOURCES.items():
+    for name, source in BUNDLED_SOURCES.items():
         source_path, destination = root / source, target / name
         files = [source_path] if source_path.is_file() else sorted(p for p in source_path.rglob("*") if p.is_file())
         for file in files:

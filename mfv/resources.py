@@ -11,12 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from mfv.compat import BUNDLED_SOURCES as SOURCES
 from mfv.errors import ConfigError
 
 PACKAGE = Path(__file__).resolve().parent
 BUNDLED = PACKAGE / "bundled"
-# bundled folder name -> where the clone keeps it (the one source of truth in git)
-SOURCES: dict[str, str] = {"configs": "configs", "organism": "checkpoints/organism", "constraints.txt": "constraints.txt"}
 
 
 def bundled(name: str) -> Path:
