@@ -3,7 +3,7 @@
 Imports nothing heavy: ``mfv train --help`` prints :data:`SHORT_HELP` without importing torch
 or Lightning (under 1 s; the full option tree, ``--help full``, builds the real parser). Once
 :func:`strict_parsers` is installed, every jsonargparse parser of the process refuses
-abbreviated options (``--trainer.max_epoch`` is not ``--trainer.max_epochs``) and reports an
+abbreviated options (a prefix of ``--trainer.max_epochs`` is an unknown option) and reports an
 unknown option in one line with the closest real ones, instead of its whole usage.
 """
 
@@ -88,7 +88,7 @@ def wants_help(argv: list[str]) -> str | None:
 
 
 def full_help_argv(argv: list[str]) -> list[str]:
-    """``argv`` with ``--help full`` / ``--help-all`` as the parser's own ``--help``."""
+    """``argv`` with ``--help full`` (or :data:`FULL_HELP`) as the parser's own ``--help``."""
     out = []
     for index, token in enumerate(argv):
         if token == "full" and index and argv[index - 1] in ("-h", "--help"):
