@@ -159,7 +159,6 @@ def build_cli(cli_class: type[LightningCLI], args: Sequence[str] | None, trainer
     with exit_on_bad_input():
         args = resolve_configs(args)  # --config toy: the bundled config, from any folder
         set_threads()  # the cores this process may use (MFV_THREADS / --threads overrides)
-    print(threads_summary(), file=sys.stderr)  # stdout stays the results (--print_config is YAML)
     # jsonargparse wraps errors raised while instantiating classes in ValueError; either way
     # the message names the field and the valid values.
     with exit_on_bad_input(ValueError):
@@ -173,6 +172,8 @@ def build_cli(cli_class: type[LightningCLI], args: Sequence[str] | None, trainer
             trainer_defaults={**TRAINER_DEFAULTS, **(trainer_defaults or {})},
         )
     quiet(cli.trainer)  # a progress bar without v_num
+    # After parsing: --print_config (which exits there) stays pure YAML, bad options one line.
+    print(threads_summary())
     return cli
 
 
