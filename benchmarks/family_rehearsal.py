@@ -3,7 +3,7 @@
     python benchmarks/family_rehearsal.py --family llava-onevision --work /tmp/ov --json benchmarks/results/family_llava-onevision_cpu.json
     python benchmarks/family_rehearsal.py --family llava --work /tmp/llava --layers 4 --json ...
 
-Writes once under ``--work/release`` the family's release layout: ``save_pretrained`` of a random
+Writes once into ``release/`` under the --work folder the family's release layout: ``save_pretrained`` of a random
 model with the release's ``config.json`` fields (``RELEASE`` of its file in
 :mod:`mfv.models.families`), bf16 safetensors shards, and the stand-in processor made for that
 config (:func:`mfv.models.families.release.write_release_layout`; the tokenizer is the byte-level

@@ -136,8 +136,13 @@ def plain_message(exc: BaseException | str) -> str:
     match = _WRAPPER.search(text)
     if match:
         text = match.group(1)
+    prefix = _KEY_PREFIX.match(text)
+    if prefix:  # 'Parser key "aie.selection": Expected ...' -> 'aie.selection: Expected ...'
+        key = re.findall(r'Parser key "([^"]+)"', prefix.group(0))[-1]
+        rest = text[prefix.end():]
+        text = rest if match or key in rest else f"{key}: {rest}"
     # train.py links model.relations to the data's: the user sets (and sees) model.relations.
-    return _KEY_PREFIX.sub("", text).replace("data.init_args.relations", "model.relations")
+    return text.replace("data.init_args.relations", "model.relations")
 
 
 def _option_names(parser) -> list[str]:
