@@ -1,6 +1,11 @@
-"""Evaluate FVs: ``python evaluate.py --config configs/toy.yaml --out runs/eval [--fv F] [--limit N]``."""
+"""Evaluate FVs: ``python evaluate.py --config configs/toy.yaml --out runs/eval [--fv F] [--limit N]``.
 
-from mfv.commands.evaluate import main
+The same command as ``mfv evaluate``: short ``--help`` without importing torch (``--help full``:
+every option), ``--threads N``, one-line errors with suggestions."""
+
+import sys
 
 if __name__ == "__main__":
-    main()
+    from mfv.cli import main
+
+    main(["evaluate", *sys.argv[1:]])

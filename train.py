@@ -1,6 +1,11 @@
-"""Fine-tune function vectors: ``python train.py --config configs/toy.yaml`` (see README)."""
+"""Fine-tune function vectors: ``python train.py --config configs/toy.yaml`` (docs/usage.md).
 
-from mfv.commands.train import main
+The same command as ``mfv train``: short ``--help`` without importing torch (``--help full``:
+every option), ``--threads N``, one-line errors with suggestions."""
+
+import sys
 
 if __name__ == "__main__":
-    main()
+    from mfv.cli import main
+
+    main(["train", *sys.argv[1:]])

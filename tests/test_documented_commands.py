@@ -329,7 +329,7 @@ class HelpServer:
         if request not in self._cache:
             kind, *rest = program
             # mfv's --help is short; "--help full" lists every option (the tree the docs may name).
-            argv = [kind, rest[0] if rest else "", *rest[1:], *extra, "--help", *(["full"] if kind == "mfv" else [])]
+            argv = [kind, rest[0] if rest else "", *rest[1:], *extra, "--help", *(["full"] if kind in ("mfv", "script") else [])]
             self._process.stdin.write(json.dumps(argv) + "\n")
             self._process.stdin.flush()
             ready, _, _ = select.select([self._process.stdout], [], [], HELP_TIMEOUT_S)
