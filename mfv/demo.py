@@ -43,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     from jsonargparse import CLI
 
-    from mfv.cli import bracket_lists
+    from mfv.arguments import bracket_lists
     from mfv.console import quiet
 
     quiet()

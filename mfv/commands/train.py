@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from mfv.cli import bracket_lists
+from mfv.arguments import bracket_lists
 from mfv.console import quiet
 from mfv.evaluation.protocol import EvaluationSettings
 from mfv.errors import ConfigError

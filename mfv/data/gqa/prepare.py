@@ -372,7 +372,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["prepare"]:
         argv = argv[1:]
-    from mfv.cli import bracket_lists
+    from mfv.arguments import bracket_lists
 
     argv = bracket_lists(argv, prepare)  # `--relations agentic` = `--relations [agentic]`
     try:
