@@ -85,9 +85,9 @@ def site_step_flops(adapter, corrupted) -> tuple[list[int], int]:
 
 def measure(name: str, adapter, sampler, args, sampled_sites: int | None = None) -> dict:
     prompts = args.prompts if sampled_sites is None else 1
-    clean = encode_episodes(adapter, [sampler.episode(i, "clean") for i in range(8)], RELATIONS)
+    clean = encode_episodes(adapter, [sampler.draw(i, "clean") for i in range(8)], RELATIONS)
     means = mean_head_activations(adapter, [clean], 4, progress=False).means
-    corrupted = encode_episodes(adapter, [sampler.episode(i, "corrupted") for i in range(prompts)], RELATIONS)
+    corrupted = encode_episodes(adapter, [sampler.draw(i, "corrupted") for i in range(prompts)], RELATIONS)
     layers, heads = adapter.num_layers, adapter.num_heads
     with torch.no_grad():
         indirect_effects(adapter, corrupted, means, "fast")  # warm-up
@@ -102,7 +102,7 @@ def measure(name: str, adapter, sampler, args, sampled_sites: int | None = None)
                   "images_per_prompt": int(corrupted.prompts.pixel_values.shape[1])}
         if sampled_sites is None:
             reference_prompts = min(args.reference_prompts, prompts)
-            subset = encode_episodes(adapter, [sampler.episode(i, "corrupted") for i in range(reference_prompts)],
+            subset = encode_episodes(adapter, [sampler.draw(i, "corrupted") for i in range(reference_prompts)],
                                      RELATIONS)
             reference, ref_cpu, ref_wall = timed(lambda: indirect_effects(adapter, subset, means, "reference"))
             result["max_abs_diff"] = float((fast[:reference_prompts] - reference).abs().max())

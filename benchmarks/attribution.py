@@ -47,16 +47,16 @@ def cpu_seconds(function) -> tuple[object, float]:
 
 
 def measure(adapter, sampler, prompts: int, reference_prompts: int, batch: int = 8) -> dict:
-    clean = [encode_episodes(adapter, [sampler.episode(i, "clean") for i in range(s, s + batch)], RELATIONS)
+    clean = [encode_episodes(adapter, [sampler.draw(i, "clean") for i in range(s, s + batch)], RELATIONS)
              for s in range(0, 4 * batch, batch)]
     means = mean_head_activations(adapter, clean, 4, progress=False).means
-    corrupted = [encode_episodes(adapter, [sampler.episode(i, "corrupted") for i in range(s, min(s + batch, prompts))],
+    corrupted = [encode_episodes(adapter, [sampler.draw(i, "corrupted") for i in range(s, min(s + batch, prompts))],
                                  RELATIONS) for s in range(0, prompts, batch)]
     indirect_effects(adapter, corrupted[0], means, "fast")  # warm-up
     exact, fast_s = cpu_seconds(lambda: torch.cat([indirect_effects(adapter, b, means, "fast") for b in corrupted]))
     estimate, attribution_s = cpu_seconds(
         lambda: torch.cat([indirect_effects(adapter, b, means, "attribution") for b in corrupted]))
-    one = encode_episodes(adapter, [sampler.episode(i, "corrupted") for i in range(reference_prompts)], RELATIONS)
+    one = encode_episodes(adapter, [sampler.draw(i, "corrupted") for i in range(reference_prompts)], RELATIONS)
     reference, reference_s = cpu_seconds(lambda: indirect_effects(adapter, one, means, "reference"))
     per_prompt = {"reference": reference_s / reference_prompts, "fast_exact": fast_s / prompts,
                   "attribution": attribution_s / prompts}
@@ -81,7 +81,7 @@ def fv_accuracy(adapter, means, aie, k: int, layer: int, sampler, count: int) ->
     vectors = torch.stack([build_function_vector(adapter, means[r], heads) for r in range(len(RELATIONS))])
     outcomes, relations = [], []
     for start in range(0, count, 50):
-        batch = encode_episodes(adapter, [sampler.episode(i, "zero_shot", 0) for i in range(start, start + 50)],
+        batch = encode_episodes(adapter, [sampler.draw(i, "zero_shot", 0) for i in range(start, start + 50)],
                                 RELATIONS)
         with torch.no_grad():
             logits = steered_logits(adapter, batch.prompts, Injection.at(layer, vectors[batch.relation_ids]))

@@ -70,7 +70,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         split = generate_split(tmp, "train", args.samples, image_size=64, workers=1, progress=False)
         sampler = EpisodeSampler(read_scenes(split), RELATIONS, shots=0)
-        episodes = [sampler.episode(i, "zero_shot") for i in range(args.samples)]
+        episodes = [sampler.draw(i, "zero_shot") for i in range(args.samples)]
         singles = [encode_episodes(adapter, [e], RELATIONS) for e in episodes]
         batches = [encode_episodes(adapter, episodes[i : i + args.batch_size], RELATIONS)
                    for i in range(0, args.samples, args.batch_size)]

@@ -197,10 +197,10 @@ def rehearse(family: str, work: Path, device: str, prompts: int, aie_prompts: in
     stages.rows["load"].update(parameters=sum(p.numel() for p in model.model.parameters()), weight_bytes=weights,
                                peak_over_weights=round(peak_rss_bytes() / weights, 3))
 
-    clean = encode_episodes(model, [eval_sampler.episode(i, "clean") for i in range(prompts)], RELATIONS)
+    clean = encode_episodes(model, [eval_sampler.draw(i, "clean") for i in range(prompts)], RELATIONS)
     means = stages.run("means", lambda: mean_head_activations(model, [clean], len(RELATIONS), progress=False).means,
                        prompts=prompts, batch=prompts)
-    corrupted = [encode_episodes(model, [eval_sampler.episode(i, "corrupted")], RELATIONS) for i in range(aie_prompts)]
+    corrupted = [encode_episodes(model, [eval_sampler.draw(i, "corrupted")], RELATIONS) for i in range(aie_prompts)]
     heads_total = model.num_layers * model.num_heads
     aie = stages.run("aie_fast", lambda: torch.stack([indirect_effects(model, one, means, "fast")[0]
                                                       for one in corrupted]).mean(0),
@@ -235,7 +235,7 @@ def rehearse(family: str, work: Path, device: str, prompts: int, aie_prompts: in
 
     vectors = stages.run("extraction", extraction, k=k, layer=layer)
 
-    train = [train_sampler.episode(i, "zero_shot") for i in range(2 * batch)]
+    train = [train_sampler.draw(i, "zero_shot") for i in range(2 * batch)]
     store: dict = {}
     with torch.no_grad(), model.reuse_context(store):  # as a fit: every image encoded once, before timing
         model.forward(encode_episodes(model, train, RELATIONS).prompts)
@@ -262,7 +262,7 @@ def rehearse(family: str, work: Path, device: str, prompts: int, aie_prompts: in
         stages.rows[name]["samples_per_s"] = round(samples / stages.rows[name]["wall_s"], 3)
     ratio = stages.rows[f"finetune_batch_{batch}"]["samples_per_s"] / stages.rows["finetune_batch_1"]["samples_per_s"]
 
-    test = encode_episodes(model, [train_sampler.episode(i, "zero_shot") for i in range(batch)], RELATIONS)
+    test = encode_episodes(model, [train_sampler.draw(i, "zero_shot") for i in range(batch)], RELATIONS)
 
     @torch.no_grad()
     def evaluate(steered: bool) -> None:

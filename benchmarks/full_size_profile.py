@@ -26,7 +26,7 @@ def profile(family: str, work: Path, device: str, dtype: str, layers: int | None
 
     eval_sampler, _ = samplers(work, 1)
     model = load_release(family, work / "release", device, dtype, layers)
-    clean = encode_episodes(model, [eval_sampler.episode(i, "clean") for i in range(prompts)], RELATIONS)
+    clean = encode_episodes(model, [eval_sampler.draw(i, "clean") for i in range(prompts)], RELATIONS)
     corrupted = encode_episodes(model, [eval_sampler.episode(0, "corrupted")], RELATIONS)
     means = mean_head_activations(model, [clean], len(RELATIONS), progress=False).means  # warm-up
     work_of = {"means": lambda: mean_head_activations(model, [clean], len(RELATIONS), progress=False),

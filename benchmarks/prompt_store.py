@@ -186,7 +186,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         split = generate_split(tmp, "train", args.prompts, image_size=256, workers=1, progress=False)
         sampler = EpisodeSampler(read_scenes(split), RELATIONS, shots=0)
-        episodes = [sampler.episode(i, "zero_shot") for i in range(args.prompts)]
+        episodes = [sampler.draw(i, "zero_shot") for i in range(args.prompts)]
         result = {
             "what": "seconds per fine-tuning epoch after the first: from the prompt store vs recomputing every prompt",
             "dtype": str(dtype).removeprefix("torch."), "native_bf16": native_bf16(), "threads": args.threads,

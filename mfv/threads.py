@@ -64,9 +64,9 @@ def requested() -> int | None:
 def set_threads(count: int | None = None) -> int:
     """Sets torch's intra-op threads to ``count``, else ``MFV_THREADS``, else :func:`usable_cores`,
     and returns it (imports torch: call it once the command is past its help)."""
-    chosen = count or requested() or usable_cores()
     if count is not None:
         os.environ[ENV] = str(count)  # processes this one starts (DDP ranks) use the same
+    chosen = requested() or usable_cores()  # one check for --threads and MFV_THREADS (0, -1: one line)
     import torch
 
     if torch.get_num_threads() != chosen:

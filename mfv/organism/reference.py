@@ -46,7 +46,7 @@ def fixed_episode_accuracies(adapter: BackboneAdapter, work_dir: str | Path | No
                 mode = "clean" if shots else "zero_shot"
                 outcomes, relation_ids = [], []
                 for start in range(0, EPISODES, batch_size):
-                    episodes = [sampler.episode(i, mode, shots) for i in range(start, start + batch_size)]
+                    episodes = [sampler.draw(i, mode, shots) for i in range(start, start + batch_size)]
                     batch = encode_episodes(adapter, episodes, relations)
                     outcomes.append(adapter.forward(batch.prompts).argmax(-1).cpu() == batch.answer_ids)
                     relation_ids.append(batch.relation_ids)
