@@ -18,7 +18,6 @@ from typing import Sequence
 
 from mfv.commands.train import FunctionVectorCLI, build_cli
 from mfv.errors import ConfigError
-from mfv.evaluation.answers import constant_answer_warnings
 from mfv.evaluation.engine import score_conditions
 from mfv.evaluation.protocol import EvaluationSettings, Scorer, Vectors, evaluate
 from mfv.evaluation.report import report_markdown, write_report
@@ -134,7 +133,6 @@ def main(args: Sequence[str] | None = None) -> dict:
             return result.to_dict()
         for name, reason in result.not_run.items():
             print(f"not run: {name}: {reason}", file=sys.stderr)
-        result.warnings += constant_answer_warnings(result.scores, result.conditions, module.adapter.tokenizer)
         for warning in result.warnings:
             print(f"warning: {warning}", file=sys.stderr)
         from torch.utils.tensorboard import SummaryWriter

@@ -38,6 +38,7 @@ from typing import Callable, Sequence
 
 from mfv.data.episodes import Episode, EpisodeList
 from mfv.errors import ConfigError
+from mfv.evaluation.answers import constant_answer_warnings
 from mfv.evaluation.authors import authors_filter
 from mfv.evaluation.conditions import Condition
 from mfv.evaluation.engine import score_conditions
@@ -224,9 +225,10 @@ def _result(adapter: BackboneAdapter, datamodule, vectors: Vectors, settings: Ev
     shown = [c for c in conditions if c.group not in ("sweep", "weights")]
     shown_scores = {c.name: scores[c.name] for c in shown}
     extracted, finetuned = vectors.extracted, vectors.finetuned
+    described = {c.name: c.metadata() for c in shown}
     return EvaluationResult(
         scores=shown_scores,
-        conditions={c.name: c.metadata() for c in shown},
+        conditions=described,
         sweeps={sweep.name: _sweep_entry(sweep, scores, "test" if settings.protocol == "authors" else "val")
                 for sweep in swept},
         comparisons=_comparisons(shown_scores, datamodule.shots if datamodule is not None else 0),
@@ -243,6 +245,7 @@ def _result(adapter: BackboneAdapter, datamodule, vectors: Vectors, settings: Ev
                   "layer": extracted.layer, "k": vectors.k, "selection": vectors.selection,
                   "backbone": adapter.backbone_id, "composite_modes": settings.composite_modes},
         not_run=not_run,
+        warnings=constant_answer_warnings(shown_scores, described, adapter.tokenizer),
     )
 
 
