@@ -8,9 +8,9 @@ itself in :mod:`mfv.models` (see README, "Adding a backbone").
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 from PIL import Image
@@ -102,18 +102,6 @@ class PrefixState:
         return sum(t.numel() * t.element_size() for t in tensors) // max(1, self.batch_size)
 
 
-
-@contextmanager
-def contiguous_input(module: nn.Module) -> Iterator[None]:
-    """Inside the block ``module`` (a language-model head) gets its input contiguous. Given the
-    last position sliced out of the sequence (``logits_to_keep``), bf16 ``F.linear`` on CPU takes
-    a batched-matmul path that copies the head's weight once per row: at OpenFlamingo-4B's head
-    (50280 x 2560) 23 s instead of 0.03 s for 8 prompts (torch 2.13); the values are the same."""
-    handle = module.register_forward_pre_hook(lambda _, args: (args[0].contiguous(), *args[1:]))
-    try:
-        yield
-    finally:
-        handle.remove()
 
 class PromptShare(Protocol):
     """A minimal path's state (``PrefixState.data["minimal"]``) that splits into one share per

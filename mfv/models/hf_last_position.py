@@ -34,7 +34,7 @@ import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from mfv.hooks import overwrite_input_rows, record_last_inputs, record_layer_calls
-from mfv.models.base import (PrefixState, PromptBatch, contiguous_input, first_attended, join_inputs, join_positions,
+from mfv.models.base import (PrefixState, PromptBatch, first_attended, join_inputs, join_positions,
                              pad_left_cat, share_inputs, share_positions, steer_upward)
 
 if TYPE_CHECKING:
@@ -212,7 +212,7 @@ def prefill(adapter: HFAdapter, batch: PromptBatch, record_heads: bool = False) 
     per_token, vision = adapter._inputs(batch)
     layers = adapter.layers
     sites = [adapter.head_site(i) for i in range(adapter.num_layers)] if record_heads else []
-    with (torch.no_grad(), record_layer_calls(layers) as calls, contiguous_input(adapter.model.get_output_embeddings()),
+    with (torch.no_grad(), record_layer_calls(layers) as calls,
           record_last_inputs([adapter.final_norm, *sites]) as last):
         out = adapter.model(**per_token, **vision, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
     mask = per_token["attention_mask"]

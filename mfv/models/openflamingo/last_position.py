@@ -28,7 +28,7 @@ import torch
 from einops import rearrange
 
 from mfv.hooks import record_last_inputs
-from mfv.models.base import (PrefixState, contiguous_input, first_attended, join_inputs, join_positions, pad_left_cat,
+from mfv.models.base import (PrefixState, first_attended, join_inputs, join_positions, pad_left_cat,
                              share_inputs, share_positions, steer_upward)
 
 
@@ -88,7 +88,7 @@ def _prefill(adapter, batch, record: bool = False) -> _Prefix:
     kwargs = adapter.lm_inputs(batch.input_ids, batch.attention_mask)
     # Recording (fast AIE only) hooks the per-head sites and decoder-layer inputs; steering skips it.
     sites = [adapter.head_site(i) for i in range(adapter.num_layers)] + [l.decoder_layer for l in adapter.blocks]
-    with (adapter.conditioned(batch.pixel_values), contiguous_input(lang.get_output_embeddings()),
+    with (adapter.conditioned(batch.pixel_values),
           (record_last_inputs(sites) if record else nullcontext()) as recorded):
         first = adapter.blocks[0]
         latents = first.vis_x
