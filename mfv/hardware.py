@@ -57,7 +57,7 @@ def cpu_flags() -> set[str]:
 def _cpuinfo() -> str:
     try:
         return Path("/proc/cpuinfo").read_text(errors="replace")
-    except OSError:  # not Linux: no flags, the measured rates alone decide
+    except OSError:  # not Linux: no flags, so bf16 is never taken as native
         return ""
 
 
@@ -164,13 +164,14 @@ def fp32_bytes_needed(options: Mapping[str, Any]) -> int | None:
     """Bytes of the fp32 weights of the files a builder's ``options`` name, or ``None`` where
     no option names a local file or folder (a hub id, a random model).
 
-    Every string option that is an existing file counts its size, every existing folder the
-    weight files in it (``.safetensors``, ``.bin``, ``.pt``, ``.pth``); twice the sum, as
+    Every string option (but ``cache_dir``) that is an existing file counts its size, every
+    existing folder the weight files in it (``.safetensors``, ``.bin``, ``.pt``, ``.pth``); twice the sum, as
     released weights are stored in 16 bits (an upper bound for fp32 files).
     """
     total, found = 0, False
-    for value in options.values():
-        if not isinstance(value, (str, os.PathLike)) or not str(value).strip():
+    for key, value in options.items():
+        # A cache folder holds every model ever fetched: only the model's own paths count.
+        if key == "cache_dir" or not isinstance(value, (str, os.PathLike)) or not str(value).strip():
             continue
         path = Path(value).expanduser()
         if path.is_file() and path.name.endswith(_WEIGHT_SUFFIXES):
@@ -213,14 +214,10 @@ def resolve_dtype(requested: str, device: Any = None, options: Mapping[str, Any]
     support = bf16_support()
     if support.native:
         return "bfloat16"
-    if requested == "auto":
-        needed, available = fp32_bytes_needed(options or {}), available_memory_bytes()
-        if needed is None or (available is not None and needed <= MEMORY_SHARE * available):
-            return "float32"
-        _warn_slow_bf16(support, needed, available)
-        return "bfloat16"
-    needed = fp32_bytes_needed(options or {})
-    _warn_slow_bf16(support, needed, available_memory_bytes())
+    needed, available = fp32_bytes_needed(options or {}), available_memory_bytes()
+    if requested == "auto" and (needed is None or (available is not None and needed <= MEMORY_SHARE * available)):
+        return "float32"
+    _warn_slow_bf16(support, needed, available)
     return "bfloat16"
 
 
