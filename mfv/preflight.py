@@ -328,11 +328,14 @@ def plan_training(cli) -> RunPlan:
     written = check_outputs(outputs)
     uses = {"eval": aie.prompt_use(datamodule.shots)} if extracting else {}
     uses.update(train=SplitUse("fine-tuning"), val=SplitUse("validation: the best epoch"), test=SplitUse("test"))
+    allow_changes = bool(cli.config.get("allow_changed_data"))
+    settings = shaping_settings(cli.config.as_dict()) if checkpoint is not None else {}
+    if checkpoint is not None:  # changed settings are refused before the data is read and hashed
+        check_resume(checkpoint, ckpt_path, settings, {}, allow_changes)
     fingerprints = check_data(adapter, datamodule, relations, uses)
     plan = RunPlan(relations, uses, written, fingerprints)
     if checkpoint is not None:  # the same data and settings as the run it resumes, or explicitly allowed
-        plan.resume_changes = check_resume(checkpoint, ckpt_path, shaping_settings(cli.config.as_dict()), fingerprints,
-                                           bool(cli.config.get("allow_changed_data")))
+        plan.resume_changes = check_resume(checkpoint, ckpt_path, settings, fingerprints, allow_changes)
     return plan
 
 
