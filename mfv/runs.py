@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from mfv.errors import ConfigError
-from mfv.io import atomic_write_text
+from mfv.io import atomic_write_text, ensure_writable_dir
 
 LOCK_FILE = ".mfv.lock"
 RECORD_FILE = ".mfv-run.json"
@@ -163,6 +163,26 @@ def check_results(folder: str | Path, field: str, command: str, settings: dict, 
         shown = "; ".join(changed[:4]) + ("; ..." if len(changed) > 4 else "")
         raise ConfigError(f"{field} {folder} holds the results of an mfv {command} with other settings ({shown}); "
                           f"choose another {field}, or give --overwrite true to replace them")
+
+
+def own_results_folder(folder: str | Path, field: str, command: str, settings: dict, overwrite: bool = False,
+                       room: int = 0, holder: str | None = None) -> tuple[Path, FolderLock]:
+    """``folder`` for ``command``'s results: checked (:func:`check_results`) before anything is
+    created, created writable with ``room`` bytes, locked (:func:`hold`, named ``holder``) and
+    checked again under the lock, since a run may have finished there meanwhile.
+
+    Returns:
+        The folder and its lock (released here if the second check fails).
+    """
+    check_results(folder, field, command, settings, overwrite)
+    out = ensure_writable_dir(folder, field, room)
+    lock = hold(out, field, holder or command)
+    try:
+        check_results(out, field, command, settings, overwrite)
+    except BaseException:
+        lock.release()
+        raise
+    return out, lock
 
 
 def record_results(folder: str | Path, command: str, settings: dict, files: list[str] | None = None) -> None:

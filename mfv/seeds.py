@@ -17,9 +17,9 @@ import statistics
 from pathlib import Path
 from typing import Sequence
 
-from mfv.io import atomic_write_text, ensure_writable_dir, exit_on_full_disk
+from mfv.io import atomic_write_text, exit_on_full_disk
 from mfv.preflight import exit_on_bad_input
-from mfv.runs import check_results, hold, record_results
+from mfv.runs import own_results_folder, record_results
 
 OVERRIDES_HELP = ("Every other option is a train.py / evaluate.py override, e.g. --trainer.max_epochs 5 or "
                   "--evaluation.max_k 10 (mfv train --help and mfv evaluate --help list them); no -- is needed "
@@ -54,13 +54,9 @@ def run_seeds(config: str, seeds: int = 3, out: str = "runs/seeds", limit: int |
         The summary written to ``seeds.json``.
     """
     settings = {"config": config, "seeds": seeds, "limit": limit, "overrides": list(overrides)}
-    with exit_on_bad_input():
-        check_results(out, "--out", "seeds", settings, overwrite)
-        folder = ensure_writable_dir(out, "--out")
-        lock = hold(folder, "--out", "mfv seeds")  # one seeds run at a time in a folder
+    with exit_on_bad_input():  # one seeds run at a time in a folder
+        folder, lock = own_results_folder(out, "--out", "seeds", settings, overwrite, holder="mfv seeds")
     with lock, exit_on_full_disk(folder):
-        with exit_on_bad_input():
-            check_results(folder, "--out", "seeds", settings, overwrite)  # again, under the lock
         return _run_seeds(config, seeds, folder, limit, overrides, settings)
 
 

@@ -21,11 +21,11 @@ from mfv.errors import ConfigError
 from mfv.evaluation.engine import score_conditions
 from mfv.evaluation.protocol import EvaluationSettings, Scorer, Vectors, evaluate
 from mfv.evaluation.report import report_markdown, write_report
-from mfv.io import ensure_writable_dir, exit_on_full_disk, stage_dir, staged
+from mfv.io import exit_on_full_disk, stage_dir, staged
 from mfv.method.extraction import extract_from_datamodule
 from mfv.models.base import BackboneAdapter
 from mfv.preflight import EVALUATION_OUTPUT_BYTES, RunPlan, exit_on_bad_input, plan_evaluation
-from mfv.runs import FolderLock, check_results, hold, record_results, shaping_settings
+from mfv.runs import FolderLock, own_results_folder, record_results, shaping_settings
 
 # Trainer settings that describe where to compute; the rest (epochs, loggers) is training's.
 _COMPUTE_KEYS = ("accelerator", "devices", "num_nodes", "strategy", "precision")
@@ -91,14 +91,8 @@ def _own_out(cli: EvaluateCLI, plan: RunPlan) -> tuple[Path, FolderLock, dict]:
     evaluation = {f"evaluation.{k}": v for k, v in dict(config.evaluation).items() if k not in ("batch_size", "reuse")}
     owner = {**shaping_settings(config.as_dict()), **evaluation, "fv": config.fv, "limit": config.limit,
              **{f"data fingerprint {split}": value for split, value in plan.fingerprints.items()}}
-    check_results(config.out, "--out", "evaluate", owner, config.overwrite)
-    out = ensure_writable_dir(config.out, "--out", EVALUATION_OUTPUT_BYTES)
-    lock = hold(out, "--out", "evaluate.py")
-    try:
-        check_results(out, "--out", "evaluate", owner, config.overwrite)
-    except BaseException:
-        lock.release()
-        raise
+    out, lock = own_results_folder(config.out, "--out", "evaluate", owner, config.overwrite, EVALUATION_OUTPUT_BYTES,
+                                   holder="evaluate.py")
     return out, lock, owner
 
 
