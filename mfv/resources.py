@@ -4,12 +4,25 @@ In a clone (or an editable install) they are the clone's ``configs/`` and
 ``checkpoints/organism/``; a wheel carries the same files under ``mfv/bundled/`` (copied there
 at build time by :class:`mfv.compat.BuildPyWithHook`, so git holds one copy). A config is named
 by path or by name: ``--config toy`` is the bundled ``toy.yaml`` wherever the command runs.
+
+Paths written inside a config file that name its *inputs* resolve against that file's folder,
+as the same path on the command line resolves against the working folder:
+
+- the data module's ``input_paths`` (the own-data folder, the prepared GQA folder, the
+  synthetic set's object folder) and ``model.fv_path``: always;
+- ``model.backbone_options`` values (a weights folder, or a hub id): where the path exists
+  next to the config, so a hub id stays a hub id.
+
+Outputs (generated data, caches, logs) stay where the command runs: a bundled config never
+writes into the installed package.
 """
 
 from __future__ import annotations
 
+import importlib
+import json
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from mfv.compat import BUNDLED_SOURCES as SOURCES
 from mfv.errors import ConfigError
@@ -54,16 +67,31 @@ def config_path(name: str) -> str:
 
 
 def resolve_configs(argv: Sequence[str]) -> list[str]:
-    """``argv`` with each ``--config NAME`` written as the file it names (:func:`config_path`);
-    anything else unchanged, so calling it twice changes nothing."""
+    """``argv`` with each ``--config NAME`` written as the file it names (:func:`config_path`),
+    followed by the file's input paths resolved against its folder (:func:`config_inputs`), so
+    that later options still override them; anything else unchanged, so calling it twice
+    changes nothing."""
     out, argv = [], list(argv)
-    for index, token in enumerate(argv):
+    index = 0
+    while index < len(argv):
+        token = argv[index]
         name, equals, value = token.partition("=")
         if name == "--config" and equals:
-            token = f"--config={_config_value(value)}"
-        elif index and argv[index - 1] == "--config":
-            token = _config_value(token)
-        out.append(token)
+            file = _config_value(value)
+            out.append(f"--config={file}")
+        elif name == "--config" and index + 1 < len(argv):
+            index += 1
+            file = _config_value(argv[index])
+            out += ["--config", file]
+        else:
+            out.append(token)
+            index += 1
+            continue
+        index += 1
+        overrides = config_inputs(file) if Path(file).is_file() else []
+        if argv[index:index + len(overrides)] == overrides:
+            index += len(overrides)  # already resolved by an earlier call
+        out += overrides
     return out
 
 
@@ -71,3 +99,49 @@ def _config_value(value: str) -> str:
     if value.lstrip().startswith(("[", "{")) or "\n" in value or (":" in value and not Path(value).exists()):
         return value  # an inline YAML/JSON config: its parser reads it
     return config_path(value)
+
+
+def config_inputs(file: str | Path) -> list[str]:
+    """Options that set ``file``'s relative input paths to the paths they name next to it
+    (module docstring): ``["--data.init_args.data_dir=/abs/my_data", ...]``; none for absolute
+    paths, for a file that is not a mapping, or for a data class that cannot be imported (the
+    config's parser reports those)."""
+    import yaml
+
+    folder = Path(file).resolve().parent
+    try:
+        config = yaml.safe_load(Path(file).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return []  # the parser reports an unreadable config, naming it
+    if not isinstance(config, dict):
+        return []
+    out = []
+    model = config.get("model") if isinstance(config.get("model"), dict) else {}
+    if _relative(model.get("fv_path")):
+        out.append(f"--model.fv_path={folder / model['fv_path']}")
+    options = model.get("backbone_options")
+    if isinstance(options, dict):
+        resolved = {k: str(folder / v) if _relative(v) and (folder / v).exists() else v for k, v in options.items()}
+        if resolved != options:
+            out.append(f"--model.backbone_options={json.dumps(resolved)}")
+    data = config.get("data") if isinstance(config.get("data"), dict) else {}
+    arguments = data.get("init_args") if isinstance(data.get("init_args"), dict) else {}
+    for key in _input_paths(data.get("class_path")):
+        if _relative(arguments.get(key)):
+            out.append(f"--data.init_args.{key}={folder / arguments[key]}")
+    return out
+
+
+def _relative(value: Any) -> bool:
+    return isinstance(value, str) and bool(value) and not Path(value).expanduser().is_absolute()
+
+
+def _input_paths(class_path: Any) -> tuple[str, ...]:
+    """The data class's ``input_paths`` (its arguments that name existing files or folders)."""
+    if not isinstance(class_path, str) or "." not in class_path:
+        return ()
+    module, _, name = class_path.rpartition(".")
+    try:
+        return tuple(getattr(getattr(importlib.import_module(module), name), "input_paths", ()))
+    except (ImportError, AttributeError):
+        return ()

@@ -34,7 +34,9 @@ def test_a_config_is_found_by_name_from_any_folder(tmp_path, monkeypatch):
     assert Path(toy).is_file() and Path(toy).name == "toy.yaml"
     assert resources.config_path("configs/toy.yaml") == toy  # the clone's README form, from elsewhere
     assert resources.resolve_configs(["--config", "toy", "--config=own_data_example", "--x", "toy"]) == [
-        "--config", toy, f"--config={resources.config_path('own_data_example')}", "--x", "toy"]
+        "--config", toy, f"--config={resources.config_path('own_data_example')}",
+        # its data folder, written in the config, is read beside it (a user's own: --data.init_args.data_dir)
+        f"--data.init_args.data_dir={Path(resources.config_path('own_data_example')).parent / 'my_data'}", "--x", "toy"]
     (tmp_path / "mine.yaml").write_text("seed_everything: 1\n")
     assert resources.config_path("mine.yaml") == "mine.yaml"  # a file as given wins
     with pytest.raises(ConfigError, match="bundled: .*toy"):

@@ -174,10 +174,12 @@ def test_train_cli_selects_the_datamodule_by_class_path(tmp_path, monkeypatch, c
     (tmp_path / "checkpoints").symlink_to(ROOT / "checkpoints")
     monkeypatch.chdir(tmp_path)
     config = str(ROOT / "configs" / "own_data_example.yaml")
-    cli = build_cli(FunctionVectorCLI, ["--config", config, "--trainer.logger", "false"])
+    cli = build_cli(FunctionVectorCLI, ["--config", config, "--data.init_args.data_dir", "my_data",
+                                         "--trainer.logger", "false"])
     assert isinstance(cli.datamodule, OwnRelationDataModule) and cli.datamodule.relations == list(RELATIONS)
     with pytest.raises(SystemExit) as exit_:
-        build_cli(FunctionVectorCLI, ["--config", config, "--model.relations", "[above,beside]"])
+        build_cli(FunctionVectorCLI, ["--config", config, "--data.init_args.data_dir", "my_data",
+                             "--model.relations", "[above,beside]"])
     err = capsys.readouterr().err.strip().splitlines()
     # train.py names the field the user sets (model.relations, linked to data.init_args.relations).
     assert exit_.value.code == 2 and len(err) == 1 and "examples.jsonl: model.relations has 'beside'" in err[0]
@@ -189,11 +191,11 @@ def test_prepare_data_names_an_undecodable_image_in_one_line(tmp_path, monkeypat
     make_folder(tmp_path / "my_data", images=24)  # prepare-data reads every split as train would (2-shot val)
     monkeypatch.chdir(tmp_path)
     config = str(ROOT / "configs" / "own_data_example.yaml")
-    cli.main(["prepare-data", "--config", config])
+    cli.main(["prepare-data", "--config", config, "--data.init_args.data_dir", "my_data"])
     assert "data ready: my_data" in capsys.readouterr().out
     (tmp_path / "my_data" / "photos" / "001.png").write_bytes(b"")
     with pytest.raises(SystemExit) as exit_:
-        cli.main(["prepare-data", "--config", config])
+        cli.main(["prepare-data", "--config", config, "--data.init_args.data_dir", "my_data"])
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert exit_.value.code == 2 and err == ["error: my_data/examples.jsonl:5: field 'image': photos/001.png empty file"]
 

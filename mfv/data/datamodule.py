@@ -83,6 +83,9 @@ class RelationDataModule(L.LightningDataModule):
     adapter: BackboneAdapter | None = None
     # Answers are names from a fixed object set: two sharing a first token is an error (preflight).
     answers_closed: bool = True
+    # Arguments naming files or folders the module reads (not writes): written in a config file,
+    # they resolve against its folder (mfv.resources.config_inputs).
+    input_paths: tuple[str, ...] = ()
 
     def attach(self, adapter: BackboneAdapter) -> None:
         """Sets the backbone whose prompt format and preprocessing the batches use."""
@@ -177,6 +180,8 @@ class SyntheticRelationDataModule(RelationDataModule):
         val_fraction: Part of the train split held out to pick the best epoch.
         shuffle_train: Shuffle training prompts each epoch.
     """
+
+    input_paths = ("objects",)  # data_dir is where the set is generated (an output)
 
     def __init__(
         self,

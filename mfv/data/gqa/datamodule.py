@@ -159,6 +159,7 @@ class GQARelationDataModule(RelationDataModule):
     """
 
     answers_closed = False  # open-vocabulary object names, scored on the first token as the authors do
+    input_paths = ("dataset_dir",)  # the data is read from it (a config's relative path: against the config)
 
     def __init__(self, dataset_dir: str = "data/gqa", relations: Sequence[str] = ("spatial",), shots: int = 4,
                  batch_size: int = 16, num_workers: int = 0, seed: int = 0, val_fraction: float = 0.2,

@@ -58,6 +58,7 @@ class OwnRelationDataModule(RelationDataModule):
     """
 
     answers_closed = False  # open-vocabulary names, scored on the first token as the authors do
+    input_paths = ("data_dir",)  # the data is read from it (a config's relative path: against the config)
 
     def __init__(self, data_dir: str = "data/own", annotations: str = "examples.jsonl",
                  relations: Sequence[str] | None = None, shots: int = 4, batch_size: int = 16, num_workers: int = 0,

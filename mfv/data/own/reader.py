@@ -189,7 +189,8 @@ def read_examples(annotations: str | Path, root: str | Path) -> list[OwnExample]
     """
     path, root = Path(annotations), Path(root)
     if not root.is_dir():
-        raise DataError(f"{root}: image folder not found (data.init_args.data_dir)")
+        raise DataError(f"{root}: image folder not found (data.init_args.data_dir; in a config file, a relative "
+                        "path is read from the config's folder)")
     if not path.is_file():
         raise DataError(f"{path}: examples file not found (data.init_args.annotations)")
     if path.suffix.lower() not in FORMATS:
