@@ -10,11 +10,22 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Literal, Protocol, Sequence
 
 import torch
 from PIL import Image
 from torch import nn
+
+
+LayerKind = Literal["self", "cross", "cross_self"]
+"""What a decoder layer's last position attends to: ``self`` the prompt's earlier positions
+(causal self-attention over their cached keys and values), ``cross`` an image's keys and
+values only (a cross-attention layer, as Llama-3.2-Vision's), ``cross_self`` both in turn
+(OpenFlamingo: a gated cross-attention block before a self-attention layer)."""
+
+MaskKind = Literal["causal", "prefix_lm"]
+"""The language model's attention mask: ``causal`` (no position sees a later one) or
+``prefix_lm`` (the prompt's positions see each other both ways, as PaliGemma's)."""
 
 
 @dataclass(frozen=True)
@@ -102,7 +113,6 @@ class PrefixState:
         return sum(t.numel() * t.element_size() for t in tensors) // max(1, self.batch_size)
 
 
-
 class PromptShare(Protocol):
     """A minimal path's state (``PrefixState.data["minimal"]``) that splits into one share per
     prompt and joins shares of any prompts back into a batch (the fine-tuning prompt store,
@@ -118,74 +128,6 @@ class PromptShare(Protocol):
     def join(cls, shares: Sequence["PromptShare"]) -> "PromptShare":
         """A batch of shares (same ``first_layer``): keys and values left-padded to the longest
         prompt, the padding masked out, so the steered path gives what it gives on one batch."""
-
-
-def first_attended(masks: Sequence[torch.Tensor]) -> int:
-    """The first cached position any of ``masks`` lets the last query attend to: the additive
-    masks (``(..., S')``, 0 or very negative) of one prompt's layers. Positions before it carry
-    no weight in any layer (left padding), so a share drops them."""
-    attended = torch.stack([(m > torch.finfo(m.dtype).min / 2).flatten(0, -2).any(0) for m in masks]).any(0)
-    hits = attended.nonzero()
-    return int(hits[0]) if len(hits) else attended.shape[0]
-
-
-def pad_left_cat(parts: Sequence[torch.Tensor], dim: int, value: float) -> torch.Tensor:
-    """``parts`` (one prompt each) concatenated on dimension 0, each left-padded with ``value``
-    along ``dim`` (a position axis) to the longest."""
-    width = max(t.shape[dim] for t in parts)
-    dim = dim % parts[0].dim()
-    padded = []
-    for t in parts:
-        missing = width - t.shape[dim]
-        if missing:
-            # F.pad counts dimensions from the last: (left, right) pairs, last dimension first.
-            spec = [0, 0] * (t.dim() - 1 - dim) + [missing, 0]
-            t = torch.nn.functional.pad(t, spec, value=value)
-        padded.append(t)
-    return torch.cat(padded)
-
-
-def share_inputs(inputs: Sequence[torch.Tensor | None], row: int, first_layer: int) -> list[torch.Tensor | None]:
-    """A share's per-layer last-position inputs: prompt ``row``'s input of ``first_layer`` only."""
-    out: list[torch.Tensor | None] = [None] * len(inputs)
-    out[first_layer] = inputs[first_layer][row:row + 1].clone()
-    return out
-
-
-def share_positions(per_layer: Sequence[torch.Tensor], row: int, first_layer: int,
-                    start: int) -> list[torch.Tensor | None]:
-    """A share's keys or values: per layer from ``first_layer`` up, prompt ``row``'s
-    ``(1, heads, S' - start, d)`` from cached position ``start`` on; ``None`` below."""
-    return [None] * first_layer + [per_layer[i][row:row + 1, ..., start:, :].clone()
-                                   for i in range(first_layer, len(per_layer))]
-
-
-def join_inputs(per_share: Sequence[Sequence[torch.Tensor | None]]) -> tuple[int, list[torch.Tensor | None]]:
-    """The shares' :func:`share_inputs` as one batch's, and the layer they start at."""
-    first = next(i for i, t in enumerate(per_share[0]) if t is not None)
-    out: list[torch.Tensor | None] = [None] * len(per_share[0])
-    out[first] = torch.cat([inputs[first] for inputs in per_share])
-    return first, out
-
-
-def join_positions(per_share: Sequence[Sequence[torch.Tensor | None]], first: int) -> list[torch.Tensor | None]:
-    """Per layer from ``first`` up, the shares' keys or values ``(1, heads, S_i, d)`` as one
-    batch's, left-padded with zeros (their mask hides the padding); ``None`` below."""
-    return [None] * first + [pad_left_cat([s[i] for s in per_share], -2, 0.0) for i in range(first, len(per_share[0]))]
-
-def steer_upward(after_first: torch.Tensor, vectors: torch.Tensor, layers: list[int], num_layers: int,
-                 layer: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """The minimal paths' steered last position: from the state after ``layers[0]``
-    (``(B, 1, D)``), ``vectors[:, i]`` (``(B, len(layers), D)``) is added after ``layers[i]``
-    (increasing) and ``layer(index, x)`` runs each layer above; returns the state after the
-    last layer, differentiable in ``vectors``."""
-    dtype = after_first.dtype
-    x = after_first + vectors[:, 0].to(dtype)[:, None]
-    for index in range(layers[0] + 1, num_layers):
-        x = layer(index, x)
-        if index in layers:
-            x = x + vectors[:, layers.index(index)].to(dtype)[:, None]
-    return x
 
 
 class BackboneAdapter(ABC):
@@ -234,6 +176,18 @@ class BackboneAdapter(ABC):
     @abstractmethod
     def hidden_size(self) -> int:
         """Residual-stream width."""
+
+    @property
+    def layer_kinds(self) -> tuple[LayerKind, ...]:
+        """What each decoder layer attends to (:data:`LayerKind`); default: self-attention only.
+        The last-position replay (:mod:`mfv.models.replay`) runs each layer by its kind."""
+        return ("self",) * self.num_layers
+
+    @property
+    def attention_mask_kind(self) -> MaskKind:
+        """The language model's mask (:data:`MaskKind`); default ``causal``. Under ``prefix_lm``
+        the last-position replay does not apply (:func:`mfv.models.replay.replayable`)."""
+        return "causal"
 
     def shape_signature(self) -> dict[str, int]:
         """The shape facts an FV must match to be injected into this backbone."""

@@ -12,7 +12,8 @@ index), and its release's config from which a reduced stand-in is built offline
   so that a row gives the same logits alone and in any batch;
 * ``prefill`` / ``forward_last``: the contract's one last-position mechanism (the prompt
   once, into transformers' cache; then the last position for any rows under hooks), and on
-  the same prefill the minimal path (:mod:`mfv.models.hf_last_position`: each row from its
+  the same prefill the minimal path (the shared last-position replay, :mod:`mfv.models.replay`,
+  running the family's own layers through :mod:`mfv.models.hf_last_position`: each row from its
   patched or injection layer up) on which fast AIE, the fine-tuning graph and shared
   evaluation passes run for every family;
 * loading from a local folder or the Hugging Face cache, offline, naming what to download.
@@ -31,8 +32,9 @@ from torch import nn
 from mfv.compat import offline_hub
 from mfv.errors import ConfigError, MissingWeightsError
 from mfv.hooks import keep_input_contiguous
-from mfv.models import hf_last_position
-from mfv.models.base import BackboneAdapter, Example, PrefixState, Prompt, PromptBatch
+from mfv.models import replay
+from mfv.models.base import BackboneAdapter, Example, LayerKind, MaskKind, PrefixState, Prompt, PromptBatch
+from mfv.models.hf_last_position import HFLayers
 
 if TYPE_CHECKING:
     from mfv.models.families.release import StandIn
@@ -64,6 +66,11 @@ class Family:
         call_options: Keyword options of every processor call (they override the processor's defaults).
         chat_template: A chat template used instead of the processor's (e.g. one that keeps each
             image in place where the release's template moves every image first).
+        layer_kinds: What each decoder layer attends to (:data:`~mfv.models.base.LayerKind`), a
+            function of the text config (e.g. ``cross`` at its ``cross_attention_layers``);
+            ``None``: self-attention only. The last-position replay reads it.
+        attention_mask: ``causal`` or ``prefix_lm`` (the prompt attends both ways): under
+            ``prefix_lm`` the family has no last-position replay (:func:`mfv.models.replay.replayable`).
     """
 
     name: str
@@ -79,6 +86,8 @@ class Family:
     images_by_prompt: bool = False
     call_options: dict[str, Any] = field(default_factory=dict)
     chat_template: str | None = None
+    layer_kinds: Callable[[Any], Sequence[LayerKind]] | None = None
+    attention_mask: MaskKind = "causal"
 
     def model_type(self) -> type:
         return getattr(importlib.import_module("transformers"), self.model_class)
@@ -136,6 +145,15 @@ class HFAdapter(BackboneAdapter):
     @property
     def hidden_size(self) -> int:
         return self.text_config.hidden_size
+
+    @property
+    def layer_kinds(self) -> tuple[LayerKind, ...]:
+        kinds = self.family.layer_kinds
+        return super().layer_kinds if kinds is None else tuple(kinds(self.text_config))
+
+    @property
+    def attention_mask_kind(self) -> MaskKind:
+        return self.family.attention_mask
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -247,20 +265,20 @@ class HFAdapter(BackboneAdapter):
         return out[:, batch.input_ids.shape[1]:]
 
     def prefill(self, batch: PromptBatch) -> PrefixState:
-        """The whole prompt once (:func:`mfv.models.hf_last_position.prefill`): the cache for
-        :meth:`forward_last`, the last-position replay state and the unsteered logits."""
-        return hf_last_position.prefill(self, batch.to(self.device))
+        """The whole prompt once (:meth:`mfv.models.hf_last_position.HFLayers.prefill`): the cache
+        for :meth:`forward_last`, the last-position replay state and the unsteered logits."""
+        return HFLayers(self).prefill(batch.to(self.device))
 
     def steered_logits(self, state: PrefixState, vectors: torch.Tensor, layers: list[int]) -> torch.Tensor | None:
         """Only the last position from ``layers[0] + 1`` up is recomputed (and carries a graph)
-        (:func:`mfv.models.hf_last_position.steered_logits`)."""
-        replay = state.data.get("minimal")
-        return None if replay is None else hf_last_position.steered_logits(self, replay, vectors, layers)
+        (:func:`mfv.models.replay.steered_logits`)."""
+        minimal = state.data.get("minimal")
+        return None if minimal is None else replay.steered_logits(HFLayers(self), minimal, vectors, layers)
 
     def single_head_patch_probabilities(self, batch: PromptBatch, values: torch.Tensor,
                                         answers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The minimal exact computation (:func:`mfv.models.hf_last_position.single_head_patch_probabilities`)."""
-        return hf_last_position.single_head_patch_probabilities(self, batch, values, answers)
+        """The minimal exact computation (:func:`mfv.models.replay.single_head_patch_probabilities`)."""
+        return replay.single_head_patch_probabilities(HFLayers(self), batch, values, answers)
 
     def forward_last(self, state: PrefixState, rows: torch.Tensor) -> torch.Tensor:
         from transformers import DynamicCache

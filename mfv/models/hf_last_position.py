@@ -1,10 +1,8 @@
-"""The minimal exact last-position computation for every Hugging Face family.
+"""The Hugging Face families' layer runner of the shared last-position replay (:mod:`mfv.models.replay`).
 
-A patch or an injection at the last position changes nothing before its layer and nothing
-at earlier positions. So after one forward of the whole prompt (which leaves every layer's
-keys and values, and every layer's last-position input and call arguments) a patched or
-steered row needs only the last position of the layers above its site. This module runs
-the family's own decoder layers on such rows, with no per-family code:
+One forward of the whole prompt leaves every decoder layer's keys and values and its
+last-position input and call arguments. The runner replays the family's own decoder layers
+on last-position rows, with no per-family code:
 
 * each layer is called as the text model calls it, with the recorded keyword arguments cut
   to the last position (rotary or multimodal rotary embeddings, position ids), and a mask
@@ -12,30 +10,26 @@ the family's own decoder layers on such rows, with no per-family code:
 * attention runs through transformers' attention interface, swapped for
   :func:`last_position_attention` while the layers run: a prompt's rows are extra queries
   that attend to the prompt's cached keys and values (one batched product, never a per-row
-  copy of the cache) and to their own key, which is what the full forward computes;
-* fast AIE (:func:`single_head_patch_probabilities`): rows patched at layer ``l`` join at
-  ``l`` from the recorded input and head outputs, with one baseline row per layer through
-  the same computation, so a patch writing a head's own output gives exactly zero in any dtype;
-* fine-tuning and evaluation (:func:`steered_logits`): one row per prompt from the first
-  injection layer up, differentiable in the vectors.
+  copy of the cache) and to their own key, which is what the full forward computes.
 
-Families whose layers take other per-token arguments fall back to the generic cached path
-(:meth:`mfv.models.hf.HFAdapter.forward_last`); equal to the reference loop to float rounding
-(contract test).
+Fast AIE, steered logits and the prompt store's shares are the shared replay's. Families
+whose layers take other per-token arguments, that declare cross-attention layers
+(:attr:`mfv.models.hf.Family.layer_kinds`) or a prefix-LM mask have no replay and fall back
+to the generic cached path (:meth:`mfv.models.hf.HFAdapter.forward_last`); equal to the
+reference loop to float rounding (contract test).
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from mfv.hooks import overwrite_input_rows, record_last_inputs, record_layer_calls
-from mfv.models.base import (PrefixState, PromptBatch, first_attended, join_inputs, join_positions,
-                             pad_left_cat, share_inputs, share_positions, steer_upward)
+from mfv.hooks import record_last_inputs, record_layer_calls
+from mfv.models.base import PrefixState, PromptBatch
+from mfv.models.replay import LayerRunner, Replay, head_sites, replayable
 
 if TYPE_CHECKING:
     from mfv.models.hf import HFAdapter
@@ -43,8 +37,6 @@ if TYPE_CHECKING:
 ATTENTION = "mfv_last_position"
 # Layer arguments that only concern the cache or the output format: a replay does without them.
 _DROPPED = {"past_key_values", "past_key_value", "cache_position", "use_cache", "output_attentions"}
-# Bytes of attention scores one replay may hold: bounds the prompts replayed together.
-SCORE_BUDGET = 1 << 30
 
 
 def last_position_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -88,41 +80,6 @@ def last_position_attention(module: torch.nn.Module, query: torch.Tensor, key: t
 ALL_ATTENTION_FUNCTIONS.register(ATTENTION, last_position_attention)
 
 
-@dataclass
-class Replay:
-    """What one whole-prompt forward leaves for last-position replays.
-
-    Attributes:
-        inputs: ``L + 1`` tensors ``(P, D)``: the last-position input of each layer, then of the final norm.
-        keys: Per layer ``(P, KV, S-1, d)``: cached keys of the earlier positions.
-        values: Per layer, the same for values.
-        calls: Per layer, the keyword arguments of its call cut to the last position.
-        heads: Per layer ``(P, H * d)``: the heads' last-position outputs (recorded for fast AIE only).
-    """
-
-    inputs: list[torch.Tensor]
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
-    calls: list[dict[str, Any]]
-    heads: list[torch.Tensor] | None = None
-
-    def share(self, row: int, first_layer: int) -> "Replay":
-        """Prompt ``row``'s share from ``first_layer`` up (:class:`~mfv.models.base.PromptShare`)."""
-        above = range(first_layer, len(self.keys))
-        start = first_attended([self.calls[i]["attention_mask"][row] for i in above]) if len(above) else 0
-        return Replay(share_inputs(self.inputs, row, first_layer), share_positions(self.keys, row, first_layer, start),
-                      share_positions(self.values, row, first_layer, start),
-                      [None] * first_layer + [_call_share(self.calls[i], row, start) for i in above])
-
-    @classmethod
-    def join(cls, shares: Sequence["Replay"]) -> "Replay":
-        """A batch of shares, keys and values left-padded and masked (:class:`~mfv.models.base.PromptShare`)."""
-        first, inputs = join_inputs([s.inputs for s in shares])
-        calls = [None] * first + [_call_join([s.calls[i] for s in shares]) for i in range(first, len(shares[0].calls))]
-        return cls(inputs, join_positions([s.keys for s in shares], first),
-                   join_positions([s.values for s in shares], first), calls)
-
-
 def _prefix_mask(recorded: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
     """The last query's additive mask over positions ``0..S-2`` ``(P, 1, 1, S-1)``: the batch's
     padding, and whatever else the model masked for that query (sliding windows)."""
@@ -154,44 +111,6 @@ def _last_call(kwargs: dict[str, Any], mask: torch.Tensor) -> dict[str, Any] | N
     return out
 
 
-# A call's per-prompt tensors and their prompt axis, counted from the end: the mask
-# (P, 1, 1, S'), rotary tables (..., P, 1, d), position ids (..., P, 1).
-def _prompt_axis(name: str) -> int | None:
-    if name.startswith("position_embeddings"):
-        return -3
-    return -2 if name == "position_ids" else None
-
-
-def _call_share(call: dict[str, Any], row: int, start: int) -> dict[str, Any]:
-    """One prompt's share of a layer's replay call: its own rows, the mask from ``start`` on."""
-    def own(t: torch.Tensor, axis: int) -> torch.Tensor:  # a table shared by every prompt (size 1) stays so
-        return t.narrow(axis, row if t.shape[axis] > 1 else 0, 1).clone()
-
-    out = dict(call)
-    out["attention_mask"] = call["attention_mask"][row:row + 1, ..., start:].clone()
-    for name, value in call.items():
-        axis = _prompt_axis(name)
-        if axis is not None and value is not None:
-            out[name] = tuple(own(t, axis) for t in value) if isinstance(value, tuple) else own(value, axis)
-    return out
-
-
-def _call_join(calls: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """The shares' calls as one batch's: masks left-padded (padding masked out), the rest stacked."""
-    out = dict(calls[0])
-    mask = calls[0]["attention_mask"]
-    out["attention_mask"] = pad_left_cat([c["attention_mask"] for c in calls], -1, torch.finfo(mask.dtype).min)
-    for name, value in calls[0].items():
-        axis = _prompt_axis(name)
-        if axis is None or value is None:
-            continue
-        if isinstance(value, tuple):
-            out[name] = tuple(torch.cat([c[name][k] for c in calls], dim=axis) for k in range(len(value)))
-        else:
-            out[name] = torch.cat([c[name] for c in calls], dim=axis)
-    return out
-
-
 def _rows_call(call: dict[str, Any], rows: int) -> dict[str, Any]:
     """``call`` for ``rows`` rows per prompt: every row sits at the prompt's last position."""
     out = dict(call)
@@ -203,108 +122,60 @@ def _rows_call(call: dict[str, Any], rows: int) -> dict[str, Any]:
     return out
 
 
-def prefill(adapter: HFAdapter, batch: PromptBatch, record_heads: bool = False) -> PrefixState:
-    """The whole prompt once (no graph): the cache of positions ``0..S-2`` for
-    :meth:`HFAdapter.forward_last`, the :class:`Replay` under ``"minimal"`` (``None`` where
-    the family's layers take arguments it cannot cut), and the unsteered logits."""
-    from transformers import DynamicCache
+class HFLayers(LayerRunner):
+    """The replay's runner for every :class:`~mfv.models.hf.Family`: the family's own decoder
+    layers, cut call arguments, :func:`last_position_attention`."""
 
-    per_token, vision = adapter._inputs(batch)
-    layers = adapter.layers
-    sites = [adapter.head_site(i) for i in range(adapter.num_layers)] if record_heads else []
-    with (torch.no_grad(), record_layer_calls(layers) as calls,
-          record_last_inputs([adapter.final_norm, *sites]) as last):
-        out = adapter.model(**per_token, **vision, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
-    mask = per_token["attention_mask"]
-    keys = [layer.keys[:, :, :-1] for layer in out.past_key_values.layers]
-    values = [layer.values[:, :, :-1] for layer in out.past_key_values.layers]
-    cut = [_last_call(kwargs, mask) for _, kwargs in calls]
-    replay = None if any(c is None for c in cut) else Replay(
-        [inputs for inputs, _ in calls] + [last[0]], keys, values, cut, last[1:] if record_heads else None)
-    final = {k: v[..., -1:] for k, v in per_token.items() if k != "attention_mask"}
-    return PrefixState({"keys": keys, "values": values, "attention_mask": mask, "last": final, "minimal": replay},
-                       len(batch), base_logits=out.logits[:, -1])
+    adapter: HFAdapter
 
+    def prefill(self, batch: PromptBatch, record_heads: bool = False) -> PrefixState:
+        """The whole prompt once (no graph): the cache of positions ``0..S-2`` for
+        :meth:`HFAdapter.forward_last`, the :class:`~mfv.models.replay.Replay` under ``"minimal"``
+        (``None`` where the family's layers take arguments it cannot cut, or the family declares
+        cross-attention layers or a prefix-LM mask), and the unsteered logits."""
+        from transformers import DynamicCache
 
-@contextmanager
-def _replaying(adapter: HFAdapter) -> Iterator[None]:
-    """Routes the decoder layers' attention through :func:`last_position_attention`."""
-    configs = {id(c): c for c in (adapter.attention(i).config for i in range(adapter.num_layers))}.values()
-    saved = [c._attn_implementation for c in configs]
-    try:
-        for config in configs:
-            config._attn_implementation = ATTENTION
-        yield
-    finally:
-        for config, implementation in zip(configs, saved):
-            config._attn_implementation = implementation
+        adapter = self.adapter
+        per_token, vision = adapter._inputs(batch)
+        with (torch.no_grad(), record_layer_calls(adapter.layers) as calls,
+              record_last_inputs([adapter.final_norm, *head_sites(adapter, record_heads)]) as last):
+            out = adapter.model(**per_token, **vision, past_key_values=DynamicCache(), use_cache=True,
+                                logits_to_keep=1)
+        mask = per_token["attention_mask"]
+        keys = [layer.keys[:, :, :-1] for layer in out.past_key_values.layers]
+        values = [layer.values[:, :, :-1] for layer in out.past_key_values.layers]
+        replay = None
+        # A cross-attention layer (mllama) would need its image keys and values recorded here
+        # and run by kind in layer(); no supported family declares one.
+        if replayable(adapter) and all(kind == "self" for kind in adapter.layer_kinds):
+            cut = [_last_call(kwargs, mask) for _, kwargs in calls]
+            if all(c is not None for c in cut):
+                replay = Replay([inputs for inputs, _ in calls] + [last[0]], keys, values, cut,
+                                [None] * len(cut), last[1:] if record_heads else None)
+        final = {k: v[..., -1:] for k, v in per_token.items() if k != "attention_mask"}
+        return PrefixState({"keys": keys, "values": values, "attention_mask": mask, "last": final,
+                            "minimal": replay}, len(batch), base_logits=out.logits[:, -1])
 
+    @contextmanager
+    def running(self) -> Iterator[None]:
+        """Routes the decoder layers' attention through :func:`last_position_attention`."""
+        adapter = self.adapter
+        configs = {id(c): c for c in (adapter.attention(i).config for i in range(adapter.num_layers))}.values()
+        saved = [c._attn_implementation for c in configs]
+        try:
+            for config in configs:
+                config._attn_implementation = ATTENTION
+            yield
+        finally:
+            for config, implementation in zip(configs, saved):
+                config._attn_implementation = implementation
 
-def _layer(adapter: HFAdapter, replay: Replay, index: int, x: torch.Tensor) -> torch.Tensor:
-    """Decoder layer ``index`` at the last position for rows ``x`` ``(P, M, D)``."""
-    call = _rows_call(replay.calls[index], x.shape[1])
-    out = adapter.layers[index](x, **call, prefix=(replay.keys[index], replay.values[index]))
-    return out[0] if isinstance(out, tuple) else out
+    def layer(self, replay: Replay, index: int, x: torch.Tensor, joining: int = 0) -> torch.Tensor:
+        """The family's layer on every row (one call: the joining rows' attention runs too, and
+        their head outputs are overwritten at the head site)."""
+        call = _rows_call(replay.calls[index], x.shape[1])
+        out = self.adapter.layers[index](x, **call, prefix=(replay.keys[index], replay.values[index]))
+        return out[0] if isinstance(out, tuple) else out
 
-
-def _logits(adapter: HFAdapter, x: torch.Tensor) -> torch.Tensor:
-    return adapter.model.get_output_embeddings()(adapter.final_norm(x))
-
-
-def steered_logits(adapter: HFAdapter, replay: Replay, vectors: torch.Tensor, layers: list[int]) -> torch.Tensor:
-    """Last-position logits with ``vectors[:, i]`` (``(B, len(layers), D)``) added after
-    ``layers[i]`` (increasing), differentiable in ``vectors``: the layers above the first
-    injection, at one position."""
-    with _replaying(adapter):
-        x = steer_upward(replay.inputs[layers[0] + 1][:, None], vectors, layers, adapter.num_layers,
-                         lambda index, rows: _layer(adapter, replay, index, rows))
-    return _logits(adapter, x)[:, 0]
-
-
-def _patched_rows(adapter: HFAdapter, replay: Replay, values: torch.Tensor) -> torch.Tensor:
-    """Last-position states ``(P, L * (H + 1), D)`` after the last layer: row ``l * (H + 1) + h``
-    has head ``h`` of layer ``l`` written with ``values[:, l, h]``, row ``l * (H + 1) + H`` is
-    layer ``l``'s baseline (every head its recorded output)."""
-    num_prompts, num_layers, heads = values.shape[:3]
-    slots = torch.arange(heads, device=values.device)
-    rows = None
-    with _replaying(adapter):
-        for index in range(num_layers):
-            written = replay.heads[index].reshape(num_prompts, 1, heads, -1).repeat(1, heads + 1, 1, 1)
-            written[:, slots, slots] = values[:, index]
-            joining = replay.inputs[index][:, None].expand(num_prompts, heads + 1, -1)
-            x = joining if rows is None else torch.cat([rows, joining], dim=1)
-            # The joining rows' own attention output is replaced by the recorded one (patched).
-            with overwrite_input_rows(adapter.head_site(index), x.shape[1] - heads - 1,
-                                      written.reshape(num_prompts, heads + 1, -1)):
-                rows = _layer(adapter, replay, index, x)
-    return rows
-
-
-@torch.no_grad()
-def single_head_patch_probabilities(adapter: HFAdapter, batch: PromptBatch, values: torch.Tensor,
-                                    answers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Answer probabilities of a per-layer baseline ``(P, L)`` and with each single head patched
-    ``(P, L, H)`` (:meth:`BackboneAdapter.single_head_patch_probabilities`); ``None`` where the
-    family's layers cannot be replayed. Prompts are replayed in groups whose attention scores
-    stay within :data:`SCORE_BUDGET`."""
-    values = values.to(adapter.device, adapter.dtype)
-    num_prompts, num_layers, heads = values.shape[:3]
-    rows_per_prompt = num_layers * (heads + 1)
-    score_bytes = 4 * rows_per_prompt * heads * batch.input_ids.shape[1]
-    group = max(1, SCORE_BUDGET // score_bytes)
-    base, patched = [], []
-    for start in range(0, num_prompts, group):
-        index = torch.arange(start, min(num_prompts, start + group))
-        rows = batch if len(index) == num_prompts else adapter.select_rows(batch, index)
-        state = prefill(adapter, rows.to(adapter.device), record_heads=True)
-        replay = state.data["minimal"]
-        if replay is None:
-            return None
-        logits = _logits(adapter, _patched_rows(adapter, replay, values[index]))
-        chosen = answers[index].to(adapter.device)[:, None, None].expand(-1, rows_per_prompt, 1)
-        probabilities = logits.float().softmax(-1).gather(-1, chosen)[..., 0]
-        probabilities = probabilities.reshape(len(index), num_layers, heads + 1).cpu()
-        base.append(probabilities[..., heads])
-        patched.append(probabilities[..., :heads])
-    return torch.cat(base), torch.cat(patched)
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.adapter.model.get_output_embeddings()(self.adapter.final_norm(x))

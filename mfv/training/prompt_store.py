@@ -13,7 +13,7 @@ recomputing to float rounding (``tests/test_prompt_store.py``).
 
 Shares are kept within ``budget_gb`` (``model.prompt_store_gb``), first come first kept;
 prompts beyond it are recomputed at every step, and one line says so once. Backbones without
-a minimal path (or an injection after the last layer) recompute every prompt, as before.
+a minimal path recompute every prompt, as before.
 """
 
 from __future__ import annotations

@@ -5,6 +5,12 @@ over a cache of the earlier positions, with each decoder layer's self-attention 
 projection as the per-head site. These two architectures break that, so their results would
 be wrong rather than slow; they are refused by registry name and by ``config.json``
 ``model_type`` (a folder given to any family).
+
+The seam where they would plug in is the family's declaration
+(:class:`mfv.models.hf.Family`): ``layer_kinds`` marks cross-attention layers (the shared
+replay, :mod:`mfv.models.replay`, would run them over the image's cached keys and values once
+the Hugging Face layer runner records those; today it gives such a family no replay), and
+``attention_mask="prefix_lm"`` gives a family no last-position replay at all.
 """
 
 from __future__ import annotations

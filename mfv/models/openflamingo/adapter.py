@@ -17,7 +17,8 @@ from torch import nn
 
 from mfv.compat import ensure_torchvision
 from mfv.hooks import keep_input_contiguous
-from mfv.models.base import BackboneAdapter, Example, PrefixState, Prompt, PromptBatch
+from mfv.models import replay
+from mfv.models.base import BackboneAdapter, Example, LayerKind, PrefixState, Prompt, PromptBatch
 import mfv.models.openflamingo.last_position as last_position
 
 IMAGE_TOKEN = "<image>"
@@ -179,6 +180,12 @@ class OpenFlamingoAdapter(BackboneAdapter):
         return self._hidden
 
     @property
+    def layer_kinds(self) -> tuple[LayerKind, ...]:
+        """``cross_self`` where open_flamingo put a gated cross-attention block before the
+        decoder layer (every ``cross_attn_every_n_layers``-th layer), ``self`` elsewhere."""
+        return tuple("self" if layer.gated_cross_attn_layer is None else "cross_self" for layer in self.blocks)
+
+    @property
     def blocks(self) -> nn.ModuleList:
         """The language model's layers as open_flamingo wraps them (a gated cross-attention
         block, possibly ``None``, before each ``decoder_layer``)."""
@@ -289,17 +296,21 @@ class OpenFlamingoAdapter(BackboneAdapter):
             )
         return out.logits[:, -1]
 
-    def single_head_patch_probabilities(self, batch, values, answers):
-        """The minimal exact computation (:mod:`mfv.models.openflamingo.last_position`)."""
+    def single_head_patch_probabilities(self, batch: PromptBatch, values: torch.Tensor,
+                                        answers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The minimal exact computation (:func:`mfv.models.replay.single_head_patch_probabilities`
+        with :class:`~mfv.models.openflamingo.last_position.FlamingoLayers`)."""
         if not last_position.supports(self):
             return None
-        return last_position.single_head_patch_logits(self, batch, values, answers)
+        return replay.single_head_patch_probabilities(last_position.FlamingoLayers(self), batch, values, answers)
 
-    def steered_logits(self, state, vectors, layers):
+    def steered_logits(self, state: PrefixState, vectors: torch.Tensor, layers: list[int]) -> torch.Tensor | None:
         """Only the last position from ``layers[0] + 1`` up is recomputed (and carries a graph)
-        (:func:`mfv.models.openflamingo.last_position.steered_logits`)."""
+        (:func:`mfv.models.replay.steered_logits`)."""
         minimal = state.data.get("minimal")
-        return None if minimal is None else last_position.steered_logits(self, vectors, layers, minimal)
+        if minimal is None:
+            return None
+        return replay.steered_logits(last_position.FlamingoLayers(self), minimal, vectors, layers)
 
     @torch.no_grad()
     def generate(self, batch: PromptBatch, max_new_tokens: int = 5, min_new_tokens: int = 0) -> torch.Tensor:
@@ -312,12 +323,13 @@ class OpenFlamingoAdapter(BackboneAdapter):
         return out[:, batch.input_ids.shape[1]:]
 
     def prefill(self, batch: PromptBatch) -> PrefixState:
-        """The prompt once. GPT-NeoX Flamingos run it whole (:func:`last_position.prefill`: the
-        state also feeds the minimal path and holds the unsteered logits); others run every
+        """The prompt once. GPT-NeoX Flamingos run it whole
+        (:meth:`~mfv.models.openflamingo.last_position.FlamingoLayers.prefill`: the state also
+        feeds the last-position replay and holds the unsteered logits); others run every
         position but the last."""
         batch = batch.to(self.device)
         if last_position.supports(self):
-            return last_position.prefill(self, batch)
+            return last_position.FlamingoLayers(self).prefill(batch)
         from transformers import DynamicCache
 
         kwargs = self.lm_inputs(batch.input_ids, batch.attention_mask)
