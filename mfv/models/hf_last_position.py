@@ -22,7 +22,7 @@ reference loop to float rounding (contract test).
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator
 
 import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -30,9 +30,6 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from mfv.hooks import record_last_inputs, record_layer_calls
 from mfv.models.base import PrefixState, PromptBatch
 from mfv.models.replay import LayerRunner, Replay, head_sites, replayable
-
-if TYPE_CHECKING:
-    from mfv.models.hf import HFAdapter
 
 ATTENTION = "mfv_last_position"
 # Layer arguments that only concern the cache or the output format: a replay does without them.
@@ -124,13 +121,15 @@ def _rows_call(call: dict[str, Any], rows: int) -> dict[str, Any]:
 
 class HFLayers(LayerRunner):
     """The replay's runner for every :class:`~mfv.models.hf.Family`: the family's own decoder
-    layers, cut call arguments, :func:`last_position_attention`."""
+    layers, cut call arguments, :func:`last_position_attention`.
 
-    adapter: HFAdapter
+    Args:
+        adapter: An :class:`~mfv.models.hf.HFAdapter`.
+    """
 
     def prefill(self, batch: PromptBatch, record_heads: bool = False) -> PrefixState:
         """The whole prompt once (no graph): the cache of positions ``0..S-2`` for
-        :meth:`HFAdapter.forward_last`, the :class:`~mfv.models.replay.Replay` under ``"minimal"``
+        :meth:`~mfv.models.hf.HFAdapter.forward_last`, the :class:`~mfv.models.replay.Replay` under ``"minimal"``
         (``None`` where the family's layers take arguments it cannot cut, or the family declares
         cross-attention layers or a prefix-LM mask), and the unsteered logits."""
         from transformers import DynamicCache

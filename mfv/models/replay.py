@@ -158,6 +158,11 @@ class LayerRunner(ABC):
         return nullcontext()
 
 
+def head_sites(adapter: BackboneAdapter, record_heads: bool) -> list[nn.Module]:
+    """The modules whose last-position inputs a prefill records for fast AIE (none for steering)."""
+    return [adapter.head_site(i) for i in range(adapter.num_layers)] if record_heads else []
+
+
 def steered_logits(runner: LayerRunner, replay: Replay, vectors: torch.Tensor,
                    layers: list[int]) -> torch.Tensor | None:
     """Last-position logits with ``vectors[:, i]`` (``(B, len(layers), D)``) added after
@@ -336,8 +341,3 @@ def _call_join(calls: Sequence[dict[str, Any]]) -> dict[str, Any]:
         else:
             out[name] = torch.cat([c[name] for c in calls], dim=axis)
     return out
-
-
-def head_sites(adapter: BackboneAdapter, record_heads: bool) -> list[nn.Module]:
-    """The modules whose last-position inputs a prefill records for fast AIE (none for steering)."""
-    return [adapter.head_site(i) for i in range(adapter.num_layers)] if record_heads else []
