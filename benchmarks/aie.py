@@ -69,17 +69,22 @@ def timed(function) -> tuple[object, float, float]:
 
 
 def site_step_flops(adapter, corrupted) -> tuple[list[int], int]:
-    """FLOPs of one row through each layer at the last position, and of one row's logits."""
-    prefix = last_position._prefill(adapter, corrupted.prompts.to(adapter.device))
+    """FLOPs of one row through each layer at the last position, and of one row's logits
+    (OpenFlamingo's layer runner of the shared replay, :mod:`mfv.models.replay`)."""
+    runner = last_position.FlamingoLayers(adapter)
+    replay = runner.prefill(corrupted.prompts.to(adapter.device)).data["minimal"]
+
+    def first(pair):
+        return None if pair is None else tuple(t[:1] for t in pair)
+
     single = dataclasses.replace(
-        prefix, inputs=[t[:1] for t in prefix.inputs], keys=[t[:1] for t in prefix.keys],
-        values=[t[:1] for t in prefix.values], mask=prefix.mask[:1], cos=prefix.cos[:1], sin=prefix.sin[:1],
-        image_kv={k: (a[:1], b[:1]) for k, (a, b) in prefix.image_kv.items()}, base_logits=prefix.base_logits[:1])
-    one = prefix.inputs[0][:1, None]
-    per_layer = [flops(lambda index=index: last_position._layer(adapter, index, one, single))[1]
-                 for index in range(adapter.num_layers)]
-    lang = adapter.model.lang_encoder
-    _, head = flops(lambda: lang.get_output_embeddings()(lang.gpt_neox.final_layer_norm(one)))
+        replay, inputs=[t[:1] for t in replay.inputs], keys=[t[:1] for t in replay.keys],
+        values=[t[:1] for t in replay.values], images=[first(i) for i in replay.images],
+        calls=[{"attention_mask": c["attention_mask"][:1], "position_embeddings": first(c["position_embeddings"])}
+               for c in replay.calls])
+    one = single.inputs[0][:, None]
+    per_layer = [flops(lambda index=index: runner.layer(single, index, one))[1] for index in range(adapter.num_layers)]
+    _, head = flops(lambda: runner.logits(one))
     return per_layer, head
 
 

@@ -13,9 +13,9 @@ every head of every layer): ``speedup`` = reference CPU time / fast CPU time, ``
 * ``executed``: what fast AIE ran; ``bound`` = reference / minimal, ``flop_efficiency`` =
   minimal / executed.
 
-Every family runs its minimal path: OpenFlamingo its own
-(:mod:`mfv.models.openflamingo.last_position`), the Hugging Face families the generic one
-(:mod:`mfv.models.hf_last_position`: one forward, then each row from its patched layer up).
+Every family runs the one shared minimal path (:mod:`mfv.models.replay`: one forward, then
+each row from its patched layer up), through its backbone's layer runner
+(:mod:`mfv.models.openflamingo.last_position`, :mod:`mfv.models.hf_last_position`).
 """
 
 from __future__ import annotations
