@@ -352,6 +352,7 @@ def plan_evaluation(cli, settings) -> RunPlan:
     relations = check_relations_match(module, datamodule)
     settings.validate()
     validate_extraction(adapter, relations, datamodule, aie)
+    aie = settings.aie_settings(aie, datamodule)  # the counts the protocol extracts with (authors: every eval prompt)
     finetuned = check_vectors(config.fv, adapter, relations) if config.fv else None
     if settings.limit is not None and settings.limit < len(relations):
         raise ConfigError(f"--limit {settings.limit}: fewer prompts than the {len(relations)} relations "

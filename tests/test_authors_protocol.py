@@ -116,3 +116,18 @@ def test_authors_prompt_counts_and_settings(datamodule):
 def test_image_disjoint_splits_keep_every_prompt(datamodule):
     kept = _kept(datamodule, "test", 12, {}, {})
     assert kept.kept == list(range(12)) and "cannot apply" in kept.note
+
+
+def test_the_preflight_states_the_authors_counts_and_where_layer_and_k_are_chosen(datamodule):
+    """What the preflight checks the data against (mfv.preflight.plan_evaluation): every eval
+    prompt under the authors' protocol, and the sweeps' choice on test."""
+    from mfv.evaluation.requirements import requirements
+
+    aie = AIESettings(num_mean_prompts=3, num_aie_prompts=2)
+    authors = EvaluationSettings(protocol="authors")
+    uses = requirements(authors, datamodule, authors.aie_settings(aie, datamodule))
+    assert uses["eval"].prompts == {"aie.num_mean_prompts": 8, "aie.num_aie_prompts": 8}
+    assert "layer and K" in uses["test"].purpose and "chosen on test" in uses["val"].purpose
+    mfv = requirements(EvaluationSettings(), datamodule, aie)
+    assert mfv["eval"].prompts == {"aie.num_mean_prompts": 3, "aie.num_aie_prompts": 2}
+    assert mfv["test"].purpose == "evaluation"

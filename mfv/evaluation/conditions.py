@@ -132,8 +132,8 @@ class AffineFit:
     """The affine map of the ``softmax_affine`` composite, fitted on the trained relations.
 
     Each fitting prompt ``n`` is a zero-shot prompt (query ``q_n``, answer ``r_n``) of a
-    trained relation ``y_n`` from the validation split (training's held-out part, never
-    test). With ``p_n[i] = P(r_n | q_n, z_i)`` (basis FV ``z_i`` injected), the softmax
+    trained relation ``y_n`` from the validation split (training's held-out part; the train
+    split for a data module without one, recorded in ``split``; never test). With ``p_n[i] = P(r_n | q_n, z_i)`` (basis FV ``z_i`` injected), the softmax
     composite is ``c_n = softmax(p_n) @ Z``; its target is the FV of the prompt's own
     relation, ``t_n = z_{y_n}``. The fit is the least-squares scalar scale ``a`` and vector
     offset ``b`` (hidden-size) of ``sum_n ||a c_n + b - t_n||^2``, in closed form:

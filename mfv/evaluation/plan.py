@@ -174,7 +174,8 @@ def analogies(datamodule, vectors: Vectors, settings: EvaluationSettings,
     """ICL and single-FV conditions on the untrained diagonal relations, the conditions
     giving each trained FV's weight in the composites (P(source answer | FV)) and, for the
     ``softmax_affine`` composite, P(answer | FV) on the validation split's zero-shot prompts
-    (the sweep's prompts, shared through ``prompts``) that its affine map is fitted on."""
+    (the sweep's prompts, shared through ``prompts``; the train split's for a data module
+    without a validation split) that its affine map is fitted on."""
     if not (settings.analogies and datamodule.has_split("composite")):
         return None
     composite = datamodule.sampler("composite")
