@@ -26,7 +26,7 @@ release's default processing), measures:
 - ``max_diff_steered_logits``: a function vector injected at a middle layer, the backbone's
   minimal path against a full forward under the residual hook.
 
-After the timed fast AIE, the image features of the one prompt are computed once and reused
+After the timed fast AIE, a Hugging Face family's image features of the one prompt are computed once and reused
 (:func:`reused_image_features`): every later check runs the language model on the same images,
 and a release's vision tower (Gemma 3's 896-px SigLIP: about 27 TFLOP per 5-image prompt)
 would otherwise dominate the six further passes. Clean forward and fast AIE are timed without it.
@@ -86,13 +86,14 @@ def build(family_name: str, work: Path, layers: int | None) -> None:
 
 
 @contextmanager
-def reused_image_features(model) -> Iterator[None]:
+def reused_image_features(model) -> Iterator[bool]:
     """The inner model's ``get_image_features`` computed once per distinct input (the same
-    pixel tensor, shapes and options) while the context lasts; restored after. OpenFlamingo
-    has no such method (its CLIP tower costs about a tenth of a Gemma 3 prompt's): unchanged."""
+    pixel tensor, shapes and options) while the context lasts; restored after. Yields whether
+    it applies: OpenFlamingo has no such method (its CLIP tower costs about a tenth of a Gemma 3
+    prompt's) and runs unchanged."""
     inner = getattr(model.model, "model", None)
     if inner is None or not hasattr(inner, "get_image_features"):
-        yield
+        yield False
         return
     compute = inner.get_image_features
     memo: dict[tuple, Any] = {}
@@ -110,7 +111,7 @@ def reused_image_features(model) -> Iterator[None]:
 
     inner.get_image_features = features
     try:
-        yield
+        yield True
     finally:
         del inner.get_image_features  # the class's method again
 
@@ -222,11 +223,12 @@ def rehearse(family_name: str, work: Path, layers: int | None) -> dict[str, Any]
         "load_s": load_s, "load_peak_rss_gb": round(load_rss / 1e9, 2), "means_s": means_s,
         "seconds_per_prompt": aie_s,
     }
-    with reused_image_features(model):
+    with reused_image_features(model) as reused:
         checks, plain = null_patch_and_reference(model, corrupted, means, aie)
         result.update(checks)
         result.update(steered_difference(model, corrupted, means, aie, plain))
-    result["image_features"] = "computed in clean forward and fast AIE; reused by the later checks"
+    result["image_features"] = ("computed in clean forward and fast AIE; reused by the later checks" if reused
+                                else "computed in every pass")
     result.update(peak_rss_gb=round(peak_rss_bytes() / 1e9, 2), torch_threads=torch.get_num_threads(),
                   host_cpu=cpu_model(), uptime_before=load_before, uptime_after=uptime())
     return result
