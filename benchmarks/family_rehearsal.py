@@ -234,14 +234,33 @@ def rehearse(family_name: str, work: Path, layers: int | None) -> dict[str, Any]
     return result
 
 
+def markdown_table(results: list[dict[str, Any]]) -> str:
+    """One row per rehearsal JSON: depth, prompt, time and the exactness checks."""
+    rows = ["| family | release | layers run | tokens | s per prompt (fast AIE) | null patch | fast vs reference AIE "
+            "| steered logits max diff (max logit) | peak RSS GB | host |", "|" + "---|" * 10]
+    for r in results:
+        rows.append(f"| {r['family']} | {r['release']} | {r['layers_run']} of {r['release_layers']} | "
+                    f"{r['sequence_length']} | {r['seconds_per_prompt']} | {r['null_patch']:.1g} | {r['max_diff_aie']:.1e} "
+                    f"| {r['max_diff_steered_logits']:.3g} ({format(r['max_abs_logit'], '.3g') if 'max_abs_logit' in r else '-'}) "
+                    f"| {r['peak_rss_gb']} "
+                    f"| {r['host_cpu']} |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--family", required=True, help="a Hugging Face family (mfv.models.hf_families) or openflamingo")
-    parser.add_argument("--work", required=True, help="folder for the release files and data")
-    parser.add_argument("--json", required=True, help="where the result goes")
+    parser.add_argument("--family", help="a Hugging Face family (mfv.models.hf_families) or openflamingo")
+    parser.add_argument("--work", help="folder for the release files and data")
+    parser.add_argument("--json", help="where the result goes")
     parser.add_argument("--layers", type=int, help="keep N decoder layers at full width (a release too big here)")
+    parser.add_argument("--table", nargs="+", metavar="JSON", help="print the markdown table of these results and exit")
     parser.add_argument("--stage", choices=["all", "build", "run"], default="all", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.table:
+        return print(markdown_table([json.loads(Path(f).read_text()) for f in args.table]))
+    missing = [f"--{name}" for name in ("family", "work", "json") if getattr(args, name) is None]
+    if missing:
+        parser.error(f"{', '.join(missing)} required (or --table JSON ...)")
     from mfv.models import hf_families
 
     if args.family not in (*hf_families(), OPENFLAMINGO):
