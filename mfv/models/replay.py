@@ -49,11 +49,6 @@ def replayable(adapter: BackboneAdapter) -> bool:
     return adapter.attention_mask_kind == "causal"
 
 
-def attends_prefix(kind: str) -> bool:
-    """Whether a layer of ``kind`` attends to the prompt's cached keys and values."""
-    return kind != "cross"
-
-
 def attends_image(kind: str) -> bool:
     """Whether a layer of ``kind`` attends to the latest image's keys and values."""
     return kind != "self"
